@@ -1,0 +1,60 @@
+"""Every tuning constant of nashkern, in one place.
+
+Each kernel reads a frozen default config from here; nothing else in the package hard-codes a
+block size. Autotuning is only done on request (``NASHKERN_AUTOTUNE=1``), never silently.
+Comments carry the reason for each choice; figures marked "untuned" still await a GPU run
+(see BENCHMARKS.md for the device each figure was measured on).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+AUTOTUNE = os.environ.get("NASHKERN_AUTOTUNE", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TorchChunking:
+    """Chunk sizes of the plain-PyTorch streaming backend (``backend="torch"``)."""
+
+    #: Max float32 elements of one temporary ``[rows, V]`` tile over logits input
+    #: (2**22 elements = 16 MiB: large enough to amortise PyTorch op overhead on CPU).
+    logits_tile_elements: int = 1 << 22
+    #: Rows per block and vocabulary columns per tile of the hidden-state path. The largest
+    #: temporary is ``[rows, vocab_tile]`` float32 (1024 x 4096 = 16 MiB).
+    linear_rows: int = 1024
+    linear_vocab_tile: int = 4096
+
+
+@dataclass(frozen=True)
+class TokenStatsTriton:
+    """Triton kernels over logits input (kernels/token_stats.py). Untuned."""
+
+    BLOCK_V_FWD: int = 4096
+    BLOCK_V_BWD: int = 4096
+    num_warps: int = 8
+
+
+@dataclass(frozen=True)
+class LinearTokenStatsTriton:
+    """Fused hidden @ weight.T streaming kernels (kernels/linear_token_stats.py). Untuned."""
+
+    BLOCK_N: int = 64
+    BLOCK_V: int = 128
+    BLOCK_D: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MixtureSampleTriton:
+    """Fused Gumbel-max mixture sampler (kernels/mixture_sample.py). Untuned."""
+
+    BLOCK_V: int = 4096
+    num_warps: int = 8
+
+
+TORCH = TorchChunking()
+TOKEN_STATS = TokenStatsTriton()
+LINEAR_TOKEN_STATS = LinearTokenStatsTriton()
+MIXTURE_SAMPLE = MixtureSampleTriton()
