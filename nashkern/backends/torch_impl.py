@@ -1,0 +1,374 @@
+"""Streaming plain-PyTorch backend (``backend="torch"``): the CPU path of every op.
+
+It runs the same algorithm as the Triton kernels, tile by tile, in float32:
+
+* forward: for each block of rows, stream over vocabulary tiles keeping per-row online
+  statistics (running max, Σexp, Σexp·(a − max) for the entropy, Σexp·(a − b) for the KL, the
+  mixture's running max and Σexp, and the target logits); only the ``[5, N]`` statistics and the
+  ``[3, N]`` log-sum-exps are kept;
+* backward: recompute each tile from the saved log-sum-exps and consume its logit gradient
+  (written out for logits input; folded into dhidden / dweight / dbias in float32 for hidden
+  states).
+
+The largest temporary is a few ``[rows, vocab_tile]`` float32 tiles (sizes in
+:mod:`nashkern.tuning`), never ``[N, V]``. The math is spelled out in DESIGN.md.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from ..tuning import TORCH
+from ..types import (
+    ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
+    REF_LOGPROBS,
+)
+
+NEG_INF = float("-inf")
+Tile = Tuple[torch.Tensor, Optional[torch.Tensor]]  # raw float32 (policy, reference) logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise pieces
+# ----------------------------------------------------------------------------------------------
+def _cap(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    if softcap is None:
+        return z
+    return torch.where(z == NEG_INF, z, softcap * torch.tanh(z / softcap))
+
+
+def _scale_grad(g: torch.Tensor, z: torch.Tensor, temperature: float, softcap: Optional[float]):
+    """Chain rule through ``cap(z) / T``: ``g / T * cap'(z)`` (cap' = 0 at −inf)."""
+    g = g / temperature
+    if softcap is None:
+        return g
+    t = torch.tanh(z / softcap)
+    return torch.where(z == NEG_INF, torch.zeros_like(g), g * (1.0 - t * t))
+
+
+def _mix(a: torch.Tensor, b: torch.Tensor, coef: float) -> torch.Tensor:
+    """Geometric mixture in log space, exact at coef 0 and 1."""
+    if coef == 0:
+        return a
+    if coef == 1:
+        return b
+    return (1.0 - coef) * a + coef * b
+
+
+def _guarded(g: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``g[:, None] * term`` where a zero upstream grad contributes exactly zero."""
+    g = g[:, None]
+    return torch.where(g != 0, g * term, torch.zeros_like(term))
+
+
+class _OnlineLSE:
+    """Per-row online log-sum-exp over vocabulary tiles.
+
+    ``centered`` accumulates Σ exp(x − pivot)·(x − pivot) (for the entropy) and ``cross``
+    accumulates Σ exp(x − pivot)·y (for the KL), both rescaled whenever the pivot (the running
+    max, held at 0 while every entry seen is −inf) moves. Entries with exp(x − pivot) == 0
+    contribute nothing, whatever y is.
+    """
+
+    def __init__(self, rows: int, device, centered: bool = False, cross: bool = False):
+        self.max = torch.full((rows,), NEG_INF, device=device)
+        self.pivot = torch.zeros(rows, device=device)
+        self.sumexp = torch.zeros(rows, device=device)
+        self.centered = torch.zeros(rows, device=device) if centered else None
+        self.cross = torch.zeros(rows, device=device) if cross else None
+
+    def update(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        new_max = torch.maximum(self.max, x.amax(dim=1))
+        new_pivot = torch.where(new_max == NEG_INF, torch.zeros_like(new_max), new_max)
+        scale = torch.exp(self.pivot - new_pivot)
+        shifted = x - new_pivot[:, None]
+        e = torch.exp(shifted)
+        live = e > 0
+        zero = torch.zeros_like(e)
+        if self.centered is not None:
+            moved = (self.pivot - new_pivot) * self.sumexp
+            self.centered = scale * (self.centered + moved) + torch.where(live, e * shifted, zero).sum(1)
+        if self.cross is not None:
+            self.cross = scale * self.cross + torch.where(live, e * y, zero).sum(1)
+        self.sumexp = scale * self.sumexp + e.sum(1)
+        self.max, self.pivot = new_max, new_pivot
+
+    def lse(self) -> torch.Tensor:
+        return self.pivot + torch.log(self.sumexp)
+
+    def entropy(self) -> torch.Tensor:
+        return torch.log(self.sumexp) - self.centered / self.sumexp
+
+
+def _pick(x: torch.Tensor, local: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """x[i, local[i]] where hit[i], else 0."""
+    idx = local.clamp(0, x.shape[1] - 1)
+    return torch.where(hit, x.gather(1, idx[:, None]).squeeze(1), torch.zeros((), device=x.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The streaming core: one row block, any source of tiles
+# ----------------------------------------------------------------------------------------------
+def _forward_block(
+    tiles: Iterator[Tuple[int, Tile]], rows: int, targets: Optional[torch.Tensor], has_ref: bool,
+    coef: Optional[float], temperature: float, softcap: Optional[float], ignore_index: int, device,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Statistics ``[5, rows]`` and log-sum-exps ``[3, rows]`` of one row block."""
+    has_mix = coef is not None
+    pol = _OnlineLSE(rows, device, centered=True, cross=has_ref)
+    ref = _OnlineLSE(rows, device) if has_ref else None
+    mix = _OnlineLSE(rows, device) if has_mix else None
+    picked = torch.zeros(3, rows, device=device)
+    for v0, (z, r) in tiles:
+        a = _cap(z, softcap) / temperature
+        b = _cap(r, softcap) / temperature if has_ref else None
+        pol.update(a, None if b is None else a - b)
+        if has_ref:
+            ref.update(b)
+        m = _mix(a, b, coef) if has_mix else None
+        if has_mix:
+            mix.update(m)
+        if targets is not None:
+            local = targets - v0
+            hit = (local >= 0) & (local < a.shape[1])
+            for k, x in enumerate((a, b, m)):
+                if x is not None:
+                    picked[k] += _pick(x, local, hit)
+
+    stats = torch.zeros(NUM_STATS, rows, device=device)
+    lse = torch.zeros(NUM_LSE, rows, device=device)
+    lse[LSE_POLICY] = pol.lse()
+    stats[ENTROPY] = pol.entropy()
+    if has_ref:
+        lse[LSE_REF] = ref.lse()
+        stats[KL] = pol.cross / pol.sumexp - lse[LSE_POLICY] + lse[LSE_REF]
+    if has_mix:
+        lse[LSE_MIXTURE] = mix.lse()
+    if targets is not None:
+        stats[LOGPROBS] = picked[0] - lse[LSE_POLICY]
+        if has_ref:
+            stats[REF_LOGPROBS] = picked[1] - lse[LSE_REF]
+        if has_mix:
+            stats[MIXTURE_LOGPROBS] = picked[2] - lse[LSE_MIXTURE]
+        stats[:, targets == ignore_index] = 0.0
+    return stats, lse
+
+
+def _tile_grads(
+    z: torch.Tensor, r: Optional[torch.Tensor], v0: int, targets: Optional[torch.Tensor],
+    grad: torch.Tensor, stats: torch.Tensor, lse: torch.Tensor, coef: Optional[float],
+    temperature: float, softcap: Optional[float], need_policy: bool, need_ref: bool,
+) -> Tile:
+    """Gradients w.r.t. the raw logits tile(s), given upstream ``grad [5, rows]`` (ignored rows
+    already zeroed) and the block's saved ``stats`` / ``lse``. Formulas in DESIGN.md."""
+    a = _cap(z, softcap) / temperature
+    logp = a - lse[LSE_POLICY][:, None]
+    p = torch.exp(logp)
+    live = p > 0
+    zero = torch.zeros_like(p)
+    onehot = None
+    if targets is not None:
+        cols = torch.arange(v0, v0 + z.shape[1], device=z.device)
+        onehot = (cols[None, :] == targets[:, None]).to(p.dtype)
+    ga = _guarded(grad[ENTROPY], -torch.where(live, p * (logp + stats[ENTROPY][:, None]), zero))
+    gb = None
+    if onehot is not None:
+        ga = ga + _guarded(grad[LOGPROBS], onehot - p)
+    if r is not None:
+        b = _cap(r, softcap) / temperature
+        logq = b - lse[LSE_REF][:, None]
+        q = torch.exp(logq)
+        ga = ga + _guarded(grad[KL], torch.where(live, p * (logp - logq - stats[KL][:, None]), zero))
+        gb = _guarded(grad[KL], q - p)
+        if onehot is not None:
+            gb = gb + _guarded(grad[REF_LOGPROBS], onehot - q)
+        if coef is not None and onehot is not None:
+            pi = torch.exp(_mix(a, b, coef) - lse[LSE_MIXTURE][:, None])
+            gm = _guarded(grad[MIXTURE_LOGPROBS], onehot - pi)
+            if coef != 1:
+                ga = ga + (1.0 - coef) * gm
+            if coef != 0:
+                gb = gb + coef * gm
+    dz = _scale_grad(ga, z, temperature, softcap) if need_policy else None
+    dr = _scale_grad(gb, r, temperature, softcap) if (need_ref and r is not None) else None
+    return dz, dr
+
+
+def _upstream(grad_stats: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int):
+    g = grad_stats.float()
+    if targets is not None:
+        g = torch.where((targets == ignore_index)[None, :], torch.zeros((), device=g.device), g)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits input: [G, R, V] views
+# ----------------------------------------------------------------------------------------------
+def _row_blocks(G: int, R: int, V: int) -> Iterator[Tuple[int, int, Callable]]:
+    """Row blocks of a ``[G, R, V]`` tensor as ``(n0, n1, take)``; ``take(x3)`` returns the block
+    as ``[n1 - n0, V]`` (a view of a contiguous result; at most the block is copied)."""
+    rows = max(1, TORCH.logits_tile_elements // max(V, 1))
+    if G * R == 0:
+        return
+    if R >= rows:
+        for g in range(G):
+            for r0 in range(0, R, rows):
+                r1 = min(R, r0 + rows)
+                yield g * R + r0, g * R + r1, (lambda x, g=g, r0=r0, r1=r1: x[g, r0:r1])
+    else:
+        step = max(1, rows // R)
+        for g0 in range(0, G, step):
+            g1 = min(G, g0 + step)
+            yield g0 * R, g1 * R, (lambda x, g0=g0, g1=g1: x[g0:g1].reshape(-1, x.shape[-1]))
+
+
+def _vocab_tiles(V: int, rows: int) -> Iterator[Tuple[int, int]]:
+    width = max(1, min(V, TORCH.logits_tile_elements // max(rows, 1)))
+    for v0 in range(0, V, width):
+        yield v0, min(V, v0 + width)
+
+
+def token_stats_forward(logits, targets, ref_logits, *, coef, temperature, softcap, ignore_index):
+    G, R, V = logits.shape
+    N = G * R
+    stats = torch.empty(NUM_STATS, N, device=logits.device)
+    lse = torch.empty(NUM_LSE, N, device=logits.device)
+    for n0, n1, take in _row_blocks(G, R, V):
+        z_rows = take(logits)
+        r_rows = take(ref_logits) if ref_logits is not None else None
+        tiles = (
+            (v0, (z_rows[:, v0:v1].float(), None if r_rows is None else r_rows[:, v0:v1].float()))
+            for v0, v1 in _vocab_tiles(V, n1 - n0)
+        )
+        t = targets[n0:n1] if targets is not None else None
+        stats[:, n0:n1], lse[:, n0:n1] = _forward_block(
+            tiles, n1 - n0, t, ref_logits is not None, coef, temperature, softcap, ignore_index,
+            logits.device,
+        )
+    return stats, lse
+
+
+def token_stats_backward(
+    grad_stats, logits, targets, ref_logits, stats, lse, *, coef, temperature, softcap,
+    ignore_index, needs_grad_logits, needs_grad_ref,
+):
+    G, R, V = logits.shape
+    grad = _upstream(grad_stats, targets, ignore_index)
+    d_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if needs_grad_logits else None
+    needs_grad_ref = needs_grad_ref and ref_logits is not None
+    d_ref = torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device) if needs_grad_ref else None
+    for n0, n1, take in _row_blocks(G, R, V):
+        z_rows = take(logits)
+        r_rows = take(ref_logits) if ref_logits is not None else None
+        t = targets[n0:n1] if targets is not None else None
+        for v0, v1 in _vocab_tiles(V, n1 - n0):
+            dz, dr = _tile_grads(
+                z_rows[:, v0:v1].float(), None if r_rows is None else r_rows[:, v0:v1].float(), v0,
+                t, grad[:, n0:n1], stats[:, n0:n1], lse[:, n0:n1], coef, temperature, softcap,
+                needs_grad_logits, needs_grad_ref,
+            )
+            if d_logits is not None:
+                take(d_logits)[:, v0:v1] = dz
+            if d_ref is not None:
+                take(d_ref)[:, v0:v1] = dr
+    return d_logits, d_ref
+
+
+# ----------------------------------------------------------------------------------------------
+# Hidden states + lm_head: logits tiles are hidden_block @ weight_tile.T (+ bias_tile)
+# ----------------------------------------------------------------------------------------------
+def _linear_tiles(V: int) -> Iterator[Tuple[int, int]]:
+    for v0 in range(0, V, TORCH.linear_vocab_tile):
+        yield v0, min(V, v0 + TORCH.linear_vocab_tile)
+
+
+def _head_tile(h: torch.Tensor, weight, bias, v0: int, v1: int):
+    """(float32 logits tile ``[rows, v1 - v0]``, float32 weight tile)."""
+    w = weight[v0:v1].float()
+    z = h @ w.T
+    if bias is not None:
+        z = z + bias[v0:v1].float()
+    return z, w
+
+
+def linear_token_stats_forward(
+    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, coef, temperature, softcap,
+    ignore_index,
+):
+    N, V = hidden.shape[0], weight.shape[0]
+    stats = torch.empty(NUM_STATS, N, device=hidden.device)
+    lse = torch.empty(NUM_LSE, N, device=hidden.device)
+    has_ref = ref_hidden is not None
+    for n0 in range(0, N, TORCH.linear_rows):
+        n1 = min(N, n0 + TORCH.linear_rows)
+        h = hidden[n0:n1].float()
+        rh = ref_hidden[n0:n1].float() if has_ref else None
+        tiles = (
+            (v0, (_head_tile(h, weight, bias, v0, v1)[0],
+                  _head_tile(rh, ref_weight, ref_bias, v0, v1)[0] if has_ref else None))
+            for v0, v1 in _linear_tiles(V)
+        )
+        t = targets[n0:n1] if targets is not None else None
+        stats[:, n0:n1], lse[:, n0:n1] = _forward_block(
+            tiles, n1 - n0, t, has_ref, coef, temperature, softcap, ignore_index, hidden.device,
+        )
+    return stats, lse
+
+
+def linear_token_stats_backward(
+    grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse, *,
+    coef, temperature, softcap, ignore_index, needs_input_grad: Sequence[bool],
+):
+    inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    need = [bool(n) and x is not None for n, x in zip(needs_input_grad, inputs)]
+    need_policy, need_ref = any(need[:3]), any(need[3:])
+    N, V = hidden.shape[0], weight.shape[0]
+    grad = _upstream(grad_stats, targets, ignore_index)
+    # float32 accumulators (a bf16 dW accumulation loses precision at large N).
+    acc = [torch.zeros(x.shape, device=x.device) if n else None for x, n in zip(inputs, need)]
+    dh, dw, db, drh, drw, drb = acc
+    has_ref = ref_hidden is not None
+    for n0 in range(0, N, TORCH.linear_rows):
+        n1 = min(N, n0 + TORCH.linear_rows)
+        h = hidden[n0:n1].float()
+        rh = ref_hidden[n0:n1].float() if has_ref else None
+        t = targets[n0:n1] if targets is not None else None
+        for v0, v1 in _linear_tiles(V):
+            z, w = _head_tile(h, weight, bias, v0, v1)
+            r, rw = _head_tile(rh, ref_weight, ref_bias, v0, v1) if has_ref else (None, None)
+            dz, dr = _tile_grads(
+                z, r, v0, t, grad[:, n0:n1], stats[:, n0:n1], lse[:, n0:n1], coef, temperature,
+                softcap, need_policy, need_ref,
+            )
+            for d_logits, x, wt, d_x, d_w, d_b in ((dz, h, w, dh, dw, db), (dr, rh, rw, drh, drw, drb)):
+                if d_logits is None:
+                    continue
+                if d_x is not None:
+                    d_x[n0:n1] += d_logits @ wt
+                if d_w is not None:
+                    d_w[v0:v1] += d_logits.T @ x
+                if d_b is not None:
+                    d_b[v0:v1] += d_logits.sum(0)
+    return tuple(None if a is None else a.to(x.dtype) for a, x in zip(acc, inputs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+def mixture_sample(logits, ref_logits, *, coef, temperature, generator):
+    """Gumbel-max sample from mix(z / T, r / T, coef), row block by row block. ``[B, V] -> [B]``."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    rows = max(1, TORCH.logits_tile_elements // max(V, 1))
+    for n0 in range(0, B, rows):
+        n1 = min(B, n0 + rows)
+        m = _mix(logits[n0:n1].float() / temperature, ref_logits[n0:n1].float() / temperature, coef)
+        u = torch.rand(m.shape, device=m.device, generator=generator)
+        # u in [0, 1): clamp away from 0 so -log(-log u) stays finite.
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
+        score = m + gumbel
+        best = score.argmax(dim=1)
+        valid = (m.amax(dim=1) > NEG_INF) & ~torch.isnan(m).any(dim=1)
+        out[n0:n1] = torch.where(valid, best, torch.full_like(best, -1))
+    return out
