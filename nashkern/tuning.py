@@ -30,20 +30,35 @@ class TorchChunking:
 class TokenStatsTriton:
     """Triton kernels over logits input (kernels/token_stats.py). Untuned."""
 
-    BLOCK_V_FWD: int = 4096
+    #: Forward tile: the online pass keeps 5 fp32 per-lane accumulators of this width, so 2048
+    #: (8 per thread per accumulator at 8 warps) keeps it free of spills; a tile costs 3 max
+    #: reductions, the sums are reduced once per row.
+    BLOCK_V_FWD: int = 2048
+    #: Backward tile: purely elementwise, one tile per program.
     BLOCK_V_BWD: int = 4096
     num_warps: int = 8
+    #: The forward splits a row's vocabulary over several programs (partials merged by a small
+    #: kernel) until rows x splits reaches this many programs per SM: few long rows still fill
+    #: the device, many rows (>= this x SMs) run one program per row and skip the merge.
+    programs_per_sm: int = 4
 
 
 @dataclass(frozen=True)
 class LinearTokenStatsTriton:
-    """Fused hidden @ weight.T streaming kernels (kernels/linear_token_stats.py). Untuned."""
+    """Fused hidden @ weight.T streaming kernels (kernels/linear_token_stats.py). Untuned.
+
+    Rows per program, vocabulary columns per tile and the hidden-size chunk of each ``tl.dot``
+    (every one a power of two >= 16), shared by the forward and backward kernels.
+    """
 
     BLOCK_N: int = 64
     BLOCK_V: int = 128
     BLOCK_D: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    #: The forward splits the vocabulary across programs until the grid holds at least this
+    #: many programs per SM (two waves, so that a small N still fills all 132 SMs of an H100).
+    MIN_PROGRAMS_PER_SM: int = 2
 
 
 @dataclass(frozen=True)

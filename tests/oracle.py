@@ -1,0 +1,94 @@
+"""Comparison against the float64 reference with tolerances set by what PyTorch itself achieves.
+
+For every quantity we compute three things from the *same* (possibly bf16-rounded) inputs:
+the float64 reference, PyTorch's own float32 computation of the same definition, and ours.
+Ours must be within a small multiple of PyTorch-float32's error, plus the rounding of the
+output dtype (gradients come back in the input dtype).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import torch
+
+from nashkern.types import TokenStats
+
+FIELDS = TokenStats._fields
+
+
+def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    finite = torch.isfinite(ref)
+    if not finite.any():
+        return 0.0
+    return (x.double() - ref)[finite].abs().max().item()
+
+
+def assert_close(name: str, ours: torch.Tensor, ref64: torch.Tensor, torch32: torch.Tensor,
+                 out_dtype: torch.dtype = torch.float32, factor: float = 8.0) -> None:
+    """|ours − ref64| ≤ factor · max|torch32 − ref64| + 2·eps(out_dtype)·|ref64| + floor."""
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    ours = ours.detach().double().cpu()
+    ref64 = ref64.detach().double().cpu()
+    torch32 = torch32.detach().double().cpu()
+    # Non-finite reference entries must match exactly (inf, -inf, NaN positions).
+    nonfinite = ~torch.isfinite(ref64)
+    same = (ours[nonfinite] == ref64[nonfinite]) | (ours[nonfinite].isnan() & ref64[nonfinite].isnan())
+    assert bool(same.all()), f"{name}: non-finite entries differ: {ours[nonfinite]} vs {ref64[nonfinite]}"
+    if ref64.numel() == 0 or nonfinite.all():
+        return
+    finite = ~nonfinite
+    scale = ref64[finite].abs().max().item()
+    eps = torch.finfo(out_dtype).eps
+    tol = (factor * _max_err(torch32, ref64) + 2 * eps * ref64.abs() + 1e-6 * (1.0 + scale))
+    err = (ours - ref64).abs()
+    bad = finite & (err > tol)
+    assert not bool(bad.any()), (
+        f"{name}: max err {err[finite].max().item():.3e} (torch fp32 err "
+        f"{_max_err(torch32, ref64):.3e}, scale {scale:.3e}) at {bad.nonzero()[:5].tolist()}")
+
+
+def compare(run: Callable[..., TokenStats], naive: Callable[..., TokenStats],
+            inputs: Dict[str, torch.Tensor], grad_names: Sequence[str], seed: int = 0) -> TokenStats:
+    """Run ``run(**inputs)`` (ours) and ``naive(**inputs)`` in float64 and float32 on the same
+    values; compare every non-None field and the gradient of a random weighted sum of all
+    fields w.r.t. each tensor named in ``grad_names``."""
+    def prepared(cast):
+        out = {}
+        for k, v in inputs.items():
+            if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
+                v = cast(v.detach())
+                if k in grad_names:
+                    v.requires_grad_(True)
+            out[k] = v
+        return out
+
+    ours_in = prepared(lambda v: v.clone())
+    ref_in = prepared(lambda v: v.double())
+    t32_in = prepared(lambda v: v.float())
+    ours = run(**ours_in)
+    ref = naive(**ref_in)
+    t32 = naive(**t32_in)
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for f in FIELDS:
+        o, r = getattr(ours, f), getattr(ref, f)
+        assert (o is None) == (r is None), f"field {f}: ours is {o is None}, reference is {r is None}"
+        if o is None:
+            continue
+        assert o.dtype == torch.float32, f"{f}: expected float32 output, got {o.dtype}"
+        assert_close(f, o, r, getattr(t32, f))
+        weights[f] = torch.randn(r.shape, generator=gen, dtype=torch.float64)
+    if grad_names and weights:
+        def backward(stats, cast):
+            loss = sum((getattr(stats, f).to(torch.float64) * w.to(getattr(stats, f).device)).sum()
+                       for f, w in weights.items())
+            loss.backward()
+        backward(ours, None)
+        backward(ref, None)
+        backward(t32, None)
+        for k in grad_names:
+            g, gr, g32 = ours_in[k].grad, ref_in[k].grad, t32_in[k].grad
+            assert g is not None, f"no gradient reached {k}"
+            assert g.dtype == inputs[k].dtype, f"grad of {k}: dtype {g.dtype} != {inputs[k].dtype}"
+            assert_close(f"d/d{k}", g, gr, g32, out_dtype=inputs[k].dtype)
+    return ours
