@@ -13,6 +13,7 @@ setup(
     packages=["nashkern", "nashkern.backends", "nashkern.kernels"],
     package_dir={"nashkern": "nashkern", "nashkern.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
+    entry_points={"console_scripts": ["nashkern=nashkern.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist"],

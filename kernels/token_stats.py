@@ -414,7 +414,7 @@ def _token_stats_bwd_kernel(
         is_valid = target != ignore_index
         delta = (cols == target).to(tl.float32)
         g_ent = tl.where(is_valid, g_ent, 0.0)
-    load_mask = col_mask & is_valid  # ignored rows read nothing and write zeros
+    load_mask = cols < tl.where(is_valid, V, 0)  # ignored rows read nothing, write zeros
     entropy = tl.load(stats_ptr + _ENTROPY * N + row)
     lse_a = tl.load(lse_ptr + _LSE_POLICY * N + row)
     z = tl.load(_row_ptr(logits_ptr, row, R, logits_stride_g, logits_stride_r) + cols,

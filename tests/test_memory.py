@@ -1,49 +1,15 @@
 """Memory is a tested property: record every tensor allocation, forward and backward, with a
 TorchDispatchMode, and assert that nothing near tokens x vocab elements is ever created.
 
-The mode sees through nashkern's custom ops: when one is dispatched, its Python
-implementation is re-run with the mode still active, so every aten op inside a backend (and
-inside the backward op, reached from autograd) is recorded.
+The recorder (nashkern.memory) sees through nashkern's custom ops: every aten op inside a
+backend, and inside the backward op reached from autograd, is recorded.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from nashkern import _library, ops
+from nashkern import ops
+from nashkern.memory import AllocationRecorder
 from nashkern.reference import naive_linear_token_stats
-
-_CUSTOM_OPS = {
-    op._opoverload: op for op in (
-        _library.token_stats, _library.token_stats_backward, _library.linear_token_stats,
-        _library.linear_token_stats_backward, _library.mixture_sample,
-    )
-}
-
-
-class AllocationRecorder(TorchDispatchMode):
-    """Records the element count of every tensor an op returns in fresh storage."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []  # (numel of the new storage in elements, op name)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        custom = _CUSTOM_OPS.get(func)
-        if custom is not None:
-            with self:  # run the op's own implementation under the recorder
-                return custom._init_fn(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append((t.untyped_storage().nbytes() // t.element_size(), str(func)))
-        return out
-
-    def largest(self):
-        return max(self.sizes, default=(0, None))
 
 
 N, V, D = 8192, 16384, 32

@@ -1,0 +1,40 @@
+# Set-up is part of every target: a fresh machine needs nothing but python3.
+# TORCH_SPEC pins the CPU wheel available here; on a GPU runner pass a CUDA build, e.g.
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test demo bench bench-gpu gpu-check clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q numpy "triton>=3.0" pytest pytest-benchmark pytest-xdist
+	NASHKERN_SKIP_CUDA_BUILD=$${NASHKERN_SKIP_CUDA_BUILD:-1} $(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# The whole suite. Without a GPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1,
+# set by tests/conftest.py) on small shapes.
+test: install
+	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) -p no:cacheprovider
+
+demo: install
+	$(PY) -m nashkern demo
+
+# CPU-meaningful figures (peak memory, torch backend); GPU figures need a GPU (see BENCHMARKS.md).
+bench: install
+	$(PY) benchmarks/bench_linear_token_stats.py --csv benchmarks/results/$$(hostname).csv
+
+# On a GPU machine: kernel correctness on the device, then the GPU benchmarks.
+gpu-check: install
+	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) benchmarks/bench_linear_token_stats.py --N 8192 --D 4096 --V 128256 --dtype bf16 --csv benchmarks/results/gpu.csv
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,707 @@
+"""Fused ``hidden @ weight.T`` token statistics (Triton): log-probs, entropy, KL, mixture log-probs.
+
+The ``[N, V]`` logits are never written to memory, forward or backward (see DESIGN.md for the
+math and the contract).
+
+Forward (``_fwd_kernel``, grid ``(cdiv(N, BLOCK_N), splits)``)
+    Each program owns ``BLOCK_N`` rows and a contiguous range of ``BLOCK_V`` vocabulary tiles.
+    For every tile it computes the policy logits ``z = H @ W.T + bias`` (a ``tl.dot`` loop over
+    ``D`` in ``BLOCK_D`` chunks, fp32 accumulator) and, with a reference, the reference logits of
+    the *same* columns, applies softcap and temperature (``a``, ``b``, and the mixture ``m``), then
+    folds the tile into per-row online statistics, flash-attention style:
+
+        max_a, sum_a = running max and  sum_j exp(a_j - max_a)
+        ent_a        =                  sum_j exp(a_j - max_a) * (a_j - max_a)
+        kl           =                  sum_j exp(a_j - max_a) * (a_j - b_j)
+        max_b, sum_b, max_m, sum_m      (log-sum-exp of the reference and of the mixture)
+        a_t, b_t, m_t                   (the target column, picked out of the tile that holds it)
+
+    so one sweep serves all five fields. Then ``L_a = max_a + log(sum_a)``,
+    ``entropy = log(sum_a) - ent_a / sum_a`` and ``kl = kl / sum_a - L_a + L_b``.
+    When ``cdiv(N, BLOCK_N)`` programs alone would leave SMs idle, the vocabulary is split across
+    ``splits`` programs per row block (chosen on the host, ``MIN_PROGRAMS_PER_SM``); each writes its
+    partial statistics to a ``[_NUM_PARTIALS, splits, N]`` buffer and ``_merge_kernel`` combines
+    them with the same associative merge and writes ``stats [5, N]`` and ``lse [3, N]`` (the only
+    state saved for the backward).
+
+Backward (``_bwd_kernel``, grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``)
+    Each program recomputes one ``[BLOCK_N, BLOCK_V]`` tile of both models' logits, turns it into
+    probabilities with the saved ``lse`` (``p = exp(a - L_a)``, likewise ``q`` and ``pi``), forms
+    the logit gradients ``dz`` / ``dr`` of DESIGN.md in registers (entropy and KL from ``stats``
+    enter the formula), and adds ``dz @ W_tile`` into ``d_hidden``, ``dz.T @ H_block`` into
+    ``d_weight`` and the column sums of ``dz`` into ``d_bias`` with fp32 ``tl.atomic_add`` (as in
+    Cut Cross-Entropy); the host casts the fp32 buffers to the input dtypes. Gradients that are not
+    needed are compiled out (``HAS_GRAD_*``). Rows whose target is ``ignore_index`` get exactly 0.
+
+Cost (D = hidden size of a model, Dr = the reference's)
+    FLOPs: forward ``2*N*D*V`` per model (``+ 2*N*Dr*V`` with a reference); backward ``2*N*D*V``
+    per model to recompute the logits (the reference tile is recomputed whenever there is one: KL
+    and the mixture need ``q``) ``+ 2*N*D*V`` for each of ``d_hidden`` and ``d_weight`` that is
+    needed, i.e. ``6*N*D*V`` per model needing both.
+    Bytes: ``weight`` is streamed once per row block (``cdiv(N, BLOCK_N)`` times, mostly from L2:
+    the concurrently running programs of one wave sweep the same tiles) and each ``hidden`` block
+    once per vocabulary tile (from L2). Besides the inputs, the forward writes only ``O(N)``
+    floats (``11 * splits * N`` partials, ``8 * N`` outputs). The backward allocates fp32
+    ``d_hidden`` / ``d_weight`` / ``d_bias`` (sizes of the inputs) and issues
+    ``N*D*cdiv(V, BLOCK_V) + V*D*cdiv(N, BLOCK_N)`` fp32 atomic adds per model.
+
+Numerics: fp32 logits and statistics; bf16/fp16 operands go to the tensor cores as they are, fp32
+ones in tf32 only if ``torch.get_float32_matmul_precision() != "highest"`` (else IEEE fp32). In the
+backward ``dz`` is rounded to the operand dtype before its two ``tl.dot`` (as Cut Cross-Entropy and
+Liger do), so bf16 gradients carry bf16 rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from nashkern import tuning
+from nashkern.types import (
+    ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
+    REF_LOGPROBS,
+)
+
+# Rows of the packed outputs, as compile-time constants for the kernels.
+_LOGPROBS = tl.constexpr(LOGPROBS)
+_ENTROPY = tl.constexpr(ENTROPY)
+_REF_LOGPROBS = tl.constexpr(REF_LOGPROBS)
+_KL = tl.constexpr(KL)
+_MIXTURE_LOGPROBS = tl.constexpr(MIXTURE_LOGPROBS)
+_LSE_POLICY = tl.constexpr(LSE_POLICY)
+_LSE_REF = tl.constexpr(LSE_REF)
+_LSE_MIXTURE = tl.constexpr(LSE_MIXTURE)
+
+# Rows of the forward's partial statistics ``[_NUM_PARTIALS, splits, N]`` (see the docstring).
+_MAX_A = tl.constexpr(0)
+_SUM_A = tl.constexpr(1)
+_ENT_A = tl.constexpr(2)
+_KL_A = tl.constexpr(3)
+_TGT_A = tl.constexpr(4)
+_MAX_B = tl.constexpr(5)
+_SUM_B = tl.constexpr(6)
+_TGT_B = tl.constexpr(7)
+_MAX_M = tl.constexpr(8)
+_SUM_M = tl.constexpr(9)
+_TGT_M = tl.constexpr(10)
+_NUM_PARTIALS = 11
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    """``(tanh(x), 1 - tanh(x)**2)`` to fp32 accuracy (Cephes ``tanhf``): an odd polynomial for
+    ``|x| < 0.625``, else ``1 - u`` with ``u = 2 / (exp(2|x|) + 1)``, which also gives
+    ``1 - tanh**2 = u * (2 - u)`` without cancellation. NaN propagates; +-inf give +-1 and 0."""
+    ax = tl.abs(x)
+    x2 = x * x
+    poly = ((((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
+             + 1.33314422036e-1) * x2 - 3.33332819422e-1) * x2 * x + x
+    u = 2.0 / (tl.exp(2.0 * ax) + 1.0)
+    small = ax < 0.625
+    t = tl.where(small, poly, tl.where(x < 0, u - 1.0, 1.0 - u))
+    sech2 = tl.where(small, 1.0 - poly * poly, u * (2.0 - u))
+    return t, sech2
+
+
+@triton.jit
+def _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``(cap(z) / T, cap'(z) / T)`` of an fp32 tile; columns outside the vocabulary get -inf
+    (so they drop out of every sum). ``cap(-inf) = -inf`` with ``cap'(-inf) = 0``."""
+    if HAS_SOFTCAP:
+        t, sech2 = _tanh(z / softcap)
+        z = tl.where(z == float("-inf"), z, softcap * t)
+        dz = sech2 * inv_temperature
+    else:
+        dz = inv_temperature
+    return tl.where(col_mask[None, :], z * inv_temperature, float("-inf")), dz
+
+
+@triton.jit
+def _mix(a, b, coef):
+    """Geometric mixture ``(1 - coef) * a + coef * b``, exactly ``a`` / ``b`` at coef 0 / 1."""
+    return tl.where(coef == 0, a, tl.where(coef == 1, b, (1 - coef) * a + coef * b))
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr,  # [N, D] hidden states of one model
+    weight_ptr,  # [V, D] its lm_head
+    bias_ptr,  # [V] its bias (read only if HAS_BIAS)
+    rows,  # [BLOCK_N] row indices of the tile
+    cols,  # [BLOCK_V] vocabulary indices of the tile
+    row_mask,  # [BLOCK_N] rows < N
+    col_mask,  # [BLOCK_V] cols < V
+    D,  # hidden size
+    HAS_BIAS: tl.constexpr,
+    IS_TF32: tl.constexpr,  # fp32 operands may use tf32 tensor cores
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """fp32 ``hidden[rows] @ weight[cols].T + bias[cols]`` (0 outside the matrix)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    w_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * D + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_mask = offs_d < D - d0
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision="tf32" if IS_TF32 else "ieee")
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _rescale(old_max, new_max):
+    """``exp(old_max - new_max)``; 0 while every logit so far is -inf (nothing accumulated)."""
+    return tl.exp(old_max - tl.where(new_max == float("-inf"), 0.0, new_max))
+
+
+@triton.jit
+def _merge_lse(max1, sum1, max2, sum2):
+    """Merge two partial ``(max, sum exp(x - max))`` into one."""
+    new_max = tl.maximum(max1, max2)
+    return new_max, _rescale(max1, new_max) * sum1 + _rescale(max2, new_max) * sum2
+
+
+@triton.jit
+def _merge_entropy(max1, sum1, ent1, kl1, max2, sum2, ent2, kl2):
+    """Merge two partial ``(max, sum e, sum e * (a - max), sum e * (a - b))`` with
+    ``e = exp(a - max)``. A part whose weight underflows to 0 contributes exactly 0 (it may hold
+    an infinite KL sum); NaN propagates through ``sum``."""
+    new_max = tl.maximum(max1, max2)
+    w1 = _rescale(max1, new_max)
+    w2 = _rescale(max2, new_max)
+    sum_ = w1 * sum1 + w2 * sum2
+    ent = (tl.where(w1 > 0, w1 * (ent1 + (max1 - new_max) * sum1), 0.0)
+           + tl.where(w2 > 0, w2 * (ent2 + (max2 - new_max) * sum2), 0.0))
+    kl = tl.where(w1 > 0, w1 * kl1, 0.0) + tl.where(w2 > 0, w2 * kl2, 0.0)
+    return new_max, sum_, ent, kl
+
+
+@triton.jit
+def _tile_lse(x):
+    """Per-row ``(max, exp(x - max), sum exp(x - max))`` of a tile (0 for all -inf rows)."""
+    tile_max = tl.max(x, 1)
+    e = tl.exp(x - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
+    return tile_max, e, tl.sum(e, 1)
+
+
+@triton.jit
+def _guarded(g, term):
+    """``g[:, None] * term``, exactly 0 where the upstream grad ``g`` is 0 (even if term is not
+    finite, e.g. with an infinite KL)."""
+    return tl.where(g[:, None] != 0, g[:, None] * term, 0.0)
+
+
+@triton.jit
+def _accumulate_grads(
+    dz,  # [BLOCK_N, BLOCK_V] fp32 gradient of this model's logit tile (0 outside)
+    hidden_ptr,  # [N, D] hidden states
+    weight_ptr,  # [V, D] lm_head
+    d_hidden_ptr,  # [N, D] fp32 accumulator (written only if HAS_GRAD_HIDDEN)
+    d_weight_ptr,  # [V, D] fp32 accumulator (written only if HAS_GRAD_WEIGHT)
+    d_bias_ptr,  # [V] fp32 accumulator (written only if HAS_GRAD_BIAS)
+    rows,  # [BLOCK_N] row indices of the tile
+    cols,  # [BLOCK_V] vocabulary indices of the tile
+    row_mask,  # [BLOCK_N] rows < N
+    col_mask,  # [BLOCK_V] cols < V
+    D,  # hidden size
+    HAS_GRAD_HIDDEN: tl.constexpr,
+    HAS_GRAD_WEIGHT: tl.constexpr,
+    HAS_GRAD_BIAS: tl.constexpr,
+    IS_TF32: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``d_hidden[rows] += dz @ W[cols]``, ``d_weight[cols] += dz.T @ H[rows]``,
+    ``d_bias[cols] += dz.sum(0)`` with fp32 atomics, ``BLOCK_D`` columns at a time."""
+    if HAS_GRAD_BIAS:
+        tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
+    if HAS_GRAD_HIDDEN or HAS_GRAD_WEIGHT:
+        dz_op = dz.to(weight_ptr.dtype.element_ty)  # tensor-core operand in the model's dtype
+        offs_d = tl.arange(0, BLOCK_D)
+        row_off = rows.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        col_off = cols.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_V, BLOCK_D]
+        for d0 in range(0, D, BLOCK_D):
+            d_mask = offs_d < D - d0
+            row_d_mask = row_mask[:, None] & d_mask[None, :]
+            col_d_mask = col_mask[:, None] & d_mask[None, :]
+            if HAS_GRAD_HIDDEN:
+                w = tl.load(weight_ptr + col_off, mask=col_d_mask, other=0.0)
+                dh = tl.dot(dz_op, w, input_precision="tf32" if IS_TF32 else "ieee")
+                tl.atomic_add(d_hidden_ptr + row_off, dh, mask=row_d_mask, sem="relaxed")
+            if HAS_GRAD_WEIGHT:
+                h = tl.load(hidden_ptr + row_off, mask=row_d_mask, other=0.0)
+                dw = tl.dot(tl.trans(dz_op), h, input_precision="tf32" if IS_TF32 else "ieee")
+                tl.atomic_add(d_weight_ptr + col_off, dw, mask=col_d_mask, sem="relaxed")
+            row_off += BLOCK_D
+            col_off += BLOCK_D
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    hidden_ptr,  # [N, D] policy hidden states (fp32/bf16/fp16)
+    weight_ptr,  # [V, D] policy lm_head, same dtype as hidden
+    bias_ptr,  # [V] policy bias (read only if HAS_BIAS)
+    ref_hidden_ptr,  # [N, DR] reference hidden states (read only if HAS_REF)
+    ref_weight_ptr,  # [V, DR] reference lm_head (read only if HAS_REF)
+    ref_bias_ptr,  # [V] reference bias (read only if HAS_REF_BIAS)
+    targets_ptr,  # [N] int64 targets (read only if HAS_TARGETS)
+    partials_ptr,  # [_NUM_PARTIALS, num_splits, N] fp32 output: this split's online statistics
+    N,  # rows
+    V,  # vocabulary size
+    D,  # policy hidden size
+    DR,  # reference hidden size
+    num_splits,  # programs per row block along the vocabulary (grid axis 1)
+    tiles_per_split,  # BLOCK_V tiles swept by each of them
+    inv_temperature,  # 1 / T
+    softcap,  # s (used only if HAS_SOFTCAP)
+    coef,  # mixture weight of the reference in [0, 1] (used only if HAS_MIX)
+    HAS_BIAS: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_MIX: tl.constexpr,  # implies HAS_REF and HAS_TARGETS
+    HAS_SOFTCAP: tl.constexpr,
+    IS_TF32: tl.constexpr,  # fp32 operands may use tf32 tensor cores
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if HAS_TARGETS:
+        target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    max_a = zero + float("-inf")
+    sum_a = zero
+    ent_a = zero
+    kl_a = zero
+    tgt_a = zero
+    max_b = zero + float("-inf")
+    sum_b = zero
+    tgt_b = zero
+    max_m = zero + float("-inf")
+    sum_m = zero
+    tgt_m = zero
+
+    tile_start = pid_s * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for tile in range(tile_start, tile_end):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
+                         HAS_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
+        a, _ = _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+        tile_max, e, tile_sum = _tile_lse(a)
+        shifted = a - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None]
+        tile_ent = tl.sum(tl.where(e > 0, e * shifted, 0.0), 1)
+        if HAS_REF:
+            r = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
+                             col_mask, DR, HAS_REF_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
+            b, _ = _scaled_logits(r, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+            tile_kl = tl.sum(tl.where(e > 0, e * (a - b), 0.0), 1)
+            tile_max_b, _, tile_sum_b = _tile_lse(b)
+            max_b, sum_b = _merge_lse(max_b, sum_b, tile_max_b, tile_sum_b)
+        else:
+            tile_kl = zero
+        max_a, sum_a, ent_a, kl_a = _merge_entropy(max_a, sum_a, ent_a, kl_a,
+                                                   tile_max, tile_sum, tile_ent, tile_kl)
+        if HAS_TARGETS:
+            is_target = cols[None, :] == target[:, None]
+            tgt_a += tl.sum(tl.where(is_target, a, 0.0), 1)
+            if HAS_REF:
+                tgt_b += tl.sum(tl.where(is_target, b, 0.0), 1)
+            if HAS_MIX:
+                m = _mix(a, b, coef)
+                tile_max_m, _, tile_sum_m = _tile_lse(m)
+                max_m, sum_m = _merge_lse(max_m, sum_m, tile_max_m, tile_sum_m)
+                tgt_m += tl.sum(tl.where(is_target, m, 0.0), 1)
+
+    out = partials_ptr + pid_s * N + rows
+    split_stride = num_splits * N
+    tl.store(out + _MAX_A * split_stride, max_a, mask=row_mask)
+    tl.store(out + _SUM_A * split_stride, sum_a, mask=row_mask)
+    tl.store(out + _ENT_A * split_stride, ent_a, mask=row_mask)
+    tl.store(out + _KL_A * split_stride, kl_a, mask=row_mask)
+    tl.store(out + _TGT_A * split_stride, tgt_a, mask=row_mask)
+    tl.store(out + _MAX_B * split_stride, max_b, mask=row_mask)
+    tl.store(out + _SUM_B * split_stride, sum_b, mask=row_mask)
+    tl.store(out + _TGT_B * split_stride, tgt_b, mask=row_mask)
+    tl.store(out + _MAX_M * split_stride, max_m, mask=row_mask)
+    tl.store(out + _SUM_M * split_stride, sum_m, mask=row_mask)
+    tl.store(out + _TGT_M * split_stride, tgt_m, mask=row_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    partials_ptr,  # [_NUM_PARTIALS, num_splits, N] fp32 online statistics of every split
+    targets_ptr,  # [N] int64 targets (read only if HAS_TARGETS)
+    stats_ptr,  # [5, N] fp32 output statistics (every entry written)
+    lse_ptr,  # [3, N] fp32 output log-sum-exps L_a, L_b, L_m (every entry written)
+    N,  # rows
+    num_splits,  # vocabulary splits to merge
+    ignore_index,  # target value of rows that get all-zero statistics
+    HAS_REF: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_MIX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    max_a = zero + float("-inf")
+    sum_a = zero
+    ent_a = zero
+    kl_a = zero
+    tgt_a = zero
+    max_b = zero + float("-inf")
+    sum_b = zero
+    tgt_b = zero
+    max_m = zero + float("-inf")
+    sum_m = zero
+    tgt_m = zero
+    split_stride = num_splits * N
+    for split in range(num_splits):
+        part = partials_ptr + split * N + rows
+        max_a, sum_a, ent_a, kl_a = _merge_entropy(
+            max_a, sum_a, ent_a, kl_a,
+            tl.load(part + _MAX_A * split_stride, mask=row_mask, other=0.0),
+            tl.load(part + _SUM_A * split_stride, mask=row_mask, other=0.0),
+            tl.load(part + _ENT_A * split_stride, mask=row_mask, other=0.0),
+            tl.load(part + _KL_A * split_stride, mask=row_mask, other=0.0))
+        tgt_a += tl.load(part + _TGT_A * split_stride, mask=row_mask, other=0.0)
+        if HAS_REF:
+            max_b, sum_b = _merge_lse(
+                max_b, sum_b,
+                tl.load(part + _MAX_B * split_stride, mask=row_mask, other=0.0),
+                tl.load(part + _SUM_B * split_stride, mask=row_mask, other=0.0))
+            tgt_b += tl.load(part + _TGT_B * split_stride, mask=row_mask, other=0.0)
+        if HAS_MIX:
+            max_m, sum_m = _merge_lse(
+                max_m, sum_m,
+                tl.load(part + _MAX_M * split_stride, mask=row_mask, other=0.0),
+                tl.load(part + _SUM_M * split_stride, mask=row_mask, other=0.0))
+            tgt_m += tl.load(part + _TGT_M * split_stride, mask=row_mask, other=0.0)
+
+    log_sum_a = tl.log(sum_a)
+    lse_a = max_a + log_sum_a
+    entropy = log_sum_a - ent_a / sum_a
+    if HAS_REF:
+        lse_b = max_b + tl.log(sum_b)
+        kl = kl_a / sum_a - lse_a + lse_b
+    else:
+        lse_b = zero
+        kl = zero
+    lse_m = max_m + tl.log(sum_m) if HAS_MIX else zero
+
+    if HAS_TARGETS:
+        target = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+        keep = target != ignore_index
+        logprobs = tl.where(keep, tgt_a - lse_a, 0.0)
+        ref_logprobs = tl.where(keep, tgt_b - lse_b, 0.0) if HAS_REF else zero
+        mixture_logprobs = tl.where(keep, tgt_m - lse_m, 0.0) if HAS_MIX else zero
+        entropy = tl.where(keep, entropy, 0.0)
+        kl = tl.where(keep, kl, 0.0)
+    else:
+        logprobs = zero
+        ref_logprobs = zero
+        mixture_logprobs = zero
+
+    tl.store(stats_ptr + _LOGPROBS * N + rows, logprobs, mask=row_mask)
+    tl.store(stats_ptr + _ENTROPY * N + rows, entropy, mask=row_mask)
+    tl.store(stats_ptr + _REF_LOGPROBS * N + rows, ref_logprobs, mask=row_mask)
+    tl.store(stats_ptr + _KL * N + rows, kl, mask=row_mask)
+    tl.store(stats_ptr + _MIXTURE_LOGPROBS * N + rows, mixture_logprobs, mask=row_mask)
+    tl.store(lse_ptr + _LSE_POLICY * N + rows, lse_a, mask=row_mask)
+    tl.store(lse_ptr + _LSE_REF * N + rows, lse_b, mask=row_mask)
+    tl.store(lse_ptr + _LSE_MIXTURE * N + rows, lse_m, mask=row_mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    hidden_ptr,  # [N, D] policy hidden states
+    weight_ptr,  # [V, D] policy lm_head, same dtype as hidden
+    bias_ptr,  # [V] policy bias (read only if HAS_BIAS)
+    ref_hidden_ptr,  # [N, DR] reference hidden states (read only if HAS_REF)
+    ref_weight_ptr,  # [V, DR] reference lm_head (read only if HAS_REF)
+    ref_bias_ptr,  # [V] reference bias (read only if HAS_REF_BIAS)
+    targets_ptr,  # [N] int64 targets (read only if HAS_TARGETS)
+    grad_stats_ptr,  # [5, N] fp32 upstream gradients of the packed statistics
+    stats_ptr,  # [5, N] fp32 forward statistics (entropy and KL enter the gradient)
+    lse_ptr,  # [3, N] fp32 forward log-sum-exps L_a, L_b, L_m
+    d_hidden_ptr,  # [N, D] fp32 accumulator, zero-initialised (if HAS_GRAD_HIDDEN)
+    d_weight_ptr,  # [V, D] fp32 accumulator, zero-initialised (if HAS_GRAD_WEIGHT)
+    d_bias_ptr,  # [V] fp32 accumulator, zero-initialised (if HAS_GRAD_BIAS)
+    d_ref_hidden_ptr,  # [N, DR] fp32 accumulator, zero-initialised (if HAS_GRAD_REF_HIDDEN)
+    d_ref_weight_ptr,  # [V, DR] fp32 accumulator, zero-initialised (if HAS_GRAD_REF_WEIGHT)
+    d_ref_bias_ptr,  # [V] fp32 accumulator, zero-initialised (if HAS_GRAD_REF_BIAS)
+    N,  # rows
+    V,  # vocabulary size
+    D,  # policy hidden size
+    DR,  # reference hidden size
+    ignore_index,  # target value of rows that receive no gradient
+    inv_temperature,  # 1 / T
+    softcap,  # s (used only if HAS_SOFTCAP)
+    coef,  # mixture weight of the reference in [0, 1] (used only if HAS_MIX)
+    HAS_BIAS: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_REF_BIAS: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_MIX: tl.constexpr,  # implies HAS_REF and HAS_TARGETS
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_HIDDEN: tl.constexpr,
+    HAS_GRAD_WEIGHT: tl.constexpr,
+    HAS_GRAD_BIAS: tl.constexpr,
+    HAS_GRAD_REF_HIDDEN: tl.constexpr,  # the HAS_GRAD_REF_* imply HAS_REF
+    HAS_GRAD_REF_WEIGHT: tl.constexpr,
+    HAS_GRAD_REF_BIAS: tl.constexpr,
+    IS_TF32: tl.constexpr,  # fp32 operands may use tf32 tensor cores
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    keep = row_mask
+    if HAS_TARGETS:
+        target = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+        keep &= target != ignore_index
+        delta = (cols[None, :] == target[:, None]).to(tl.float32)  # one-hot target
+    keep = keep[:, None] & col_mask[None, :]
+
+    # Policy: ga = g_lp (delta - p) - g_ent p (log p + H) [+ KL and mixture terms below].
+    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
+                     HAS_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
+    a, da = _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+    log_p = a - tl.load(lse_ptr + _LSE_POLICY * N + rows, mask=row_mask, other=0.0)[:, None]
+    p = tl.exp(log_p)
+    live = p > 0  # p == 0 terms contribute exactly 0 (log p may be -inf)
+    entropy = tl.load(stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
+    g_ent = tl.load(grad_stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
+    ga = _guarded(g_ent, tl.where(live, -p * (log_p + entropy[:, None]), 0.0))
+    if HAS_TARGETS:
+        g_lp = tl.load(grad_stats_ptr + _LOGPROBS * N + rows, mask=row_mask, other=0.0)
+        ga += _guarded(g_lp, delta - p)
+
+    if HAS_REF:
+        # Reference: gb = g_rlp (delta - q) + g_kl (q - p) [+ mixture term]; KL term of ga.
+        r = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
+                         col_mask, DR, HAS_REF_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
+        b, db = _scaled_logits(r, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+        log_q = b - tl.load(lse_ptr + _LSE_REF * N + rows, mask=row_mask, other=0.0)[:, None]
+        q = tl.exp(log_q)
+        kl = tl.load(stats_ptr + _KL * N + rows, mask=row_mask, other=0.0)
+        g_kl = tl.load(grad_stats_ptr + _KL * N + rows, mask=row_mask, other=0.0)
+        ga += _guarded(g_kl, tl.where(live, p * (log_p - log_q - kl[:, None]), 0.0))
+        gb = _guarded(g_kl, q - p)
+        if HAS_TARGETS:
+            g_rlp = tl.load(grad_stats_ptr + _REF_LOGPROBS * N + rows, mask=row_mask, other=0.0)
+            gb += _guarded(g_rlp, delta - q)
+        if HAS_MIX:
+            lse_m = tl.load(lse_ptr + _LSE_MIXTURE * N + rows, mask=row_mask, other=0.0)
+            g_mix = tl.load(grad_stats_ptr + _MIXTURE_LOGPROBS * N + rows, mask=row_mask,
+                            other=0.0)
+            delta_pi = delta - tl.exp(_mix(a, b, coef) - lse_m[:, None])
+            ga += _guarded(g_mix * (1 - coef), delta_pi)
+            gb += _guarded(g_mix * coef, delta_pi)
+        if HAS_GRAD_REF_HIDDEN or HAS_GRAD_REF_WEIGHT or HAS_GRAD_REF_BIAS:
+            dr = tl.where(keep, gb * db, 0.0)
+            _accumulate_grads(dr, ref_hidden_ptr, ref_weight_ptr, d_ref_hidden_ptr,
+                              d_ref_weight_ptr, d_ref_bias_ptr, rows, cols, row_mask, col_mask, DR,
+                              HAS_GRAD_REF_HIDDEN, HAS_GRAD_REF_WEIGHT, HAS_GRAD_REF_BIAS, IS_TF32,
+                              BLOCK_D)
+
+    if HAS_GRAD_HIDDEN or HAS_GRAD_WEIGHT or HAS_GRAD_BIAS:
+        dz = tl.where(keep, ga * da, 0.0)
+        _accumulate_grads(dz, hidden_ptr, weight_ptr, d_hidden_ptr, d_weight_ptr, d_bias_ptr,
+                          rows, cols, row_mask, col_mask, D, HAS_GRAD_HIDDEN, HAS_GRAD_WEIGHT,
+                          HAS_GRAD_BIAS, IS_TF32, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrappers
+# ----------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
+                  temperature, softcap):
+    def check_model(name, h, w, b):
+        if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
+            raise ValueError(f"{name}: expected hidden [N, D] and weight [V, D], got "
+                             f"{tuple(h.shape)} and {tuple(w.shape)}")
+        if h.dtype not in _FLOAT_DTYPES or w.dtype != h.dtype:
+            raise ValueError(f"{name}: hidden and weight must share a dtype among {_FLOAT_DTYPES},"
+                             f" got {h.dtype} and {w.dtype}")
+        if b is not None and (b.shape != (w.shape[0],) or not b.is_floating_point()):
+            raise ValueError(f"{name}: expected a floating bias [{w.shape[0]}], got "
+                             f"{tuple(b.shape)} {b.dtype}")
+        for t in (h, w, b):
+            if t is not None and (not t.is_contiguous() or t.device != hidden.device):
+                raise ValueError(f"{name}: inputs must be contiguous and on {hidden.device}")
+
+    check_model("policy", hidden, weight, bias)
+    if (ref_hidden is None) != (ref_weight is None) or (ref_hidden is None and ref_bias is not None):
+        raise ValueError("ref_hidden and ref_weight come together (ref_bias optional with them)")
+    if ref_hidden is not None:
+        check_model("reference", ref_hidden, ref_weight, ref_bias)
+        if ref_hidden.shape[0] != hidden.shape[0] or ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError("the reference must have the policy's N and V")
+    elif coef is not None:
+        raise ValueError("coef needs a reference")
+    if targets is not None and (targets.shape != (hidden.shape[0],)
+                                or targets.dtype != torch.int64 or not targets.is_contiguous()):
+        raise ValueError("targets must be a contiguous int64 [N] tensor")
+    if hidden.shape[0] == 0:
+        raise ValueError("N == 0 is handled by the caller")
+    if coef is not None and not 0.0 <= coef <= 1.0:
+        raise ValueError(f"coef must lie in [0, 1], got {coef}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+
+
+def _is_tf32() -> bool:
+    """fp32 operands may use tf32 tensor cores exactly when PyTorch's matmuls may."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device,
+                  cfg: tuning.LinearTokenStatsTriton) -> Tuple[int, int]:
+    """``(splits, tiles_per_split)``: split the vocabulary until the forward grid holds
+    ``MIN_PROGRAMS_PER_SM`` programs per SM (the interpreter counts as one SM)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 1
+    splits = min(n_tiles, max(1, triton.cdiv(cfg.MIN_PROGRAMS_PER_SM * sms, n_row_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
+
+
+def linear_token_stats_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    ref_hidden: Optional[torch.Tensor],
+    ref_weight: Optional[torch.Tensor],
+    ref_bias: Optional[torch.Tensor],
+    *,
+    coef: Optional[float],
+    temperature: float,
+    softcap: Optional[float],
+    ignore_index: int,
+    config: Optional[tuning.LinearTokenStatsTriton] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed statistics ``[5, N]`` and log-sum-exps ``[3, N]`` (float32) of the logits
+    ``hidden @ weight.T + bias`` (and the reference's), streamed over vocabulary tiles.
+    ``config`` overrides ``tuning.LINEAR_TOKEN_STATS``."""
+    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
+                  temperature, softcap)
+    cfg = config or tuning.LINEAR_TOKEN_STATS
+    (n, d), v = hidden.shape, weight.shape[0]
+    has_ref = ref_hidden is not None
+    n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
+    splits, tiles_per_split = _vocab_splits(n_row_blocks, triton.cdiv(v, cfg.BLOCK_V),
+                                            hidden.device, cfg)
+
+    partials = torch.empty((_NUM_PARTIALS, splits, n), dtype=torch.float32, device=hidden.device)
+    stats = torch.empty((NUM_STATS, n), dtype=torch.float32, device=hidden.device)
+    lse = torch.empty((NUM_LSE, n), dtype=torch.float32, device=hidden.device)
+
+    flags = dict(
+        HAS_REF=has_ref,
+        HAS_TARGETS=targets is not None,
+        HAS_MIX=coef is not None and targets is not None,  # only mixture log-probs need it
+    )
+    _fwd_kernel[(n_row_blocks, splits)](
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, partials,
+        n, v, d, ref_hidden.shape[1] if has_ref else 0, splits, tiles_per_split,
+        1.0 / temperature, softcap or 0.0, coef or 0.0,
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+        HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _merge_kernel[(n_row_blocks,)](
+        partials, targets, stats, lse, n, splits, ignore_index, **flags, BLOCK_N=cfg.BLOCK_N,
+    )
+    return stats, lse
+
+
+def linear_token_stats_backward(
+    grad_stats: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    ref_hidden: Optional[torch.Tensor],
+    ref_weight: Optional[torch.Tensor],
+    ref_bias: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    coef: Optional[float],
+    temperature: float,
+    softcap: Optional[float],
+    ignore_index: int,
+    needs_input_grad: Tuple[bool, bool, bool, bool, bool, bool],
+    config: Optional[tuning.LinearTokenStatsTriton] = None,
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients ``(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)`` of
+    ``sum(grad_stats * stats)``, None where ``needs_input_grad`` is False or the input is None.
+    ``config`` overrides ``tuning.LINEAR_TOKEN_STATS``."""
+    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
+                  temperature, softcap)
+    n, d = hidden.shape
+    for name, t, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
+                          ("lse", lse, NUM_LSE)):
+        if t.shape != (rows, n) or t.dtype != torch.float32 or t.device != hidden.device:
+            raise ValueError(f"{name}: expected float32 [{rows}, {n}], got {tuple(t.shape)} "
+                             f"{t.dtype}")
+    if len(needs_input_grad) != 6:
+        raise ValueError("needs_input_grad must hold 6 flags")
+    cfg = config or tuning.LINEAR_TOKEN_STATS
+    v = weight.shape[0]
+    inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    needed = [need and t is not None for need, t in zip(needs_input_grad, inputs)]
+    if not any(needed):
+        return (None,) * 6
+
+    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
+             for need, t in zip(needed, inputs)]
+    has_ref = ref_hidden is not None
+    grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(v, cfg.BLOCK_V))
+    _bwd_kernel[grid](
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+        grad_stats.contiguous(), stats.contiguous(), lse.contiguous(), *grads,
+        n, v, d, ref_hidden.shape[1] if has_ref else 0, ignore_index,
+        1.0 / temperature, softcap or 0.0, coef or 0.0,
+        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
+        HAS_TARGETS=targets is not None, HAS_MIX=coef is not None and targets is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_GRAD_HIDDEN=needed[0], HAS_GRAD_WEIGHT=needed[1], HAS_GRAD_BIAS=needed[2],
+        HAS_GRAD_REF_HIDDEN=needed[3], HAS_GRAD_REF_WEIGHT=needed[4],
+        HAS_GRAD_REF_BIAS=needed[5], IS_TF32=_is_tf32(),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
