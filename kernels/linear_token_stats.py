@@ -4,7 +4,8 @@ The ``[N, V]`` logits are never written to memory, forward or backward (see DESI
 math and the contract).
 
 Forward (``_fwd_kernel``, grid ``(cdiv(N, BLOCK_N), splits)``)
-    Each program owns ``BLOCK_N`` rows and a contiguous range of ``BLOCK_V`` vocabulary tiles.
+    Each program owns ``BLOCK_N`` rows and a contiguous range of vocabulary tiles of
+    ``BLOCK_V = BLOCK_V_FWD`` columns.
     For every tile it computes the policy logits ``z = H @ W.T + bias`` (a ``tl.dot`` loop over
     ``D`` in ``BLOCK_D`` chunks, fp32 accumulator) and, with a reference, the reference logits of
     the *same* columns, applies softcap and temperature (``a``, ``b``, and the mixture ``m``), then
@@ -19,25 +20,27 @@ Forward (``_fwd_kernel``, grid ``(cdiv(N, BLOCK_N), splits)``)
     so one sweep serves all five fields. Then ``L_a = max_a + log(sum_a)``,
     ``entropy = log(sum_a) - ent_a / sum_a`` and ``kl = kl / sum_a - L_a + L_b``.
     When ``cdiv(N, BLOCK_N)`` programs alone would leave SMs idle, the vocabulary is split across
-    ``splits`` programs per row block (chosen on the host, ``MIN_PROGRAMS_PER_SM``); each writes its
+    ``splits`` programs per row block (chosen on the host, ``programs_per_sm``); each writes its
     partial statistics to a ``[_NUM_PARTIALS, splits, N]`` buffer and ``_merge_kernel`` combines
     them with the same associative merge and writes ``stats [5, N]`` and ``lse [3, N]`` (the only
     state saved for the backward).
 
-Backward (``_bwd_kernel``, grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``)
+Backward (``_bwd_kernel``, grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``, ``BLOCK_V = BLOCK_V_BWD``)
     Each program recomputes one ``[BLOCK_N, BLOCK_V]`` tile of both models' logits, turns it into
     probabilities with the saved ``lse`` (``p = exp(a - L_a)``, likewise ``q`` and ``pi``), forms
     the logit gradients ``dz`` / ``dr`` of DESIGN.md in registers (entropy and KL from ``stats``
     enter the formula), and adds ``dz @ W_tile`` into ``d_hidden``, ``dz.T @ H_block`` into
     ``d_weight`` and the column sums of ``dz`` into ``d_bias`` with fp32 ``tl.atomic_add`` (as in
-    Cut Cross-Entropy); the host casts the fp32 buffers to the input dtypes. Gradients that are not
-    needed are compiled out (``HAS_GRAD_*``). Rows whose target is ``ignore_index`` get exactly 0.
+    Cut Cross-Entropy; summation order, hence the last bits, vary run to run); the host casts
+    the fp32 buffers to the input dtypes. Gradients that are not needed are compiled out
+    (``HAS_GRAD_*``). Rows whose target is ``ignore_index`` get exactly 0.
 
 Cost (D = hidden size of a model, Dr = the reference's)
     FLOPs: forward ``2*N*D*V`` per model (``+ 2*N*Dr*V`` with a reference); backward ``2*N*D*V``
     per model to recompute the logits (the reference tile is recomputed whenever there is one: KL
     and the mixture need ``q``) ``+ 2*N*D*V`` for each of ``d_hidden`` and ``d_weight`` that is
-    needed, i.e. ``6*N*D*V`` per model needing both.
+    needed, i.e. ``6*N*D*V`` per model needing both; ``10*N*D*V`` for bf16/fp16 models with
+    ``split_grad_operand`` (each gradient product is two tensor-core dots, see Numerics).
     Bytes: ``weight`` is streamed once per row block (``cdiv(N, BLOCK_N)`` times, mostly from L2:
     the concurrently running programs of one wave sweep the same tiles) and each ``hidden`` block
     once per vocabulary tile (from L2). Besides the inputs, the forward writes only ``O(N)``
@@ -46,9 +49,13 @@ Cost (D = hidden size of a model, Dr = the reference's)
     ``N*D*cdiv(V, BLOCK_V) + V*D*cdiv(N, BLOCK_N)`` fp32 atomic adds per model.
 
 Numerics: fp32 logits and statistics; bf16/fp16 operands go to the tensor cores as they are, fp32
-ones in tf32 only if ``torch.get_float32_matmul_precision() != "highest"`` (else IEEE fp32). In the
-backward ``dz`` is rounded to the operand dtype before its two ``tl.dot`` (as Cut Cross-Entropy and
-Liger do), so bf16 gradients carry bf16 rounding.
+ones as tf32 if ``torch.get_float32_matmul_precision() != "highest"`` (PyTorch's TF32 switch),
+else as 3xTF32 (about fp32 accuracy, still on tensor cores: IEEE fp32 ``tl.dot`` runs on the FMA
+units and ptxas spills it heavily). The fp32 logit gradient ``dz`` of a bf16/fp16 model enters
+its products with ``W`` and ``H`` as ``hi + lo``, both in the model's dtype (``split_grad_operand``,
+two dots each), which keeps ~16 mantissa bits: gradients agree with float32 math (the torch
+backend) up to their final rounding. With ``split_grad_operand=False`` dz is rounded once, as in
+Cut Cross-Entropy and Liger (errors of ~eps(dtype) times the largest gradient entry).
 """
 from __future__ import annotations
 
@@ -87,6 +94,9 @@ _MAX_M = tl.constexpr(8)
 _SUM_M = tl.constexpr(9)
 _TGT_M = tl.constexpr(10)
 _NUM_PARTIALS = 11
+
+# Read by @triton.jit at decoration, as here: whether these kernels run in the CPU interpreter.
+_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,6 +138,17 @@ def _mix(a, b, coef):
 
 
 @triton.jit
+def _dot(x, y, acc, IS_TF32: tl.constexpr):
+    """``x @ y (+ acc)`` in fp32; fp32 operands as tf32 (IS_TF32) or 3xTF32 (see Numerics)."""
+    if _INTERPRETED:
+        # The interpreter holds bf16 as uint16 and its tl.dot would multiply the bit patterns
+        # (triton-lang/triton#11584); the exact fp32 values give the GPU's bf16 products.
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, y, acc, input_precision="tf32" if IS_TF32 else "tf32x3")
+
+
+@triton.jit
 def _logits_tile(
     hidden_ptr,  # [N, D] hidden states of one model
     weight_ptr,  # [V, D] its lm_head
@@ -138,7 +159,7 @@ def _logits_tile(
     col_mask,  # [BLOCK_V] cols < V
     D,  # hidden size
     HAS_BIAS: tl.constexpr,
-    IS_TF32: tl.constexpr,  # fp32 operands may use tf32 tensor cores
+    IS_TF32: tl.constexpr,  # fp32 operands as tf32, else 3xTF32
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -152,7 +173,7 @@ def _logits_tile(
         d_mask = offs_d < D - d0
         h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(h, w, acc, input_precision="tf32" if IS_TF32 else "ieee")
+        acc = _dot(h, w, acc, IS_TF32)
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
     if HAS_BIAS:
@@ -190,10 +211,12 @@ def _merge_entropy(max1, sum1, ent1, kl1, max2, sum2, ent2, kl2):
 
 @triton.jit
 def _tile_lse(x):
-    """Per-row ``(max, exp(x - max), sum exp(x - max))`` of a tile (0 for all -inf rows)."""
+    """Per-row ``max`` of a tile, ``x - max``, ``e = exp(x - max)`` and ``sum e`` (the shift is
+    0 in rows that are all -inf, whose ``e`` is then 0)."""
     tile_max = tl.max(x, 1)
-    e = tl.exp(x - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None])
-    return tile_max, e, tl.sum(e, 1)
+    shifted = x - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None]
+    e = tl.exp(shifted)
+    return tile_max, shifted, e, tl.sum(e, 1)
 
 
 @triton.jit
@@ -204,13 +227,26 @@ def _guarded(g, term):
 
 
 @triton.jit
+def _split_operand(x, dtype, IS_SPLIT: tl.constexpr):
+    """Tensor-core operands ``(hi, lo)`` of an fp32 tile: ``hi`` is ``x`` rounded to ``dtype``;
+    with IS_SPLIT ``lo`` is the rounding error rounded too, so that ``hi + lo`` keeps 16 (bf16) or
+    22 (fp16) of fp32's 24 mantissa bits, else 0."""
+    hi = x.to(dtype)
+    if IS_SPLIT:
+        lo = (x - hi.to(tl.float32)).to(dtype)
+    else:
+        lo = tl.zeros(x.shape, dtype)
+    return hi, lo
+
+
+@triton.jit
 def _accumulate_grads(
-    dz,  # [BLOCK_N, BLOCK_V] fp32 gradient of this model's logit tile (0 outside)
+    dz_hi,  # [BLOCK_N, BLOCK_V] gradient of this model's logit tile (0 outside) in its dtype...
+    dz_lo,  # ... plus, if IS_SPLIT, its rounding error in that dtype (see _split_operand)
     hidden_ptr,  # [N, D] hidden states
     weight_ptr,  # [V, D] lm_head
     d_hidden_ptr,  # [N, D] fp32 accumulator (written only if HAS_GRAD_HIDDEN)
     d_weight_ptr,  # [V, D] fp32 accumulator (written only if HAS_GRAD_WEIGHT)
-    d_bias_ptr,  # [V] fp32 accumulator (written only if HAS_GRAD_BIAS)
     rows,  # [BLOCK_N] row indices of the tile
     cols,  # [BLOCK_V] vocabulary indices of the tile
     row_mask,  # [BLOCK_N] rows < N
@@ -218,33 +254,33 @@ def _accumulate_grads(
     D,  # hidden size
     HAS_GRAD_HIDDEN: tl.constexpr,
     HAS_GRAD_WEIGHT: tl.constexpr,
-    HAS_GRAD_BIAS: tl.constexpr,
+    IS_SPLIT: tl.constexpr,  # two tl.dot per product, with dz_hi and dz_lo
     IS_TF32: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``d_hidden[rows] += dz @ W[cols]``, ``d_weight[cols] += dz.T @ H[rows]``,
-    ``d_bias[cols] += dz.sum(0)`` with fp32 atomics, ``BLOCK_D`` columns at a time."""
-    if HAS_GRAD_BIAS:
-        tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
-    if HAS_GRAD_HIDDEN or HAS_GRAD_WEIGHT:
-        dz_op = dz.to(weight_ptr.dtype.element_ty)  # tensor-core operand in the model's dtype
-        offs_d = tl.arange(0, BLOCK_D)
-        row_off = rows.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        col_off = cols.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_V, BLOCK_D]
-        for d0 in range(0, D, BLOCK_D):
-            d_mask = offs_d < D - d0
-            row_d_mask = row_mask[:, None] & d_mask[None, :]
-            col_d_mask = col_mask[:, None] & d_mask[None, :]
-            if HAS_GRAD_HIDDEN:
-                w = tl.load(weight_ptr + col_off, mask=col_d_mask, other=0.0)
-                dh = tl.dot(dz_op, w, input_precision="tf32" if IS_TF32 else "ieee")
-                tl.atomic_add(d_hidden_ptr + row_off, dh, mask=row_d_mask, sem="relaxed")
-            if HAS_GRAD_WEIGHT:
-                h = tl.load(hidden_ptr + row_off, mask=row_d_mask, other=0.0)
-                dw = tl.dot(tl.trans(dz_op), h, input_precision="tf32" if IS_TF32 else "ieee")
-                tl.atomic_add(d_weight_ptr + col_off, dw, mask=col_d_mask, sem="relaxed")
-            row_off += BLOCK_D
-            col_off += BLOCK_D
+    """``d_hidden[rows] += dz @ W[cols]`` and ``d_weight[cols] += dz.T @ H[rows]`` with fp32
+    atomics, ``BLOCK_D`` columns at a time."""
+    offs_d = tl.arange(0, BLOCK_D)
+    row_off = rows.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    col_off = cols.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_V, BLOCK_D]
+    for d0 in range(0, D, BLOCK_D):
+        d_mask = offs_d < D - d0
+        row_d_mask = row_mask[:, None] & d_mask[None, :]
+        col_d_mask = col_mask[:, None] & d_mask[None, :]
+        if HAS_GRAD_HIDDEN:
+            w = tl.load(weight_ptr + col_off, mask=col_d_mask, other=0.0)
+            dh = _dot(dz_hi, w, None, IS_TF32)
+            if IS_SPLIT:
+                dh = _dot(dz_lo, w, dh, IS_TF32)
+            tl.atomic_add(d_hidden_ptr + row_off, dh, mask=row_d_mask, sem="relaxed")
+        if HAS_GRAD_WEIGHT:
+            h = tl.load(hidden_ptr + row_off, mask=row_d_mask, other=0.0)
+            dw = _dot(tl.trans(dz_hi), h, None, IS_TF32)
+            if IS_SPLIT:
+                dw = _dot(tl.trans(dz_lo), h, dw, IS_TF32)
+            tl.atomic_add(d_weight_ptr + col_off, dw, mask=col_d_mask, sem="relaxed")
+        row_off += BLOCK_D
+        col_off += BLOCK_D
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +311,7 @@ def _fwd_kernel(
     HAS_TARGETS: tl.constexpr,
     HAS_MIX: tl.constexpr,  # implies HAS_REF and HAS_TARGETS
     HAS_SOFTCAP: tl.constexpr,
-    IS_TF32: tl.constexpr,  # fp32 operands may use tf32 tensor cores
+    IS_TF32: tl.constexpr,  # fp32 operands as tf32, else 3xTF32
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -305,23 +341,26 @@ def _fwd_kernel(
     for tile in range(tile_start, tile_end):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
+        # Both models' logits first: only one tile is live across the other's tl.dot loop.
+        a = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
                          HAS_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
-        a, _ = _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
-        tile_max, e, tile_sum = _tile_lse(a)
-        shifted = a - tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None]
-        tile_ent = tl.sum(tl.where(e > 0, e * shifted, 0.0), 1)
         if HAS_REF:
-            r = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
+            b = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
                              col_mask, DR, HAS_REF_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
-            b, _ = _scaled_logits(r, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+            b, _ = _scaled_logits(b, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+        a, _ = _scaled_logits(a, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+
+        tile_max, shifted, e, tile_sum = _tile_lse(a)
+        tile_ent = tl.sum(tl.where(e > 0, e * shifted, 0.0), 1)  # e == 0 where a == -inf
+        if HAS_REF:
             tile_kl = tl.sum(tl.where(e > 0, e * (a - b), 0.0), 1)
-            tile_max_b, _, tile_sum_b = _tile_lse(b)
-            max_b, sum_b = _merge_lse(max_b, sum_b, tile_max_b, tile_sum_b)
         else:
             tile_kl = zero
         max_a, sum_a, ent_a, kl_a = _merge_entropy(max_a, sum_a, ent_a, kl_a,
                                                    tile_max, tile_sum, tile_ent, tile_kl)
+        if HAS_REF:
+            tile_max, _, _, tile_sum = _tile_lse(b)
+            max_b, sum_b = _merge_lse(max_b, sum_b, tile_max, tile_sum)
         if HAS_TARGETS:
             is_target = cols[None, :] == target[:, None]
             tgt_a += tl.sum(tl.where(is_target, a, 0.0), 1)
@@ -329,8 +368,8 @@ def _fwd_kernel(
                 tgt_b += tl.sum(tl.where(is_target, b, 0.0), 1)
             if HAS_MIX:
                 m = _mix(a, b, coef)
-                tile_max_m, _, tile_sum_m = _tile_lse(m)
-                max_m, sum_m = _merge_lse(max_m, sum_m, tile_max_m, tile_sum_m)
+                tile_max, _, _, tile_sum = _tile_lse(m)
+                max_m, sum_m = _merge_lse(max_m, sum_m, tile_max, tile_sum)
                 tgt_m += tl.sum(tl.where(is_target, m, 0.0), 1)
 
     out = partials_ptr + pid_s * N + rows
@@ -340,12 +379,14 @@ def _fwd_kernel(
     tl.store(out + _ENT_A * split_stride, ent_a, mask=row_mask)
     tl.store(out + _KL_A * split_stride, kl_a, mask=row_mask)
     tl.store(out + _TGT_A * split_stride, tgt_a, mask=row_mask)
-    tl.store(out + _MAX_B * split_stride, max_b, mask=row_mask)
-    tl.store(out + _SUM_B * split_stride, sum_b, mask=row_mask)
-    tl.store(out + _TGT_B * split_stride, tgt_b, mask=row_mask)
-    tl.store(out + _MAX_M * split_stride, max_m, mask=row_mask)
-    tl.store(out + _SUM_M * split_stride, sum_m, mask=row_mask)
-    tl.store(out + _TGT_M * split_stride, tgt_m, mask=row_mask)
+    if HAS_REF:
+        tl.store(out + _MAX_B * split_stride, max_b, mask=row_mask)
+        tl.store(out + _SUM_B * split_stride, sum_b, mask=row_mask)
+        tl.store(out + _TGT_B * split_stride, tgt_b, mask=row_mask)
+    if HAS_MIX:
+        tl.store(out + _MAX_M * split_stride, max_m, mask=row_mask)
+        tl.store(out + _SUM_M * split_stride, sum_m, mask=row_mask)
+        tl.store(out + _TGT_M * split_stride, tgt_m, mask=row_mask)
 
 
 @triton.jit
@@ -471,7 +512,9 @@ def _bwd_kernel(
     HAS_GRAD_REF_HIDDEN: tl.constexpr,  # the HAS_GRAD_REF_* imply HAS_REF
     HAS_GRAD_REF_WEIGHT: tl.constexpr,
     HAS_GRAD_REF_BIAS: tl.constexpr,
-    IS_TF32: tl.constexpr,  # fp32 operands may use tf32 tensor cores
+    IS_SPLIT_DZ: tl.constexpr,  # policy dz enters its dots as hi + lo (16-bit policy dtype)
+    IS_SPLIT_DR: tl.constexpr,  # reference dr likewise
+    IS_TF32: tl.constexpr,  # fp32 operands as tf32, else 3xTF32
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -480,60 +523,73 @@ def _bwd_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    keep = row_mask
+
+    # Row data: L_a, L_b, L_m from the forward, entropy H and KL, upstream grads g_*.
+    lse_a = tl.load(lse_ptr + _LSE_POLICY * N + rows, mask=row_mask, other=0.0)
+    entropy = tl.load(stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
+    g_ent = tl.load(grad_stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
+    keep = row_mask  # rows that receive a gradient
     if HAS_TARGETS:
         target = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
         keep &= target != ignore_index
-        delta = (cols[None, :] == target[:, None]).to(tl.float32)  # one-hot target
-    keep = keep[:, None] & col_mask[None, :]
-
-    # Policy: ga = g_lp (delta - p) - g_ent p (log p + H) [+ KL and mixture terms below].
-    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
-                     HAS_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
-    a, da = _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
-    log_p = a - tl.load(lse_ptr + _LSE_POLICY * N + rows, mask=row_mask, other=0.0)[:, None]
-    p = tl.exp(log_p)
-    live = p > 0  # p == 0 terms contribute exactly 0 (log p may be -inf)
-    entropy = tl.load(stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
-    g_ent = tl.load(grad_stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
-    ga = _guarded(g_ent, tl.where(live, -p * (log_p + entropy[:, None]), 0.0))
-    if HAS_TARGETS:
+        is_target = cols[None, :] == target[:, None]  # delta_j of DESIGN.md
         g_lp = tl.load(grad_stats_ptr + _LOGPROBS * N + rows, mask=row_mask, other=0.0)
-        ga += _guarded(g_lp, delta - p)
-
     if HAS_REF:
-        # Reference: gb = g_rlp (delta - q) + g_kl (q - p) [+ mixture term]; KL term of ga.
-        r = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
-                         col_mask, DR, HAS_REF_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
-        b, db = _scaled_logits(r, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
-        log_q = b - tl.load(lse_ptr + _LSE_REF * N + rows, mask=row_mask, other=0.0)[:, None]
-        q = tl.exp(log_q)
+        lse_b = tl.load(lse_ptr + _LSE_REF * N + rows, mask=row_mask, other=0.0)
         kl = tl.load(stats_ptr + _KL * N + rows, mask=row_mask, other=0.0)
         g_kl = tl.load(grad_stats_ptr + _KL * N + rows, mask=row_mask, other=0.0)
+        if HAS_TARGETS:
+            g_rlp = tl.load(grad_stats_ptr + _REF_LOGPROBS * N + rows, mask=row_mask, other=0.0)
+    if HAS_MIX:
+        lse_m = tl.load(lse_ptr + _LSE_MIXTURE * N + rows, mask=row_mask, other=0.0)
+        g_mix = tl.load(grad_stats_ptr + _MIXTURE_LOGPROBS * N + rows, mask=row_mask, other=0.0)
+
+    # Both models' logits first: only one tile is live across the other's tl.dot loop.
+    a = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
+                     HAS_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
+    if HAS_REF:
+        b = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
+                         col_mask, DR, HAS_REF_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
+        b, db = _scaled_logits(b, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+    a, da = _scaled_logits(a, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+
+    # ga, gb of DESIGN.md (p == 0 terms contribute exactly 0: log p may be -inf there).
+    log_p = a - lse_a[:, None]
+    p = tl.exp(log_p)
+    live = p > 0
+    ga = _guarded(g_ent, tl.where(live, -p * (log_p + entropy[:, None]), 0.0))
+    if HAS_TARGETS:
+        ga += _guarded(g_lp, tl.where(is_target, 1.0 - p, -p))
+    if HAS_REF:
+        log_q = b - lse_b[:, None]
+        q = tl.exp(log_q)
         ga += _guarded(g_kl, tl.where(live, p * (log_p - log_q - kl[:, None]), 0.0))
         gb = _guarded(g_kl, q - p)
         if HAS_TARGETS:
-            g_rlp = tl.load(grad_stats_ptr + _REF_LOGPROBS * N + rows, mask=row_mask, other=0.0)
-            gb += _guarded(g_rlp, delta - q)
+            gb += _guarded(g_rlp, tl.where(is_target, 1.0 - q, -q))
         if HAS_MIX:
-            lse_m = tl.load(lse_ptr + _LSE_MIXTURE * N + rows, mask=row_mask, other=0.0)
-            g_mix = tl.load(grad_stats_ptr + _MIXTURE_LOGPROBS * N + rows, mask=row_mask,
-                            other=0.0)
-            delta_pi = delta - tl.exp(_mix(a, b, coef) - lse_m[:, None])
+            pi = tl.exp(_mix(a, b, coef) - lse_m[:, None])
+            delta_pi = tl.where(is_target, 1.0 - pi, -pi)
             ga += _guarded(g_mix * (1 - coef), delta_pi)
             gb += _guarded(g_mix * coef, delta_pi)
         if HAS_GRAD_REF_HIDDEN or HAS_GRAD_REF_WEIGHT or HAS_GRAD_REF_BIAS:
-            dr = tl.where(keep, gb * db, 0.0)
-            _accumulate_grads(dr, ref_hidden_ptr, ref_weight_ptr, d_ref_hidden_ptr,
-                              d_ref_weight_ptr, d_ref_bias_ptr, rows, cols, row_mask, col_mask, DR,
-                              HAS_GRAD_REF_HIDDEN, HAS_GRAD_REF_WEIGHT, HAS_GRAD_REF_BIAS, IS_TF32,
-                              BLOCK_D)
+            dr = tl.where(keep[:, None], gb * db, 0.0)  # ignored rows get exactly 0
+            if HAS_GRAD_REF_BIAS:
+                tl.atomic_add(d_ref_bias_ptr + cols, tl.sum(dr, 0), mask=col_mask, sem="relaxed")
+            dr_hi, dr_lo = _split_operand(dr, ref_weight_ptr.dtype.element_ty, IS_SPLIT_DR)
 
     if HAS_GRAD_HIDDEN or HAS_GRAD_WEIGHT or HAS_GRAD_BIAS:
-        dz = tl.where(keep, ga * da, 0.0)
-        _accumulate_grads(dz, hidden_ptr, weight_ptr, d_hidden_ptr, d_weight_ptr, d_bias_ptr,
-                          rows, cols, row_mask, col_mask, D, HAS_GRAD_HIDDEN, HAS_GRAD_WEIGHT,
-                          HAS_GRAD_BIAS, IS_TF32, BLOCK_D)
+        dz = tl.where(keep[:, None], ga * da, 0.0)  # ignored rows get exactly 0
+        if HAS_GRAD_BIAS:
+            tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
+        dz_hi, dz_lo = _split_operand(dz, weight_ptr.dtype.element_ty, IS_SPLIT_DZ)
+        _accumulate_grads(dz_hi, dz_lo, hidden_ptr, weight_ptr, d_hidden_ptr, d_weight_ptr, rows,
+                          cols, row_mask, col_mask, D, HAS_GRAD_HIDDEN, HAS_GRAD_WEIGHT,
+                          IS_SPLIT_DZ, IS_TF32, BLOCK_D)
+    if HAS_GRAD_REF_HIDDEN or HAS_GRAD_REF_WEIGHT:
+        _accumulate_grads(dr_hi, dr_lo, ref_hidden_ptr, ref_weight_ptr, d_ref_hidden_ptr,
+                          d_ref_weight_ptr, rows, cols, row_mask, col_mask, DR,
+                          HAS_GRAD_REF_HIDDEN, HAS_GRAD_REF_WEIGHT, IS_SPLIT_DR, IS_TF32, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,7 +615,8 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
                 raise ValueError(f"{name}: inputs must be contiguous and on {hidden.device}")
 
     check_model("policy", hidden, weight, bias)
-    if (ref_hidden is None) != (ref_weight is None) or (ref_hidden is None and ref_bias is not None):
+    if (ref_hidden is None) != (ref_weight is None) or (ref_hidden is None
+                                                        and ref_bias is not None):
         raise ValueError("ref_hidden and ref_weight come together (ref_bias optional with them)")
     if ref_hidden is not None:
         check_model("reference", ref_hidden, ref_weight, ref_bias)
@@ -581,17 +638,17 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
 
 
 def _is_tf32() -> bool:
-    """fp32 operands may use tf32 tensor cores exactly when PyTorch's matmuls may."""
+    """fp32 operands may be rounded to tf32 exactly when PyTorch's matmuls may."""
     return torch.get_float32_matmul_precision() != "highest"
 
 
 def _vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device,
                   cfg: tuning.LinearTokenStatsTriton) -> Tuple[int, int]:
     """``(splits, tiles_per_split)``: split the vocabulary until the forward grid holds
-    ``MIN_PROGRAMS_PER_SM`` programs per SM (the interpreter counts as one SM)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else 1
-    splits = min(n_tiles, max(1, triton.cdiv(cfg.MIN_PROGRAMS_PER_SM * sms, n_row_blocks)))
+    ``programs_per_sm`` programs per SM (the interpreter counts as one SM)."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 1)
+    splits = min(n_tiles, max(1, triton.cdiv(cfg.programs_per_sm * sms, n_row_blocks)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
@@ -620,7 +677,7 @@ def linear_token_stats_forward(
     (n, d), v = hidden.shape, weight.shape[0]
     has_ref = ref_hidden is not None
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
-    splits, tiles_per_split = _vocab_splits(n_row_blocks, triton.cdiv(v, cfg.BLOCK_V),
+    splits, tiles_per_split = _vocab_splits(n_row_blocks, triton.cdiv(v, cfg.BLOCK_V_FWD),
                                             hidden.device, cfg)
 
     partials = torch.empty((_NUM_PARTIALS, splits, n), dtype=torch.float32, device=hidden.device)
@@ -638,7 +695,7 @@ def linear_token_stats_forward(
         1.0 / temperature, softcap or 0.0, coef or 0.0,
         HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
         HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_FWD, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _merge_kernel[(n_row_blocks,)](
@@ -689,7 +746,7 @@ def linear_token_stats_backward(
     grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
              for need, t in zip(needed, inputs)]
     has_ref = ref_hidden is not None
-    grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(v, cfg.BLOCK_V))
+    grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(v, cfg.BLOCK_V_BWD))
     _bwd_kernel[grid](
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
         grad_stats.contiguous(), stats.contiguous(), lse.contiguous(), *grads,
@@ -700,8 +757,11 @@ def linear_token_stats_backward(
         HAS_SOFTCAP=softcap is not None,
         HAS_GRAD_HIDDEN=needed[0], HAS_GRAD_WEIGHT=needed[1], HAS_GRAD_BIAS=needed[2],
         HAS_GRAD_REF_HIDDEN=needed[3], HAS_GRAD_REF_WEIGHT=needed[4],
-        HAS_GRAD_REF_BIAS=needed[5], IS_TF32=_is_tf32(),
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D,
+        HAS_GRAD_REF_BIAS=needed[5],
+        IS_SPLIT_DZ=cfg.split_grad_operand and weight.dtype != torch.float32,
+        IS_SPLIT_DR=has_ref and cfg.split_grad_operand and ref_weight.dtype != torch.float32,
+        IS_TF32=_is_tf32(),
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_BWD, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))

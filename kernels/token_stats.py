@@ -477,8 +477,8 @@ def _num_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
 
 
 def _check_logits(x: torch.Tensor, name: str) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be a [G, R, V] view, got shape {tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must be a [G, R, V] view with V >= 1, got {tuple(x.shape)}")
     if x.stride(-1) != 1:
         raise ValueError(f"{name} must have unit stride over the vocabulary")
     if x.dtype not in _SUPPORTED_DTYPES:

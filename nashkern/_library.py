@@ -39,11 +39,22 @@ def _triton_available() -> bool:
 
 
 def _cuda_extension():
+    """The CUDA backend module (``nashkern.backends.cuda_impl``, a ctypes binding of the kernels
+    built from ``csrc/`` into ``nashkern/_nashkern_cuda.so``) when that library loads, torch has
+    CUDA and the kernels load on the current device; None otherwise (never raises)."""
     try:
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError:
+        from .backends import cuda_impl
+        return cuda_impl if cuda_impl.available() else None
+    except Exception:  # a broken build must not break `import nashkern` or other backends
         return None
-    return _C
+
+
+def _cuda_unavailable_reason() -> str:
+    try:
+        from .backends import cuda_impl
+        return cuda_impl.unavailable_reason() or "unknown reason"
+    except Exception as e:  # pragma: no cover - defensive
+        return f"{type(e).__name__}: {e}"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -69,9 +80,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cuda":
         if _cuda_extension() is None:
             raise ValueError(
-                "backend='cuda' needs the nashkern._C extension, which is not built in this "
-                "install; build it with a CUDA toolchain and a CUDA-enabled torch: "
-                "NASHKERN_BUILD_CUDA=1 pip install -e . (or use backend='triton' / 'torch')"
+                "backend='cuda' needs the CUDA kernels of csrc/ (nashkern/_nashkern_cuda.so), "
+                "which are not usable here: "
+                f"{_cuda_unavailable_reason()}. Build it with nvcc and a CUDA-enabled torch: "
+                "NASHKERN_BUILD_CUDA=1 pip install -e . or make cuda "
+                "(or use backend='triton' / 'torch')"
             )
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type}")

@@ -10,7 +10,7 @@ Semantics (DESIGN.md): softcap ``z <- s * tanh(z / s)`` is applied to each model
 (``-inf`` entries stay masked), then the mixture ``(1 - coef) * z + coef * z_ref`` (``coef`` is
 the weight of the reference), then the temperature. Backends: ``"torch"`` (streaming PyTorch,
 the CPU path), ``"triton"`` (GPU, or the CPU interpreter with ``TRITON_INTERPRET=1``),
-``"cuda"`` (the optional ``nashkern._C`` extension) and ``"auto"``.
+``"cuda"`` (the optional nvcc-built kernels of ``csrc/``) and ``"auto"``.
 """
 from __future__ import annotations
 

@@ -48,25 +48,44 @@ class LinearTokenStatsTriton:
     """Fused hidden @ weight.T streaming kernels (kernels/linear_token_stats.py). Untuned.
 
     Rows per program, vocabulary columns per tile and the hidden-size chunk of each ``tl.dot``
-    (every one a power of two >= 16), shared by the forward and backward kernels.
+    (every one a power of two >= 16). ptxas for sm_90, every feature on, 8 warps, 3 stages:
+    forward 64 x 128 x 64: bf16 255 registers, 16 B spilled, 72 KiB shared memory (fp32 as
+    3xTF32: 688 B spilled, 160 KiB). The backward keeps more fp32 tiles live (p, q, pi, ga, gb)
+    and pipelines up to 6 dot loops: at 64 x 64 x 64 bf16 198 registers, no spills, 96 KiB (fp32:
+    72 B spilled, 160 KiB); at 64 x 128 bf16 spills 288 B and fp32 needs 288 KiB, more than the
+    227 KiB an H100 block may use.
     """
 
     BLOCK_N: int = 64
-    BLOCK_V: int = 128
+    BLOCK_V_FWD: int = 128
+    BLOCK_V_BWD: int = 64
     BLOCK_D: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    #: The forward splits the vocabulary across programs until the grid holds at least this
-    #: many programs per SM (two waves, so that a small N still fills all 132 SMs of an H100).
-    MIN_PROGRAMS_PER_SM: int = 2
+    #: The forward splits the vocabulary across programs until row blocks x splits reaches this
+    #: many programs per SM (a program fills an SM's register file: two waves), so that a small
+    #: N still fills all 132 SMs of an H100.
+    programs_per_sm: int = 2
+    #: bf16/fp16 models: False (default) rounds the fp32 logit gradient once to the model's dtype
+    #: before its two tensor-core products (as PyTorch eager, Cut Cross-Entropy and Liger do:
+    #: 6 N*D*V backward FLOPs per model; error about eps(dtype) relative to the largest gradient
+    #: entry, the same as eager PyTorch in that dtype). True feeds it as hi + lo in the model's
+    #: dtype (two dots each, 10 N*D*V FLOPs per model), so gradients match float32 math up to the
+    #: output rounding: the precise mode, for when bf16 gradient noise matters more than 25% speed.
+    split_grad_operand: bool = False
 
 
 @dataclass(frozen=True)
 class MixtureSampleTriton:
     """Fused Gumbel-max mixture sampler (kernels/mixture_sample.py). Untuned."""
 
+    #: Vocabulary columns per tile: 4 segments of BLOCK_V / 4 columns sharing one Philox call
+    #: per lane (4 columns per lane per segment at 8 warps). ptxas for sm_90, bf16, 8 warps:
+    #: 73 registers at 4096 (40 at 2048, 169 at 8192), no spills.
     BLOCK_V: int = 4096
     num_warps: int = 8
+    #: As TokenStatsTriton.programs_per_sm: rows x vocabulary splits to aim for per SM.
+    programs_per_sm: int = 4
 
 
 TORCH = TorchChunking()

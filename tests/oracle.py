@@ -7,7 +7,7 @@ output dtype (gradients come back in the input dtype).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -48,10 +48,15 @@ def assert_close(name: str, ours: torch.Tensor, ref64: torch.Tensor, torch32: to
 
 
 def compare(run: Callable[..., TokenStats], naive: Callable[..., TokenStats],
-            inputs: Dict[str, torch.Tensor], grad_names: Sequence[str], seed: int = 0) -> TokenStats:
+            inputs: Dict[str, torch.Tensor], grad_names: Sequence[str], seed: int = 0,
+            native: Optional[Callable[..., TokenStats]] = None) -> TokenStats:
     """Run ``run(**inputs)`` (ours) and ``naive(**inputs)`` in float64 and float32 on the same
     values; compare every non-None field and the gradient of a random weighted sum of all
-    fields w.r.t. each tensor named in ``grad_names``."""
+    fields w.r.t. each tensor named in ``grad_names``.
+
+    The error budget is set by PyTorch's own float32 computation of ``naive``; with ``native``
+    (PyTorch computing in the inputs' own dtype, e.g. a bf16 lm_head matmul as eager training
+    does), by the better of the two: ours must be within 2x PyTorch-in-that-dtype's error."""
     def prepared(cast):
         out = {}
         for k, v in inputs.items():
@@ -62,12 +67,16 @@ def compare(run: Callable[..., TokenStats], naive: Callable[..., TokenStats],
             out[k] = v
         return out
 
-    ours_in = prepared(lambda v: v.clone())
+    ours_in = prepared(lambda v: v)  # no clone: strided views stay strided
     ref_in = prepared(lambda v: v.double())
     t32_in = prepared(lambda v: v.float())
     ours = run(**ours_in)
     ref = naive(**ref_in)
     t32 = naive(**t32_in)
+    low_precision = any(isinstance(v, torch.Tensor) and v.dtype in (torch.bfloat16, torch.float16)
+                        for v in inputs.values())
+    nat_in = prepared(lambda v: v.clone()) if native is not None and low_precision else None
+    nat = native(**nat_in) if nat_in is not None else None
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for f in FIELDS:
@@ -83,12 +92,16 @@ def compare(run: Callable[..., TokenStats], naive: Callable[..., TokenStats],
             loss = sum((getattr(stats, f).to(torch.float64) * w.to(getattr(stats, f).device)).sum()
                        for f, w in weights.items())
             loss.backward()
-        backward(ours, None)
-        backward(ref, None)
-        backward(t32, None)
+        for stats in (ours, ref, t32) + ((nat,) if nat is not None else ()):
+            backward(stats, None)
         for k in grad_names:
             g, gr, g32 = ours_in[k].grad, ref_in[k].grad, t32_in[k].grad
             assert g is not None, f"no gradient reached {k}"
             assert g.dtype == inputs[k].dtype, f"grad of {k}: dtype {g.dtype} != {inputs[k].dtype}"
+            if nat is not None:
+                gn = nat_in[k].grad
+                if _max_err(gn, gr) > _max_err(g32, gr) * 8:
+                    assert_close(f"d/d{k}", g, gr, gn, out_dtype=inputs[k].dtype, factor=2.0)
+                    continue
             assert_close(f"d/d{k}", g, gr, g32, out_dtype=inputs[k].dtype)
     return ours
