@@ -38,3 +38,10 @@ gpu-check: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The CUDA kernels (csrc/*.cu) -> nashkern/_nashkern_cuda.so in place, for backend="cuda": nvcc
+# only (no GPU, no CUDA torch needed to build). NASHKERN_CUDA_ARCHS="80;90" by default; the nvcc
+# command lines are printed (flags live in csrc/build_cuda.py, shared with setup.py and the tests).
+.PHONY: cuda
+cuda:
+	$(PYTHON) csrc/build_cuda.py --output nashkern/_nashkern_cuda.so
