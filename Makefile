@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q numpy "triton>=3.0" pytest pytest-benchmark pytest-xdist
+	$(PY) -m pip install -q numpy "triton>=3.0" pytest pytest-benchmark pytest-xdist "transformers>=4.56" "accelerate>=1.0" "datasets>=3.0" peft matplotlib
 	NASHKERN_SKIP_CUDA_BUILD=$${NASHKERN_SKIP_CUDA_BUILD:-1} $(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 

@@ -132,7 +132,7 @@ setup(
     python_requires=">=3.9",
     packages=["nashkern", "nashkern.backends", "nashkern.kernels"],
     package_dir={"nashkern": "nashkern", "nashkern.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "accelerate>=1.0", "datasets>=3.0"],
     entry_points={"console_scripts": ["nashkern=nashkern.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],

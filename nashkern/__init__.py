@@ -8,3 +8,16 @@ from .types import TokenStats
 
 __version__ = "0.1.0"
 __all__ = ["ops", "reference", "TokenStats", "__version__"]
+
+_LAZY = {"NashMDConfig": "nash_md", "NashMDTrainer": "nash_md",
+         "LogCompletionsCallback": "nash_md"}
+
+
+def __getattr__(name):
+    """``nashkern.NashMDConfig`` / ``NashMDTrainer``, imported on first use so that
+    ``import nashkern`` does not import transformers."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""``nashkern`` command line: ``nashkern demo``."""
+"""``nashkern`` command line: ``nashkern demo`` (a tiny Nash-MD training run) and
+``nashkern ops-demo`` (the fused ops, fused vs eager)."""
 from __future__ import annotations
 
 import argparse
@@ -65,14 +66,39 @@ def demo(args) -> int:
     return 0
 
 
+def _train_demo(args) -> int:
+    from .demo import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nashkern")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help=demo.__doc__)
+    p = sub.add_parser("ops-demo", help=demo.__doc__)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=32000)
     p.set_defaults(func=demo)
+    t = sub.add_parser("demo", help="a tiny Nash-MD training run on the CPU (built-in model, "
+                                    "prompts and rule reward)")
+    t.add_argument("--steps", type=int, default=60)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--max-new-tokens", type=int, default=16)
+    t.add_argument("--learning-rate", type=float, default=3e-3)
+    t.add_argument("--beta", type=float, default=0.02)
+    t.add_argument("--mixture-coef", type=float, default=0.5)
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--output-dir", default="nashkern_demo")
+    t.set_defaults(func=_train_demo)
+    sub.add_parser("train", help="Nash-MD training (the original example script's arguments; "
+                                 "`nashkern train --help`)", add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,237 @@
+"""KV-cached sampling of policy completions and geometric-mixture completions.
+
+Per token the mixture samples from ``π_mix ∝ π^(1−c)·μ^c`` (``c`` = ``coef``, the reference's
+weight): the policy and the reference each keep their own KV cache and each runs one forward per
+new token over that token only; the next token comes from :func:`nashkern.ops.mixture_sample`
+on the two models' last-position logits. ``coef=0`` (or no reference) is plain policy sampling
+through the same path, without running the reference at all.
+
+Logits processors (repetition penalty, temperature, top-k, top-p, min-p) act on the **mixture**
+logits ``(1−c)·z + c·z_ref``, in the order of ``transformers``' ``generate`` (penalty, then
+temperature, then top-k, top-p, min-p): the filters truncate the distribution that is actually
+sampled, which is what the original trainer did (it wrapped the mixture as a model and ran
+``generate`` over it), and top-p / min-p are not meaningful per model (the intersection of two
+nucleus sets is not the nucleus of the mixture). Without penalty/filters the two last-position
+logit rows go straight to ``mixture_sample`` (the temperature is applied inside it, no extra
+``[B, V]`` mixed tensor); with any of them one ``[B, V]`` row of mixed logits per step is built,
+processed, and sampled by ``mixture_sample`` with ``coef=0``.
+
+Prompts are left-padded; a prompt longer than ``max_length − max_new_tokens`` is truncated from
+the left. Each row stops at its first EOS (the EOS is kept, then padding follows); the loop ends
+when every row has stopped. Models run in eval mode under ``torch.no_grad`` (dropout off, and
+gradient checkpointing, which is only active in training mode, does not turn the cache off),
+and their previous mode is restored afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: off), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def has_processors(self) -> bool:
+        return bool(self.top_k) or (self.top_p is not None and self.top_p < 1) \
+            or bool(self.min_p) or (self.repetition_penalty not in (None, 1.0))
+
+
+@dataclass
+class GenerationOutput:
+    prompt_ids: Tensor        # [B, P] left-padded (after left truncation)
+    prompt_mask: Tensor       # [B, P]
+    completion_ids: Tensor    # [B, C] right-padded with pad_token_id after the first EOS
+    completion_mask: Tensor   # [B, C] 1 up to and including the first EOS
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], 1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], 1)
+
+
+def mix_logits(z: Tensor, r: Optional[Tensor], coef: float) -> Tensor:
+    """``(1−c)·z + c·r`` in float32, exact at ``c = 0`` and ``c = 1`` (masked -inf stays -inf)."""
+    z = z.float()
+    if r is None or coef == 0:
+        return z.clone()
+    if coef == 1:
+        return r.float().clone()
+    return (1 - coef) * z + coef * r.float()
+
+
+def process_logits(logits: Tensor, seen: Optional[Tensor], params: SamplingParams) -> Tensor:
+    """Repetition penalty (``seen``: bool ``[B, V]``, tokens already in the row), temperature,
+    top-k, top-p, min-p, as ``transformers``' processors do. ``logits``: float32 ``[B, V]``."""
+    x = logits
+    p = params.repetition_penalty
+    if p not in (None, 1.0) and seen is not None:
+        x = torch.where(seen, torch.where(x < 0, x * p, x / p), x)
+    x = x / params.temperature
+    neg = float("-inf")
+    if params.top_k:
+        k = min(int(params.top_k), x.shape[-1])
+        kth = torch.topk(x, k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, neg)
+    if params.top_p is not None and params.top_p < 1:
+        sorted_x, idx = torch.sort(x, dim=-1, descending=False)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - params.top_p
+        remove[..., -1] = False  # keep at least one token
+        x = x.masked_fill(remove.scatter(-1, idx, remove), neg)
+    if params.min_p:
+        probs = x.softmax(-1)
+        thresh = params.min_p * probs.max(-1, keepdim=True).values
+        x = x.masked_fill(probs < thresh, neg)
+    return x
+
+
+def sample_next(z: Tensor, r: Optional[Tensor], coef: float, params: SamplingParams,
+                seen: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
+    """One token per row from the (processed) mixture of last-position logits ``z``, ``r``."""
+    if not params.has_processors:
+        tok = ops.mixture_sample(z, z if r is None else r, coef=0.0 if r is None else coef,
+                                 temperature=params.temperature, generator=generator)
+    else:
+        m = process_logits(mix_logits(z, r, coef), seen, params)
+        tok = ops.mixture_sample(m, m, coef=0.0, temperature=1.0, generator=generator)
+    return tok
+
+
+def truncate_prompts_left(input_ids: Tensor, attention_mask: Tensor, max_prompt: int):
+    """Keep the last ``max_prompt`` columns of left-padded prompts; drop all-padding columns."""
+    if max_prompt < 1:
+        raise ValueError("max_length must exceed max_new_tokens (no room left for the prompt)")
+    input_ids, attention_mask = input_ids[:, -max_prompt:], attention_mask[:, -max_prompt:]
+    if attention_mask.shape[1] and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded (padding_side='left')")
+    keep = attention_mask.any(0).nonzero()
+    start = int(keep[0]) if keep.numel() else attention_mask.shape[1] - 1
+    return input_ids[:, start:], attention_mask[:, start:]
+
+
+def _new_cache(model):
+    try:
+        from transformers import DynamicCache
+        return DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - older transformers
+        from transformers import DynamicCache
+        return DynamicCache()
+
+
+def _forward_last_logits(model, ids, mask, pos, cache):
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+              use_cache=True)
+    try:
+        out = model(**kw, logits_to_keep=1)
+    except TypeError:
+        out = model(**kw)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+@contextlib.contextmanager
+def _eval_mode(*models):
+    modes = [(m, m.training) for m in models if m is not None]
+    try:
+        for m, _ in modes:
+            m.eval()
+        yield
+    finally:
+        for m, was in modes:
+            m.train(was)
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: int,
+             pad_token_id: int, params: SamplingParams, ref_model=None, coef: float = 0.0,
+             max_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             ref_context: Optional[Callable[[], ContextManager]] = None) -> GenerationOutput:
+    """Sample completions of left-padded prompts from the policy (``ref_model`` None or
+    ``coef == 0``) or from the geometric mixture of ``model`` and ``ref_model``.
+
+    ``ref_context``: a context-manager factory entered around every reference forward (e.g.
+    ``model.disable_adapter`` when the reference is the PEFT base, then ``ref_model is model``).
+    """
+    if not 0 <= coef <= 1:
+        raise ValueError(f"coef (mixture_coef) must be in [0, 1], got {coef}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if max_length is not None:
+        input_ids, attention_mask = truncate_prompts_left(
+            input_ids, attention_mask, max_length - params.max_new_tokens)
+    attention_mask = attention_mask.to(torch.long)
+    use_ref = ref_model is not None and coef > 0
+    ref_ctx = ref_context or contextlib.nullcontext
+    B, device = input_ids.shape[0], input_ids.device
+    vocab = None
+    with _eval_mode(model, ref_model if use_ref else None):
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _new_cache(model)
+        z, cache = _forward_last_logits(model, input_ids, attention_mask, pos, cache)
+        r = ref_cache = None
+        if use_ref:
+            ref_cache = _new_cache(ref_model)
+            with ref_ctx():
+                r, ref_cache = _forward_last_logits(ref_model, input_ids, attention_mask, pos,
+                                                    ref_cache)
+        vocab = z.shape[-1]
+        seen = None
+        if params.repetition_penalty not in (None, 1.0):
+            # tokens present in the (unpadded) prompt; grows with each sampled token
+            seen = torch.zeros(B, vocab, dtype=torch.long, device=device).scatter_add_(
+                1, input_ids.clamp(0, vocab - 1), attention_mask) > 0
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens, masks = [], []
+        next_pos = pos[:, -1:]
+        for step in range(params.max_new_tokens):
+            tok = sample_next(z, r, coef if use_ref else 0.0, params, seen, generator)
+            if bool((tok < 0).any()):
+                raise RuntimeError("generation: a row has no finite (processed) logit or a NaN")
+            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            tokens.append(tok)
+            masks.append(~finished)
+            finished = finished | (tok == eos_token_id)
+            if seen is not None:
+                seen[torch.arange(B, device=device), tok] = True
+            if step == params.max_new_tokens - 1 or bool(finished.all()):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+            next_pos = next_pos + 1
+            z, cache = _forward_last_logits(model, tok[:, None], attention_mask, next_pos, cache)
+            if use_ref:
+                with ref_ctx():
+                    r, ref_cache = _forward_last_logits(ref_model, tok[:, None], attention_mask,
+                                                        next_pos, ref_cache)
+    completion_ids = torch.stack(tokens, 1)
+    completion_mask = torch.stack(masks, 1).long()
+    prompt_mask = attention_mask[:, : input_ids.shape[1]]
+    return GenerationOutput(input_ids, prompt_mask, completion_ids, completion_mask)

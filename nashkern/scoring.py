@@ -1,0 +1,99 @@
+"""Preference probability P(policy completion ≻ mixture completion) from a reward model, a
+pairwise judge or reward functions, and the ``missing_eos_penalty``."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .judges import judge_probabilities  # noqa: F401 (re-exported)
+
+
+def left_pack(ids: Tensor, mask: Tensor, pad_token_id: int):
+    """Move every row's attended tokens to the right end (left padding)."""
+    mask = mask.bool()
+    lengths = mask.sum(1)
+    T = int(lengths.max()) if ids.shape[0] else 0
+    out = torch.full((ids.shape[0], T), pad_token_id, dtype=ids.dtype, device=ids.device)
+    out_mask = torch.zeros((ids.shape[0], T), dtype=torch.long, device=ids.device)
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i]]
+        if row.numel():
+            out[i, T - row.numel():] = row
+            out_mask[i, T - row.numel():] = 1
+    return out, out_mask
+
+
+def same_tokenizer(a, b) -> bool:
+    if a is None or b is None or a is b:
+        return True
+    try:
+        return type(a) is type(b) and len(a) == len(b) and a.get_vocab() == b.get_vocab()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor, *,
+                        pad_token_id: int, texts: Optional[List[str]] = None,
+                        reward_tokenizer=None, max_length: Optional[int] = None) -> Tensor:
+    """Scalar rewards ``[B]`` (float32) of full sequences (prompt + completion).
+
+    Same tokenizer: the policy's ids, repacked to the left so the score is read at the last
+    real token. Different tokenizer: ``texts`` (decoded prompt + completion) re-tokenised with
+    ``reward_tokenizer``."""
+    was_training = reward_model.training
+    reward_model.eval()
+    try:
+        device = next(reward_model.parameters()).device
+        if reward_tokenizer is not None and texts is not None:
+            side = reward_tokenizer.padding_side
+            reward_tokenizer.padding_side = "left"
+            try:
+                enc = reward_tokenizer(texts, return_tensors="pt", padding=True,
+                                       truncation=max_length is not None, max_length=max_length,
+                                       add_special_tokens=False)
+            finally:
+                reward_tokenizer.padding_side = side
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            ids, mask = left_pack(input_ids, attention_mask, pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = reward_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        if logits.dim() == 3:  # a model returning per-token scores: the last (real) position
+            logits = logits[:, -1]
+        return logits[:, 0].float()
+    finally:
+        reward_model.train(was_training)
+
+
+def reward_funcs_scores(reward_funcs: Sequence[Callable], prompts: List, completions: List,
+                        completion_ids: List[List[int]], weights: Optional[Sequence[float]] = None,
+                        **kwargs) -> Tensor:
+    """Σ_f w_f · f(prompts, completions, completion_ids=..., **kwargs) per row, float32 ``[B]``
+    (a ``None`` reward counts as 0)."""
+    total = torch.zeros(len(prompts), dtype=torch.float32)
+    weights = weights or [1.0] * len(reward_funcs)
+    for w, f in zip(weights, reward_funcs):
+        r = f(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        if len(r) != len(prompts):
+            raise ValueError(f"reward function {getattr(f, '__name__', f)} returned {len(r)} "
+                             f"rewards for {len(prompts)} completions")
+        total += w * torch.tensor([0.0 if x is None else float(x) for x in r])
+    return total
+
+
+def apply_missing_eos_penalty(scores: Tensor, completion_ids: Tensor, eos_token_id: int,
+                              penalty: Optional[float]) -> Tensor:
+    """Subtract ``penalty`` from the scores of completions that contain no EOS."""
+    if penalty is None:
+        return scores
+    has_eos = (completion_ids == eos_token_id).any(-1).to(scores.device)
+    return scores - penalty * (~has_eos).to(scores.dtype)
+
+
+def preference_probability(scores: Tensor, other_scores: Tensor) -> Tensor:
+    """P = σ(r(y) − r(y'))."""
+    return torch.sigmoid(scores - other_scores)

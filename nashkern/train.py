@@ -1,0 +1,79 @@
+"""``nashkern train``: the original ``examples/scripts/nash_md.py`` on nashkern's trainer
+(``HfArgumentParser`` over :class:`ScriptArguments` and :class:`NashMDConfig`). Runs under
+``accelerate launch`` as well as plain ``python -m nashkern train``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Policy model (hub name or local path)."})
+    dataset_name: str = field(metadata={
+        "help": "Hub dataset name, or a local .json/.jsonl/.parquet file with a 'prompt' column."})
+    dataset_config: Optional[str] = field(default=None)
+    dataset_train_split: str = field(default="train")
+    dataset_test_split: str = field(default="test")
+    ref_model_path: Optional[str] = field(default=None)
+    trust_remote_code: bool = field(default=False)
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters."})
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: Optional[List[str]] = field(default=None)
+
+
+def load_prompts(name: str, config: Optional[str], split: str):
+    from datasets import load_dataset
+
+    ext = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name) and ext in (".json", ".jsonl", ".parquet"):
+        kind = "parquet" if ext == ".parquet" else "json"
+        return load_dataset(kind, data_files={split: name}, split=split)
+    return load_dataset(name, config, split=split)
+
+
+def main(argv=None) -> int:
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer, HfArgumentParser)
+
+    from .judges import PairRMJudge, RandomPairwiseJudge
+    from .nash_md import LogCompletionsCallback, NashMDConfig, NashMDTrainer
+
+    parser = HfArgumentParser((ScriptArguments, NashMDConfig))
+    script, args = parser.parse_args_into_dataclasses(args=argv)
+    kw = dict(args.model_init_kwargs or {}, trust_remote_code=script.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, **kw)
+    tok = AutoTokenizer.from_pretrained(script.model_name_or_path, padding_side="left",
+                                        trust_remote_code=script.trust_remote_code)
+    ref = (AutoModelForCausalLM.from_pretrained(script.ref_model_path, **kw)
+           if script.ref_model_path else None)
+    reward_model = reward_tok = judge = None
+    if args.reward_model_path:
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            args.reward_model_path, num_labels=1, trust_remote_code=script.trust_remote_code)
+        reward_tok = AutoTokenizer.from_pretrained(args.reward_model_path)
+    if args.judge:
+        judges = {"pair_rm": PairRMJudge, "random": RandomPairwiseJudge}
+        if args.judge not in judges:
+            raise ValueError(f"--judge must be one of {sorted(judges)}, got {args.judge!r}")
+        judge = judges[args.judge]()
+    peft_config = None
+    if script.use_peft:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha,
+                                 lora_dropout=script.lora_dropout,
+                                 target_modules=script.lora_target_modules or "all-linear",
+                                 task_type="CAUSAL_LM")
+    train = load_prompts(script.dataset_name, script.dataset_config, script.dataset_train_split)
+    trainer = NashMDTrainer(model=model, ref_model=ref, reward_model=reward_model, judge=judge,
+                            args=args, train_dataset=train, processing_class=tok,
+                            peft_config=peft_config, reward_processing_class=reward_tok)
+    trainer.add_callback(LogCompletionsCallback(trainer, num_prompts=8))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return 0

@@ -1,0 +1,41 @@
+"""Run by test_ddp_two_processes under torchrun (2 CPU processes, gloo)."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+
+sys.path.insert(0, os.path.dirname(__file__))
+from nashkern import NashMDConfig, NashMDTrainer  # noqa: E402
+from nashkern.tiny import make_tokenizer, tiny_causal_lm  # noqa: E402
+
+
+def reward(prompts, completions, completion_ids=None, **kw):
+    return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
+
+
+def main(out):
+    torch.set_num_threads(1)
+    args = NashMDConfig(output_dir=out, per_device_train_batch_size=2, max_steps=3,
+                        max_new_tokens=4, learning_rate=1e-2, logging_steps=1, report_to="none",
+                        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                        ddp_backend="gloo")
+    ds = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(12)]})
+    tr = NashMDTrainer(model=tiny_causal_lm(), reward_funcs=reward, args=args,
+                       processing_class=make_tokenizer(), train_dataset=ds)
+    tr.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in tr.model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    if dist.get_rank() == 0:
+        logs = [h for h in tr.state.log_history if "loss/kl" in h]
+        with open(os.path.join(out, "ddp.json"), "w") as f:
+            json.dump({"world": dist.get_world_size(),
+                       "max_diff": max((g - flat).abs().max().item() for g in gathered),
+                       "n_logs": len(logs), "keys": sorted(logs[0])}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+from nashkern.generation import (SamplingParams, generate, mix_logits, process_logits,
+                                 sample_next, truncate_prompts_left)
+from tiny_models import make_tokenizer, single_thread, tiny_causal_lm  # noqa: F401
+
+PROMPTS = ["hello there", "a", "what is two plus two?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_causal_lm(seed=0), tiny_causal_lm(seed=1)
+
+
+def naive_generate(model, ids, mask, *, ref_model, coef, params, eos, pad, generator):
+    """No KV cache: both models re-run over the whole prefix at every token."""
+    B = ids.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool)
+    out = []
+    vocab = model.config.vocab_size
+    seen = torch.zeros(B, vocab, dtype=torch.long).scatter_add_(1, ids, mask) > 0
+    with torch.no_grad():
+        for _ in range(params.max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            z = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+            r = None
+            if ref_model is not None and coef > 0:
+                r = ref_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+            t = sample_next(z, r, coef if r is not None else 0.0, params, seen, generator)
+            t = torch.where(finished, torch.full_like(t, pad), t)
+            out.append(t)
+            finished |= t == eos
+            seen[torch.arange(B), t] = True
+            if finished.all():
+                break
+            ids = torch.cat([ids, t[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("coef,proc", [(0.0, {}), (0.5, {}), (0.5, dict(top_k=10, top_p=0.9,
+                                                                       min_p=0.05,
+                                                                       repetition_penalty=1.3)),
+                                       (1.0, {})])
+def test_kv_cached_matches_naive(tok, models, coef, proc):
+    model, ref = models
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, **proc)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    out = generate(model, enc.input_ids, enc.attention_mask, ref_model=ref, coef=coef,
+                   params=params, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   generator=g1)
+    want = naive_generate(model, enc.input_ids, enc.attention_mask.long(), ref_model=ref,
+                          coef=coef, params=params, eos=tok.eos_token_id, pad=tok.pad_token_id,
+                          generator=g2)
+    assert torch.equal(out.completion_ids, want)
+    assert out.completion_ids.shape == (3, 12)
+
+
+def test_mixture_differs_from_policy_and_coef1_is_reference(tok, models):
+    model, ref = models
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    params = SamplingParams(max_new_tokens=16)
+    kw = dict(params=params, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    a = generate(model, enc.input_ids, enc.attention_mask, generator=torch.Generator().manual_seed(0), **kw)
+    b = generate(model, enc.input_ids, enc.attention_mask, ref_model=ref, coef=0.5,
+                 generator=torch.Generator().manual_seed(0), **kw)
+    c = generate(model, enc.input_ids, enc.attention_mask, ref_model=ref, coef=1.0,
+                 generator=torch.Generator().manual_seed(0), **kw)
+    d = generate(ref, enc.input_ids, enc.attention_mask, generator=torch.Generator().manual_seed(0), **kw)
+    assert not torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(c.completion_ids, d.completion_ids)
+
+
+def test_eos_stops_each_row_and_pads(tok):
+    model = tiny_causal_lm(seed=0)
+    eos = tok.eos_token_id
+    with torch.no_grad():  # make EOS likely so rows stop at different steps
+        model.lm_head.weight[eos] += 0.0  # tied: edit the embedding row instead
+        model.model.embed_tokens.weight[eos] *= 12.0
+    enc = tok(PROMPTS * 2, return_tensors="pt", padding=True)
+    out = generate(model, enc.input_ids, enc.attention_mask, params=SamplingParams(max_new_tokens=30),
+                   eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                   generator=torch.Generator().manual_seed(0))
+    ids, m = out.completion_ids, out.completion_mask
+    stopped = 0
+    for row, mrow in zip(ids.tolist(), m.tolist()):
+        if eos in row:
+            stopped += 1
+            k = row.index(eos)
+            assert all(t == tok.pad_token_id for t in row[k + 1:])
+            assert mrow == [1] * (k + 1) + [0] * (len(row) - k - 1)
+        else:
+            assert all(mrow)
+    assert stopped >= 1
+    if stopped == len(ids):  # loop ends once every row has stopped
+        assert m[:, -1].any()
+
+
+def test_left_padding_matches_unpadded_rows(tok, models):
+    """A row's tokens do not depend on the other rows' padding (greedy-ish: top_k=1)."""
+    model, _ = models
+    params = SamplingParams(max_new_tokens=8, top_k=1)
+    kw = dict(params=params, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert (enc.attention_mask[:, 0] == 0).any()
+    batch = generate(model, enc.input_ids, enc.attention_mask, **kw).completion_ids
+    for i, p in enumerate(PROMPTS):
+        e = tok([p], return_tensors="pt")
+        single = generate(model, e.input_ids, e.attention_mask, **kw).completion_ids
+        n = single.shape[1]
+        assert torch.equal(batch[i, :n], single[0])
+
+
+def test_left_truncation():
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    i2, m2 = truncate_prompts_left(ids, mask, 3)
+    assert i2.tolist() == [[5, 6, 7], [10, 11, 12]] and m2.tolist() == [[1, 1, 1], [1, 1, 1]]
+    i3, m3 = truncate_prompts_left(ids, mask, 5)
+    assert i3.tolist() == ids.tolist()
+    i4, _ = truncate_prompts_left(ids[:1], mask[:1], 5)  # drops all-padding columns
+    assert i4.tolist() == [[5, 6, 7]]
+    with pytest.raises(ValueError, match="left-padded"):
+        truncate_prompts_left(torch.tensor([[5, 0]]), torch.tensor([[1, 0]]), 2)
+
+
+def test_generate_with_max_length_truncates(tok, models):
+    model, _ = models
+    enc = tok(["abcdefghijklmnopqrstuvwxyz"], return_tensors="pt")
+    out = generate(model, enc.input_ids, enc.attention_mask, params=SamplingParams(max_new_tokens=4),
+                   max_length=10, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert out.prompt_ids.shape[1] == 6
+    assert tok.decode(out.prompt_ids[0]) == "uvwxyz"
+
+
+def test_gradient_checkpointing_still_uses_cache_and_restores_mode(tok):
+    model = tiny_causal_lm(seed=0)
+    model.gradient_checkpointing_enable()
+    model.train()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = generate(model, enc.input_ids, enc.attention_mask, params=SamplingParams(max_new_tokens=5),
+                   eos_token_id=-1, pad_token_id=tok.pad_token_id)
+    assert out.completion_ids.shape == (3, 5)
+    assert calls[0] == enc.input_ids.shape[1] and calls[1:] == [1] * 4  # one new token per forward
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_processors():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.0, 1.0, 2.0]])
+    out = process_logits(x, None, SamplingParams(top_k=2))
+    assert torch.isinf(out[:, :2]).all() and torch.isfinite(out[:, 2:]).all()
+    seen = torch.tensor([[True, False, False, True], [True, False, False, False]])
+    out = process_logits(x, seen, SamplingParams(repetition_penalty=2.0))
+    assert out.tolist() == [[0.5, 2.0, 3.0, 2.0], [-2.0, 0.0, 1.0, 2.0]]
+    out = process_logits(torch.tensor([[0.0, 0.0, 10.0]]), None, SamplingParams(top_p=0.5))
+    assert torch.isinf(out[0, :2]).all() and out[0, 2] == 10.0
+    out = process_logits(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), None, SamplingParams(min_p=0.5))
+    assert torch.isfinite(out[0, :2]).all() and torch.isinf(out[0, 2])
+    assert torch.equal(mix_logits(x, torch.full_like(x, float("-inf")), 0.0), x)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=0)
