@@ -29,7 +29,6 @@ NaN reports a NaN score to the merge).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -37,6 +36,7 @@ import triton
 import triton.language as tl
 
 from nashkern import tuning
+from nashkern.kernels._launch import num_vocab_splits
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Smallest normal float32: ``u`` from ``tl.rand`` lies in ``[0, 1)``; clamping it here keeps
@@ -143,19 +143,8 @@ def _mixture_sample_merge_kernel(
     tl.store(out_ptr + row, tl.where(is_invalid, -1, col.to(tl.int64)))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the CPU interpreter)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _num_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
-    """Vocabulary chunks per row: enough ``(row, chunk)`` programs to fill the device, at most
-    one chunk per tile. Many rows: 1 (no workspace, no merge)."""
-    target_programs = tuning.MIXTURE_SAMPLE.programs_per_sm * _num_sms(device)
-    return max(1, min(n_tiles, target_programs // n_rows))
+    return num_vocab_splits(n_rows, n_tiles, device, tuning.MIXTURE_SAMPLE.programs_per_sm)
 
 
 def mixture_sample(

@@ -42,7 +42,6 @@ which would turn a column masked only in the unused model into ``0 * -inf``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -50,6 +49,7 @@ import triton
 import triton.language as tl
 
 from nashkern import tuning
+from nashkern.kernels._launch import num_vocab_splits
 from nashkern.types import (
     ENTROPY,
     KL,
@@ -461,19 +461,8 @@ def _token_stats_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Host wrappers
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the CPU interpreter)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _num_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
-    """Vocabulary chunks per row: enough ``(row, chunk)`` programs to fill the device, at most
-    one chunk per tile. Many rows: 1 (no workspace, no merge)."""
-    target_programs = tuning.TOKEN_STATS.programs_per_sm * _num_sms(device)
-    return max(1, min(n_tiles, target_programs // n_rows))
+    return num_vocab_splits(n_rows, n_tiles, device, tuning.TOKEN_STATS.programs_per_sm)
 
 
 def _check_logits(x: torch.Tensor, name: str) -> None:

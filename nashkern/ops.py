@@ -112,7 +112,18 @@ def _as_rows(x: Tensor) -> Tensor:
         return x.reshape(-1, lead[-1], V)
 
 
-def _unpack(stats: Tensor, lead: torch.Size, fields) -> TokenStats:
+def _unpack(stats: Tensor, lead: torch.Size, has_targets: bool, has_ref: bool,
+            has_mix: bool) -> TokenStats:
+    """Views of the packed ``[5, N]`` statistics as ``[...]``; fields not computed are None."""
+    fields = {ENTROPY}
+    if has_targets:
+        fields.add(LOGPROBS)
+    if has_ref:
+        fields.add(KL)
+        if has_targets:
+            fields.add(REF_LOGPROBS)
+            if has_mix:
+                fields.add(MIXTURE_LOGPROBS)
     out = [stats[k].view(lead) if k in fields else None for k in range(5)]
     return TokenStats(*out)
 
@@ -143,16 +154,7 @@ def _token_stats(logits, targets, ref_logits, coef, temperature, softcap, ignore
         None if coef is None else float(coef), float(temperature),
         None if softcap is None else float(softcap), int(ignore_index), backend,
     )
-    fields = {ENTROPY}
-    if targets is not None:
-        fields.add(LOGPROBS)
-    if ref_logits is not None:
-        fields.add(KL)
-        if targets is not None:
-            fields.add(REF_LOGPROBS)
-            if coef is not None:
-                fields.add(MIXTURE_LOGPROBS)
-    return _unpack(stats, lead, fields)
+    return _unpack(stats, lead, targets is not None, ref_logits is not None, coef is not None)
 
 
 def token_stats(
@@ -287,16 +289,7 @@ def linear_token_stats(
         float(temperature), None if softcap is None else float(softcap), int(ignore_index),
         backend,
     )
-    fields = {ENTROPY}
-    if targets is not None:
-        fields.add(LOGPROBS)
-    if ref_hidden is not None:
-        fields.add(KL)
-        if targets is not None:
-            fields.add(REF_LOGPROBS)
-            if coef is not None:
-                fields.add(MIXTURE_LOGPROBS)
-    return _unpack(stats, lead, fields)
+    return _unpack(stats, lead, targets is not None, ref_hidden is not None, coef is not None)
 
 
 # ----------------------------------------------------------------------------------------------
