@@ -420,11 +420,11 @@ def fmt_ratio(r: Row) -> str:
         return "-"
     if r.provider == "eager":
         return "1"
-    if r.ratio_is_bound:
-        return f"< {r.mem_ratio:.3f} (> {1 / r.mem_ratio:.1f}x less)"
     if r.mem_ratio > 1:
         return f"{r.mem_ratio:.3f} ({r.mem_ratio:.1f}x more)"
-    return f"{r.mem_ratio:.3f}" + (f" ({1 / r.mem_ratio:.1f}x less)" if r.mem_ratio > 0 else "")
+    bound = ("< ", "> ") if r.ratio_is_bound else ("", "")
+    less = f" ({bound[1]}{1 / r.mem_ratio:.1f}x less)" if r.mem_ratio > 0 else ""
+    return f"{bound[0]}{r.mem_ratio:.3f}{less}"
 
 
 def fmt_status(r: Row) -> str:
