@@ -105,3 +105,20 @@ def compare(run: Callable[..., TokenStats], naive: Callable[..., TokenStats],
                     continue
             assert_close(f"d/d{k}", g, gr, g32, out_dtype=inputs[k].dtype)
     return ours
+
+
+def logit_inputs(lead, V, dtype, device, ref=True, targets=True, ignore=True, scale=3.0):
+    """Random logits ``[*lead, V]`` (and reference logits, and targets with one ignored
+    position) in ``dtype``: the input dict of ``ops.token_stats``."""
+    z = (torch.randn(*lead, V, dtype=torch.float64) * scale).to(dtype).to(device)
+    out = {"logits": z}
+    if ref:
+        out["ref_logits"] = (torch.randn(*lead, V, dtype=torch.float64) * scale).to(dtype).to(device)
+    if targets:
+        t = torch.randint(0, V, lead)
+        if ignore and t.numel() > 1:
+            t.view(-1)[1] = -100
+        out["targets"] = t.to(device)
+    else:
+        out["targets"] = None
+    return out

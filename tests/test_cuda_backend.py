@@ -28,7 +28,7 @@ from nashkern.backends import cuda_impl
 from nashkern.memory import AllocationRecorder
 from nashkern.reference import naive_mixture_logits, naive_token_stats
 
-from oracle import assert_close, compare
+from oracle import assert_close, compare, logit_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "csrc"))
@@ -80,26 +80,6 @@ def plan(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def _logit_inputs(lead, V, dtype, device, ref=True, targets=True, ignore=True, scale=3.0):
-    z = (torch.randn(*lead, V, dtype=torch.float64) * scale).to(dtype).to(device)
-    out = {"logits": z}
-    if ref:
-        out["ref_logits"] = (torch.randn(*lead, V, dtype=torch.float64) * scale).to(dtype).to(device)
-    if targets:
-        t = torch.randint(0, V, lead)
-        if ignore and t.numel() > 1:
-            t.view(-1)[1] = -100
-        out["targets"] = t.to(device)
-    else:
-        out["targets"] = None
-    return out
-
-
 def _run(**kw):
     return ops.token_stats(backend="cuda", **kw)
 
@@ -122,7 +102,7 @@ CASES = [
 
 @pytest.mark.parametrize("lead,V,dtype,kw", CASES)
 def test_token_stats_matches_reference(device, plan, lead, V, dtype, kw):
-    inputs = _logit_inputs(lead, V, dtype, device)
+    inputs = logit_inputs(lead, V, dtype, device)
     inputs.update(kw)
     compare(_run, naive_token_stats, inputs, ["logits", "ref_logits"])
 
@@ -130,7 +110,7 @@ def test_token_stats_matches_reference(device, plan, lead, V, dtype, kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_token_stats_large_vocab(device, dtype):
     """Qwen2's 151936-entry vocabulary (few rows: the forward splits them across blocks)."""
-    inputs = _logit_inputs((2,), 151936, dtype, device, ignore=False)
+    inputs = logit_inputs((2,), 151936, dtype, device, ignore=False)
     inputs.update(coef=0.3)
     compare(_run, naive_token_stats, inputs, ["logits", "ref_logits"])
 
@@ -180,7 +160,7 @@ def _compare_views(full_z, full_r, take_z, take_r, targets, seed=0, **kw):
 def test_strided_views_without_copy(device, plan, V, ref_shift):
     """[B, T, V][:, :-1]: rows start at odd offsets when V is odd (scalar prologue). With the
     reference shifted by one row its misalignment differs from the policy's (the scalar path)."""
-    full = _logit_inputs((3, 6), V, torch.bfloat16, device)
+    full = logit_inputs((3, 6), V, torch.bfloat16, device)
     stats = _compare_views(full["logits"], full["ref_logits"], lambda x: x[:, :-1],
                            lambda x: x[:, ref_shift:ref_shift + 5], full["targets"][:, 1:],
                            coef=0.25, softcap=20.0)
@@ -189,7 +169,7 @@ def test_strided_views_without_copy(device, plan, V, ref_shift):
 
 def test_mixed_dtypes(device):
     """Policy and reference in different dtypes (and V not a multiple of either vector)."""
-    inputs = _logit_inputs((4,), 1027, torch.bfloat16, device)
+    inputs = logit_inputs((4,), 1027, torch.bfloat16, device)
     inputs["ref_logits"] = inputs["ref_logits"].float()
     inputs["coef"] = 0.6
     compare(_run, naive_token_stats, inputs, ["logits", "ref_logits"])
@@ -197,7 +177,7 @@ def test_mixed_dtypes(device):
 
 @pytest.mark.parametrize("ref,targets", [(False, True), (True, False), (False, False)])
 def test_optional_fields(device, ref, targets):
-    inputs = _logit_inputs((4,), 129, torch.float32, device, ref=ref, targets=targets)
+    inputs = logit_inputs((4,), 129, torch.float32, device, ref=ref, targets=targets)
     stats = compare(_run, naive_token_stats, inputs, ["logits"] + (["ref_logits"] if ref else []))
     assert (stats.logprobs is None) == (not targets)
     assert (stats.kl is None) == (not ref)
@@ -207,7 +187,7 @@ def test_optional_fields(device, ref, targets):
 def test_mixture_end_points_are_exact(device, plan, coef):
     """coef = 0 is the policy and coef = 1 the reference, bit for bit, even with -inf entries
     in the model that is weighted 0."""
-    inp = _logit_inputs((6,), 97, torch.float32, device, ignore=False)
+    inp = logit_inputs((6,), 97, torch.float32, device, ignore=False)
     z, r, t = inp["logits"], inp["ref_logits"], inp["targets"]
     (r if coef == 0 else z)[:, 3] = float("-inf")
     s = ops.token_stats(z, t, r, coef=coef, backend="cuda")
@@ -217,7 +197,7 @@ def test_mixture_end_points_are_exact(device, plan, coef):
 
 def test_inf_entries(device, plan):
     """Masked (-inf) entries in both models, whole masked prefixes, and a softcap."""
-    inp = _logit_inputs((5,), 300, torch.float32, device, ignore=False)
+    inp = logit_inputs((5,), 300, torch.float32, device, ignore=False)
     for k in ("logits", "ref_logits"):
         inp[k][:, 250:] = float("-inf")
         inp[k][2, :100] = float("-inf")
@@ -231,7 +211,7 @@ def test_inf_entries(device, plan):
 
 
 def test_nan_row_stays_in_its_row(device, plan):
-    inp = _logit_inputs((4,), 77, torch.float32, device, ignore=False)
+    inp = logit_inputs((4,), 77, torch.float32, device, ignore=False)
     z = inp["logits"].clone().requires_grad_()
     z.data[1, 5] = float("nan")
     s = ops.token_stats(z, inp["targets"], inp["ref_logits"], coef=0.5, backend="cuda")
@@ -247,7 +227,7 @@ def test_nan_row_stays_in_its_row(device, plan):
 
 
 def test_infinite_kl_does_not_poison_logprob_gradient(device):
-    inp = _logit_inputs((3,), 50, torch.float32, device, ignore=False)
+    inp = logit_inputs((3,), 50, torch.float32, device, ignore=False)
     z = inp["logits"].clone().requires_grad_()
     r = inp["ref_logits"].clone()
     r[:, 0] = float("-inf")
@@ -260,7 +240,7 @@ def test_infinite_kl_does_not_poison_logprob_gradient(device):
 
 
 def test_ignored_rows_are_zero_with_zero_gradient(device, plan):
-    inp = _logit_inputs((6,), 64, torch.float32, device, ignore=False)
+    inp = logit_inputs((6,), 64, torch.float32, device, ignore=False)
     t = inp["targets"].clone()
     t[[0, 4]] = -7
     z = inp["logits"].clone().requires_grad_()
@@ -275,7 +255,7 @@ def test_ignored_rows_are_zero_with_zero_gradient(device, plan):
 
 def test_matches_torch_backend_closely(device):
     """Same inputs through backend='torch' (fp32 streaming): statistics agree to fp32 rounding."""
-    inp = _logit_inputs((4, 8), 3001, torch.bfloat16, device)
+    inp = logit_inputs((4, 8), 3001, torch.bfloat16, device)
     kw = dict(coef=0.4, temperature=0.8, softcap=20.0)
     ours = ops.token_stats(inp["logits"], inp["targets"], inp["ref_logits"], backend="cuda", **kw)
     theirs = ops.token_stats(inp["logits"], inp["targets"], inp["ref_logits"], backend="torch",
@@ -287,7 +267,7 @@ def test_matches_torch_backend_closely(device):
 def test_only_gradients_are_vocabulary_sized(device):
     """Forward: nothing near N x V is allocated; backward: exactly the requested gradients."""
     N, V = 64, 4099
-    inp = _logit_inputs((N,), V, torch.bfloat16, device)
+    inp = logit_inputs((N,), V, torch.bfloat16, device)
     z = inp["logits"].requires_grad_()
     with AllocationRecorder() as rec:
         s = ops.token_stats(z, inp["targets"], inp["ref_logits"], coef=0.5, backend="cuda")

@@ -12,7 +12,7 @@ from nashkern.reference import naive_linear_token_stats, naive_token_stats
 from nashkern.backends import torch_impl
 from nashkern.tuning import TorchChunking
 
-from oracle import assert_close, compare
+from oracle import assert_close, compare, logit_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -21,21 +21,6 @@ def small_torch_tiles(monkeypatch):
     tiles and blocks is exercised by these small shapes."""
     monkeypatch.setattr(torch_impl, "TORCH", TorchChunking(
         logits_tile_elements=1024, linear_rows=4, linear_vocab_tile=64))
-
-
-def _logit_inputs(lead, V, dtype, device, ref=True, targets=True, ignore=True, scale=3.0):
-    z = (torch.randn(*lead, V, dtype=torch.float64) * scale).to(dtype).to(device)
-    out = {"logits": z}
-    if ref:
-        out["ref_logits"] = (torch.randn(*lead, V, dtype=torch.float64) * scale).to(dtype).to(device)
-    if targets:
-        t = torch.randint(0, V, lead)
-        if ignore and t.numel() > 1:
-            t.view(-1)[1] = -100
-        out["targets"] = t.to(device)
-    else:
-        out["targets"] = None
-    return out
 
 
 def _run_token_stats(backend, **kw):
@@ -55,21 +40,21 @@ LOGIT_CASES = [
 
 @pytest.mark.parametrize("lead,V,dtype,kw", LOGIT_CASES)
 def test_token_stats_matches_reference(backend, device, lead, V, dtype, kw):
-    inputs = _logit_inputs(lead, V, dtype, device)
+    inputs = logit_inputs(lead, V, dtype, device)
     inputs.update(kw)
     compare(partial(_run_token_stats, backend), naive_token_stats, inputs, ["logits", "ref_logits"])
 
 
 def test_token_stats_large_vocab(device):
     """Qwen2's 151936-entry vocabulary (torch backend; the Triton path is covered on GPU)."""
-    inputs = _logit_inputs((2,), 151936, torch.bfloat16, device, ignore=False)
+    inputs = logit_inputs((2,), 151936, torch.bfloat16, device, ignore=False)
     inputs.update(coef=0.5)
     compare(partial(_run_token_stats, "torch"), naive_token_stats, inputs, ["logits", "ref_logits"])
 
 
 @pytest.mark.parametrize("ref,targets", [(False, True), (True, False), (False, False)])
 def test_token_stats_optional_fields(backend, device, ref, targets):
-    inputs = _logit_inputs((4,), 129, torch.float32, device, ref=ref, targets=targets)
+    inputs = logit_inputs((4,), 129, torch.float32, device, ref=ref, targets=targets)
     stats = compare(partial(_run_token_stats, backend), naive_token_stats, inputs,
                     ["logits"] + (["ref_logits"] if ref else []))
     assert (stats.logprobs is None) == (not targets)
@@ -79,7 +64,7 @@ def test_token_stats_optional_fields(backend, device, ref, targets):
 
 def test_strided_leading_dims_without_copy(backend, device, monkeypatch):
     """``logits[:, :-1]`` (the usual shift) works on the strided view."""
-    full = _logit_inputs((3, 6), 131, torch.bfloat16, device)
+    full = logit_inputs((3, 6), 131, torch.bfloat16, device)
     inputs = {"logits": full["logits"][:, :-1], "ref_logits": full["ref_logits"][:, 1:],
               "targets": full["targets"][:, 1:], "coef": 0.25}
     assert not inputs["logits"].is_contiguous()
@@ -99,7 +84,7 @@ def test_strided_leading_dims_without_copy(backend, device, monkeypatch):
 
 
 def test_single_field_ops(backend, device):
-    inp = _logit_inputs((2, 3), 211, torch.float32, device)
+    inp = logit_inputs((2, 3), 211, torch.float32, device)
     z, r, t = inp["logits"], inp["ref_logits"], inp["targets"]
     ref = naive_token_stats(z.double(), t, r.double(), coef=0.4, temperature=0.9, softcap=4.0)
     t32 = naive_token_stats(z, t, r, coef=0.4, temperature=0.9, softcap=4.0)
@@ -118,7 +103,7 @@ def test_single_field_ops(backend, device):
 def test_mixture_end_points(backend, device, coef):
     """coef = 0 is the policy and coef = 1 the reference, bit for bit, even with -inf entries
     in the model that is weighted 0."""
-    inp = _logit_inputs((6,), 97, torch.float32, device, ignore=False)
+    inp = logit_inputs((6,), 97, torch.float32, device, ignore=False)
     z, r, t = inp["logits"], inp["ref_logits"], inp["targets"]
     masked = r if coef == 0 else z
     masked[:, 3] = float("-inf")
@@ -129,7 +114,7 @@ def test_mixture_end_points(backend, device, coef):
 
 def test_inf_entries_exact_for_the_rest(backend, device):
     """Masked (-inf) vocabulary entries, in both models at the same columns, and a softcap."""
-    inp = _logit_inputs((5,), 300, torch.float32, device, ignore=False)
+    inp = logit_inputs((5,), 300, torch.float32, device, ignore=False)
     for k in ("logits", "ref_logits"):
         inp[k][:, 250:] = float("-inf")
         inp[k][2, :100] = float("-inf")
@@ -148,7 +133,7 @@ def test_inf_entries_exact_for_the_rest(backend, device):
 
 
 def test_nan_row_stays_in_its_row(backend, device):
-    inp = _logit_inputs((4,), 77, torch.float32, device, ignore=False)
+    inp = logit_inputs((4,), 77, torch.float32, device, ignore=False)
     z = inp["logits"].clone().requires_grad_()
     z.data[1, 5] = float("nan")
     s = ops.token_stats(z, inp["targets"], inp["ref_logits"], coef=0.5, backend=backend)
@@ -166,7 +151,7 @@ def test_nan_row_stays_in_its_row(backend, device):
 def test_infinite_kl_does_not_poison_logprob_gradient(backend, device):
     """KL = inf when the reference masks a token the policy allows; the gradient of the
     log-probs alone must stay finite and exact."""
-    inp = _logit_inputs((3,), 50, torch.float32, device, ignore=False)
+    inp = logit_inputs((3,), 50, torch.float32, device, ignore=False)
     z = inp["logits"].clone().requires_grad_()
     r = inp["ref_logits"].clone()
     r[:, 0] = float("-inf")
@@ -179,7 +164,7 @@ def test_infinite_kl_does_not_poison_logprob_gradient(backend, device):
 
 
 def test_ignored_rows_are_zero_with_zero_gradient(backend, device):
-    inp = _logit_inputs((6,), 64, torch.float32, device, ignore=False)
+    inp = logit_inputs((6,), 64, torch.float32, device, ignore=False)
     t = inp["targets"].clone()
     t[[0, 4]] = -7
     z = inp["logits"].clone().requires_grad_()
@@ -193,14 +178,14 @@ def test_ignored_rows_are_zero_with_zero_gradient(backend, device):
 
 def test_empty_and_single_row(backend, device):
     for lead in [(0,), (2, 0), ()]:
-        inp = _logit_inputs(lead, 33, torch.float32, device, ignore=False)
+        inp = logit_inputs(lead, 33, torch.float32, device, ignore=False)
         z = inp["logits"].clone().requires_grad_()
         s = ops.token_stats(z, inp["targets"], inp["ref_logits"], coef=0.5, backend=backend)
         assert s.logprobs.shape == lead and s.kl.shape == lead
         sum(v.sum() for v in s).backward()
         assert z.grad.shape == z.shape
     compare(partial(_run_token_stats, backend), naive_token_stats,
-            _logit_inputs((1,), 33, torch.float32, device), ["logits", "ref_logits"])
+            logit_inputs((1,), 33, torch.float32, device), ["logits", "ref_logits"])
 
 
 # ----------------------------------------------------------------------------------------------
