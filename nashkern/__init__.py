@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 __all__ = ["ops", "reference", "TokenStats", "__version__"]
 
 _LAZY = {"NashMDConfig": "nash_md", "NashMDTrainer": "nash_md",
-         "LogCompletionsCallback": "nash_md"}
+         "LogCompletionsCallback": "callbacks"}
 
 
 def __getattr__(name):

@@ -19,12 +19,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback,
+                          AutoTokenizer, PreTrainedTokenizerBase, Trainer,
                           TrainingArguments)
 
+from .callbacks import LogCompletionsCallback  # noqa: F401  (re-exported)
 from .generation import SamplingParams, generate
 from .judges import BasePairwiseJudge, judge_probabilities
 from .logprobs import completion_stats
@@ -262,10 +264,17 @@ class NashMDTrainer(Trainer):
         return unwrapped, unwrapped.disable_adapter  # PEFT base, adapters disabled
 
     def _gen(self, device) -> torch.Generator:
-        if self._generator is None:
+        """The sampling generator, re-seeded from (seed, process, optimizer step, micro-batch)
+        at every call: samples depend only on where training is, so a run resumed from a
+        checkpoint draws exactly what the uninterrupted run drew, and ranks draw differently."""
+        step = int(self.state.global_step)
+        self._micro = self._micro + 1 if getattr(self, "_micro_step", None) == step else 0
+        self._micro_step = step
+        if self._generator is None or self._generator.device != torch.device(device):
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.args.seed + 1000 * self.args.process_index
-                                        + int(self.state.global_step))
+        key = [self.args.seed, self.args.process_index, step, self._micro]
+        self._generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
+                                        >> np.uint64(1)))
         return self._generator
 
     def _decode(self, ids, mask) -> List[str]:
@@ -386,27 +395,3 @@ class NashMDTrainer(Trainer):
                 logs[k] = sum(v) / len(v)
             self.stats.clear()
         return super().log(logs, start_time)
-
-
-class LogCompletionsCallback(TrainerCallback):
-    """Appends the last step's prompts, policy and mixture completions and their scores to
-    ``<output_dir>/completions.jsonl`` at every logging step."""
-
-    def __init__(self, trainer: NashMDTrainer, num_prompts: Optional[int] = None,
-                 path: Optional[str] = None):
-        self.trainer, self.num_prompts = trainer, num_prompts
-        self.path = path or os.path.join(trainer.args.output_dir, "completions.jsonl")
-        self._written_step = None
-
-    def on_log(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or not self.trainer.last_samples:
-            return
-        step = self.trainer.last_samples[0]["step"]
-        if step == self._written_step:  # e.g. the end-of-training log
-            return
-        self._written_step = step
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        rows = self.trainer.last_samples[: self.num_prompts]
-        with open(self.path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
