@@ -7,13 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo bench bench-gpu gpu-check clean
+.PHONY: install test demo bench bench-gpu gpu-check clean bench-trl
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q numpy "triton>=3.0" pytest pytest-benchmark pytest-xdist "transformers>=4.56" "accelerate>=1.0" "datasets>=3.0" peft matplotlib
+	$(PY) -m pip install -q numpy "triton>=3.0" pytest pytest-benchmark pytest-xdist "transformers>=4.56" "accelerate>=1.0" "datasets>=3.0" peft matplotlib tensorboard
 	NASHKERN_SKIP_CUDA_BUILD=$${NASHKERN_SKIP_CUDA_BUILD:-1} $(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -45,3 +45,15 @@ clean:
 .PHONY: cuda
 cuda:
 	$(PYTHON) csrc/build_cuda.py --output nashkern/_nashkern_cuda.so
+
+# Trainers side by side with TRL 1.13 (NashMDTrainer / XPOTrainer, trl.experimental), on the CPU:
+# TRL lives in its own virtualenv $(TRL_VENV) (benchmarks/trl/setup_venv.sh); each trainer runs in
+# a fresh subprocess under its own venv. METHOD=nash_md (issue 3) or METHOD=xpo (issue 6).
+TRL_VENV ?= .venv-trl
+METHOD ?= nash_md
+$(TRL_VENV)/.installed: benchmarks/trl/setup_venv.sh
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" benchmarks/trl/setup_venv.sh $(TRL_VENV)
+
+bench-trl: install $(TRL_VENV)/.installed
+	$(PY) benchmarks/bench_trainers.py --compare --method $(METHOD) --nashkern-python $(PY) \
+		--trl-python $(TRL_VENV)/bin/python --csv benchmarks/results/trainers_cpu.csv

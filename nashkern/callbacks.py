@@ -33,17 +33,18 @@ class LogCompletionsCallback(TrainerCallback):
     def __init__(self, trainer, num_prompts: Optional[int] = None, path: Optional[str] = None):
         self.trainer, self.num_prompts = trainer, num_prompts
         self.path = path or os.path.join(trainer.args.output_dir, "completions.jsonl")
-        self._written_step = None
+        self._written = None
         self._history: List[Dict[str, Any]] = []  # wandb tables are logged whole each time
 
     def on_log(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.trainer.last_samples:
             return
-        step = self.trainer.last_samples[0]["step"]
-        if step == self._written_step:  # e.g. the end-of-training log
+        samples = self.trainer.last_samples
+        if samples is self._written:  # e.g. the end-of-training log: nothing new
             return
-        self._written_step = step
-        rows = self.trainer.last_samples[: self.num_prompts]
+        self._written = samples
+        # stamped with the optimizer step they are logged at, like the metrics beside them
+        rows = [{**r, "step": state.global_step} for r in samples[: self.num_prompts]]
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a") as f:
             for r in rows:

@@ -1,0 +1,55 @@
+"""`nashkern train` options beyond the basic run (tests/test_nash_md_trainer.py has that)."""
+import json
+
+from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
+
+
+def _paths(tmp_path):
+    model = tmp_path / "model"
+    tiny_causal_lm().save_pretrained(model)
+    make_tokenizer().save_pretrained(model)
+    rm = tmp_path / "rm"
+    tiny_reward_model(seed=3).save_pretrained(rm)
+    make_tokenizer().save_pretrained(rm)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["ab", "hello", "x y", "q"]))
+    return model, rm, data
+
+
+def test_train_cli_use_peft_saves_only_adapters_and_keeps_the_base(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nashkern.cli import main
+
+    model, rm, data = _paths(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["train", "--model_name_or_path", str(model), "--reward_model_path", str(rm),
+               "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2",
+               "--per_device_train_batch_size", "2", "--max_new_tokens", "4",
+               "--learning_rate", "1e-2", "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+               "--report_to", "none", "--use_cpu", "--save_strategy", "no"])
+    assert rc == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["peft_type"] == "LORA"
+    assert not (out / "model.safetensors").exists()  # adapters only, not a full copy
+    base = AutoModelForCausalLM.from_pretrained(model)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), out)
+    lora = {k: v for k, v in tuned.state_dict().items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # B starts at 0: it trained
+    merged = tuned.merge_and_unload().state_dict()
+    assert any(not (merged[k] == v).all() for k, v in base.state_dict().items() if k in merged)
+
+
+def test_train_cli_random_judge_and_bad_judge(tmp_path):
+    import pytest
+
+    from nashkern.cli import main
+
+    model, _, data = _paths(tmp_path)
+    common = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
+              "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_new_tokens", "3",
+              "--report_to", "none", "--use_cpu", "--save_strategy", "no"]
+    assert main(common + ["--judge", "random", "--output_dir", str(tmp_path / "o1")]) == 0
+    with pytest.raises(ValueError, match="--judge must be one of"):
+        main(common + ["--judge", "nope", "--output_dir", str(tmp_path / "o2")])
