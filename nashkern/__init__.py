@@ -1,4 +1,5 @@
-"""nashkern: streaming vocabulary kernels for online preference optimisation (Nash-MD, XPO).
+"""nashkern: streaming vocabulary kernels for online preference optimisation (Nash-MD, XPO,
+Online DPO).
 
 ``from nashkern import ops`` gives the fused ops (log-probs, entropy, KL, geometric-mixture
 log-probs and sampling) over logits or straight from hidden states and the lm_head weight.
@@ -10,12 +11,15 @@ __version__ = "0.1.0"
 __all__ = ["ops", "reference", "TokenStats", "__version__"]
 
 _LAZY = {"NashMDConfig": "nash_md", "NashMDTrainer": "nash_md",
+         "XPOConfig": "xpo", "XPOTrainer": "xpo",
+         "OnlineDPOConfig": "online_dpo", "OnlineDPOTrainer": "online_dpo",
+         "OnlinePreferenceConfig": "online", "OnlinePreferenceTrainer": "online",
          "LogCompletionsCallback": "callbacks"}
 
 
 def __getattr__(name):
-    """``nashkern.NashMDConfig`` / ``NashMDTrainer``, imported on first use so that
-    ``import nashkern`` does not import transformers."""
+    """``nashkern.NashMDTrainer`` / ``XPOTrainer`` / ``OnlineDPOTrainer`` and their configs,
+    imported on first use so that ``import nashkern`` does not import transformers."""
     if name in _LAZY:
         import importlib
 

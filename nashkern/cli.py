@@ -92,8 +92,9 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output-dir", default="nashkern_demo")
     t.set_defaults(func=_train_demo)
-    sub.add_parser("train", help="Nash-MD training (the original example script's arguments; "
-                                 "`nashkern train --help`)", add_help=False)
+    sub.add_parser("train", help="Nash-MD / XPO / Online DPO training (`--method nash_md|xpo|"
+                                 "online_dpo`; the original example scripts' arguments; "
+                                 "`nashkern train --method xpo --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         from .train import main as train_main

@@ -4,7 +4,8 @@ Per token the mixture samples from ``π_mix ∝ π^(1−c)·μ^c`` (``c`` = ``co
 weight): the policy and the reference each keep their own KV cache and each runs one forward per
 new token over that token only; the next token comes from :func:`nashkern.ops.mixture_sample`
 on the two models' last-position logits. ``coef=0`` (or no reference) is plain policy sampling
-through the same path, without running the reference at all.
+through the same path, without running the reference at all; ``coef=1`` is plain reference
+sampling (XPO's ỹ ~ μ), without running the policy.
 
 Logits processors (repetition penalty, temperature, top-k, top-p, min-p) act on the **mixture**
 logits ``(1−c)·z + c·z_ref``, in the order of ``transformers``' ``generate`` (penalty, then
@@ -176,13 +177,23 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
              max_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
              ref_context: Optional[Callable[[], ContextManager]] = None) -> GenerationOutput:
     """Sample completions of left-padded prompts from the policy (``ref_model`` None or
-    ``coef == 0``) or from the geometric mixture of ``model`` and ``ref_model``.
+    ``coef == 0``), from the geometric mixture of ``model`` and ``ref_model``, or from the
+    reference alone (``coef == 1``: ``model`` is then not run at all).
 
     ``ref_context``: a context-manager factory entered around every reference forward (e.g.
     ``model.disable_adapter`` when the reference is the PEFT base, then ``ref_model is model``).
     """
     if not 0 <= coef <= 1:
         raise ValueError(f"coef (mixture_coef) must be in [0, 1], got {coef}")
+    if ref_model is not None and coef == 1:
+        # The mixture is the reference alone: sample from it without running the policy (the
+        # same tokens as the two-model path at coef = 1, at half the forwards). With a PEFT
+        # base as the reference (``ref_model is model``), ``ref_context`` (adapters disabled)
+        # is held over the whole generation.
+        with (ref_context or contextlib.nullcontext)():
+            return generate(ref_model, input_ids, attention_mask, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, params=params, max_length=max_length,
+                            generator=generator)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if max_length is not None:

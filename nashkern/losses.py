@@ -1,4 +1,7 @@
-"""Nash-MD loss as a plain function (usable in any training loop).
+"""The trainers' losses as plain functions (usable in any training loop): :func:`nash_md_loss`,
+:func:`dpo_loss` (Online DPO) and :func:`xpo_loss` (XPO).
+
+Nash-MD:
 
 With per-token log-probs ``logπ`` (with grad) and ``logμ`` (reference, no grad) of the *policy's*
 completions, and ``P`` the probability that the policy completion beats the mixture completion:
@@ -10,12 +13,24 @@ completions, and ``P`` the probability that the policy completion beats the mixt
 Padding positions (``mask == 0``) contribute nothing. ``token_kl`` (per-token exact KL(π‖μ) over the
 vocabulary, differentiable, e.g. ``TokenStats.kl``) replaces the surrogate when given
 (``kl_estimator="full"``): ``kl = Σ_t token_kl_t``.
+
+DPO / XPO, on per-sequence sums of completion log-probs (policy ``π``, reference ``μ``; the
+reference terms are treated as constants):
+
+    h        = (log π(y_c) − log π(y_r)) − (log μ(y_c) − log μ(y_r))
+    sigmoid:   dpo = −log σ(β·h)
+    ipo:       dpo = (h − 1/(2β))²          (on the sums, not length-normalised, as the original
+                                             Online DPO / XPO trainers)
+    xpo      = α · log π(ỹ)                 (ỹ ~ μ, the reference's completion: the exploration
+                                             term, minimised, pushes π away from μ's samples)
+    loss     = mean_batch(dpo [+ xpo])
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -56,3 +71,68 @@ def nash_md_loss(logprobs: Tensor, ref_logprobs: Tensor, probability: Union[Tens
         kl = ((lp - ref).detach() * lp).sum(1)
     loss = (beta * kl - score).mean()
     return loss, score, kl
+
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def _check_pair_inputs(named, beta: float, loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if loss_type == "ipo" and beta == 0:
+        raise ValueError("the ipo loss needs beta > 0 (its target is 1/(2·beta))")
+    (name0, first), *rest = named
+    if not isinstance(first, Tensor) or first.dim() != 1:
+        raise ValueError(f"{name0} must be a 1-D tensor [B] of per-sequence log-prob sums, got "
+                         f"{tuple(first.shape) if isinstance(first, Tensor) else type(first)}")
+    for name, t in rest:
+        if not isinstance(t, Tensor) or t.shape != first.shape:
+            raise ValueError(f"{name} must have the shape of {name0} {tuple(first.shape)}, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+
+
+def _dpo_losses(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float,
+                loss_type: str) -> Tensor:
+    logits = (pc - pr) - (rc.detach() - rr.detach()).to(pc.dtype)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * logits)
+    return (logits - 1 / (2 * beta)) ** 2
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, *, beta: float,
+             loss_type: str = "sigmoid") -> Tuple[Tensor, Tensor]:
+    """The DPO loss of Online DPO: ``(loss, losses)``, ``losses`` per pair ``[B]``, ``loss`` their
+    mean. Inputs: per-sequence sums of completion log-probs ``[B]`` under the policy (with grad)
+    and the reference (constants). ``loss_type``: ``"sigmoid"`` (DPO) or ``"ipo"``."""
+    _check_pair_inputs((("policy_chosen_logps", policy_chosen_logps),
+                        ("policy_rejected_logps", policy_rejected_logps),
+                        ("ref_chosen_logps", ref_chosen_logps),
+                        ("ref_rejected_logps", ref_rejected_logps)), beta, loss_type)
+    losses = _dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                         ref_rejected_logps, beta, loss_type)
+    return losses.mean(), losses
+
+
+def xpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+             policy_ref_sample_logps: Tensor, *, beta: float, alpha: float,
+             loss_type: str = "sigmoid") -> Tuple[Tensor, Tensor, Tensor]:
+    """The XPO loss: ``(loss, dpo_losses, xpo_losses)`` with ``xpo_losses = alpha ·
+    policy_ref_sample_logps`` and ``loss = mean(dpo_losses + xpo_losses)``.
+
+    ``policy_ref_sample_logps`` ``[B]``: Σ log π(ỹ) of the reference's completion ỹ (one of the
+    chosen / rejected pair, so no extra forward is needed). ``alpha`` ≥ 0."""
+    _check_pair_inputs((("policy_chosen_logps", policy_chosen_logps),
+                        ("policy_rejected_logps", policy_rejected_logps),
+                        ("ref_chosen_logps", ref_chosen_logps),
+                        ("ref_rejected_logps", ref_rejected_logps),
+                        ("policy_ref_sample_logps", policy_ref_sample_logps)), beta, loss_type)
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    dpo_losses = _dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                             ref_rejected_logps, beta, loss_type)
+    xpo_losses = alpha * policy_ref_sample_logps
+    return (dpo_losses + xpo_losses).mean(), dpo_losses, xpo_losses

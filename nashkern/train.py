@@ -1,5 +1,7 @@
-"""``nashkern train``: the original ``examples/scripts/nash_md.py`` on nashkern's trainer
-(``HfArgumentParser`` over :class:`ScriptArguments` and :class:`NashMDConfig`). Runs under
+"""``nashkern train``: the original example scripts (``examples/scripts/nash_md.py``,
+``xpo.py``, ``online_dpo.py``) on nashkern's trainers. ``--method nash_md|xpo|online_dpo``
+(default ``nash_md``) picks the trainer and its config; the rest is parsed by
+``HfArgumentParser`` over :class:`ScriptArguments` and that config. Runs under
 ``accelerate launch`` as well as plain ``python -m nashkern train``."""
 from __future__ import annotations
 
@@ -35,14 +37,40 @@ def load_prompts(name: str, config: Optional[str], split: str):
     return load_dataset(name, config, split=split)
 
 
+METHODS = {"nash_md": ("nash_md", "NashMDConfig", "NashMDTrainer"),
+           "xpo": ("xpo", "XPOConfig", "XPOTrainer"),
+           "online_dpo": ("online_dpo", "OnlineDPOConfig", "OnlineDPOTrainer")}
+
+
+def split_method(argv) -> tuple:
+    """``(method, remaining argv)``: ``--method X`` / ``--method=X`` taken out (default
+    ``nash_md``)."""
+    import argparse
+
+    pre = argparse.ArgumentParser(prog="nashkern train", add_help=False)
+    pre.add_argument("--method", default="nash_md", choices=sorted(METHODS))
+    known, rest = pre.parse_known_args(argv)
+    return known.method, rest
+
+
 def main(argv=None) -> int:
+    import importlib
+    import sys
+
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer, HfArgumentParser)
 
+    from .callbacks import LogCompletionsCallback
     from .judges import PairRMJudge, RandomPairwiseJudge
-    from .nash_md import LogCompletionsCallback, NashMDConfig, NashMDTrainer
 
-    parser = HfArgumentParser((ScriptArguments, NashMDConfig))
+    method, argv = split_method(sys.argv[1:] if argv is None else list(argv))
+    module, config_name, trainer_name = METHODS[method]
+    module = importlib.import_module(f".{module}", __package__)
+    Config, Trainer = getattr(module, config_name), getattr(module, trainer_name)
+    parser = HfArgumentParser(
+        (ScriptArguments, Config), prog=f"nashkern train --method {method}",
+        description=f"--method {{{','.join(METHODS)}}} (default nash_md) picks the trainer; "
+                    f"the arguments below are those of {config_name}.")
     script, args = parser.parse_args_into_dataclasses(args=argv)
     kw = dict(args.model_init_kwargs or {}, trust_remote_code=script.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, **kw)
@@ -68,9 +96,9 @@ def main(argv=None) -> int:
                                  target_modules=script.lora_target_modules or "all-linear",
                                  task_type="CAUSAL_LM")
     train = load_prompts(script.dataset_name, script.dataset_config, script.dataset_train_split)
-    trainer = NashMDTrainer(model=model, ref_model=ref, reward_model=reward_model, judge=judge,
-                            args=args, train_dataset=train, processing_class=tok,
-                            peft_config=peft_config, reward_processing_class=reward_tok)
+    trainer = Trainer(model=model, ref_model=ref, reward_model=reward_model, judge=judge,
+                      args=args, train_dataset=train, processing_class=tok,
+                      peft_config=peft_config, reward_processing_class=reward_tok)
     trainer.add_callback(LogCompletionsCallback(trainer, num_prompts=8))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)

@@ -328,3 +328,22 @@ def test_mixture_sample_invalid_rows(backend, device):
     z[2, 7] = float("nan")
     out = ops.mixture_sample(z, r, coef=0.5, backend=backend)
     assert out[0] == -1 and out[2] == -1 and 0 <= out[1] < 20
+
+
+# Gradients through a subset of the fields: backends skip the terms of fields whose upstream
+# gradient is zero everywhere, so every subset must still give the exact gradient.
+GRAD_SUBSETS = [("logprobs",), ("entropy",), ("kl",), ("ref_logprobs",), ("mixture_logprobs",),
+                ("logprobs", "kl"), ("entropy", "mixture_logprobs")]
+
+
+@pytest.mark.parametrize("fields", GRAD_SUBSETS, ids="+".join)
+def test_gradient_through_field_subsets(backend, device, fields):
+    inputs = logit_inputs((6,), 263, torch.float32, device)
+    inputs.update(coef=0.35, temperature=0.8, softcap=5.0)
+    compare(partial(_run_token_stats, backend), naive_token_stats, inputs,
+            ["logits", "ref_logits"], grad_fields=fields)
+    lin = _linear_inputs(5, 24, 263, torch.float32, device)
+    lin.update(coef=0.35, temperature=0.8)
+    compare(partial(_run_linear, backend), naive_linear_token_stats, lin,
+            ["hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias"],
+            grad_fields=fields)

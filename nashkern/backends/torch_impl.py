@@ -159,40 +159,75 @@ def _tile_grads(
     z: torch.Tensor, r: Optional[torch.Tensor], v0: int, targets: Optional[torch.Tensor],
     grad: torch.Tensor, stats: torch.Tensor, lse: torch.Tensor, coef: Optional[float],
     temperature: float, softcap: Optional[float], need_policy: bool, need_ref: bool,
+    active: Sequence[bool],
 ) -> Tile:
     """Gradients w.r.t. the raw logits tile(s), given upstream ``grad [5, rows]`` (ignored rows
-    already zeroed) and the block's saved ``stats`` / ``lse``. Formulas in DESIGN.md."""
+    already zeroed) and the block's saved ``stats`` / ``lse``. Formulas in DESIGN.md.
+
+    ``active[f]`` is False when field ``f``'s upstream gradient is zero everywhere: its term is
+    skipped (it would add exact zeros), which saves both the work and the tile temporaries,
+    e.g. log-probs alone need one ``[rows, tile]`` term, not five. The target one-hot terms are
+    scattered (``+g`` at the target column), never built as a dense tile."""
+    has_targets = targets is not None
+    use_lp = active[LOGPROBS] and has_targets
+    use_ent = active[ENTROPY]
+    use_kl = active[KL] and r is not None
+    use_rlp = active[REF_LOGPROBS] and has_targets and r is not None
+    use_mix = active[MIXTURE_LOGPROBS] and has_targets and r is not None and coef is not None
+    ga = gb = None
+    local = hit = None
+    if has_targets:
+        local = targets - v0
+        hit = (local >= 0) & (local < z.shape[1])
+        local = torch.where(hit, local, torch.zeros_like(local))[:, None]
+
+    def plus(acc, term):
+        return term if acc is None else acc.add_(term)
+
+    def plus_target(acc, g):  # acc[i, target_i] += g_i where the target lies in this tile
+        if acc is None:
+            acc = torch.zeros_like(z)
+        return acc.scatter_add_(1, local, torch.where(hit, g, torch.zeros_like(g))[:, None])
+
     a = _cap(z, softcap) / temperature
-    logp = a - lse[LSE_POLICY][:, None]
-    p = torch.exp(logp)
-    live = p > 0
-    zero = torch.zeros_like(p)
-    onehot = None
-    if targets is not None:
-        cols = torch.arange(v0, v0 + z.shape[1], device=z.device)
-        onehot = (cols[None, :] == targets[:, None]).to(p.dtype)
-    ga = _guarded(grad[ENTROPY], -torch.where(live, p * (logp + stats[ENTROPY][:, None]), zero))
-    gb = None
-    if onehot is not None:
-        ga = ga + _guarded(grad[LOGPROBS], onehot - p)
-    if r is not None:
+    if use_lp or use_ent or use_kl:
+        logp = a - lse[LSE_POLICY][:, None]
+        p = torch.exp(logp)
+        if use_ent or use_kl:
+            live = p > 0
+            zero = torch.zeros((), device=p.device)
+        if use_ent:
+            ga = plus(ga, _guarded(grad[ENTROPY], -torch.where(live, p * (logp + stats[ENTROPY][:, None]), zero)))
+        if use_lp:
+            ga = plus_target(plus(ga, _guarded(grad[LOGPROBS], -p)), grad[LOGPROBS])
+    if use_kl or use_rlp or use_mix:
         b = _cap(r, softcap) / temperature
-        logq = b - lse[LSE_REF][:, None]
-        q = torch.exp(logq)
-        ga = ga + _guarded(grad[KL], torch.where(live, p * (logp - logq - stats[KL][:, None]), zero))
-        gb = _guarded(grad[KL], q - p)
-        if onehot is not None:
-            gb = gb + _guarded(grad[REF_LOGPROBS], onehot - q)
-        if coef is not None and onehot is not None:
+        if use_kl or use_rlp:
+            logq = b - lse[LSE_REF][:, None]
+            q = torch.exp(logq)
+        if use_kl:
+            ga = plus(ga, _guarded(grad[KL], torch.where(live, p * (logp - logq - stats[KL][:, None]), zero)))
+            gb = plus(gb, _guarded(grad[KL], q - p))
+        if use_rlp:
+            gb = plus_target(plus(gb, _guarded(grad[REF_LOGPROBS], -q)), grad[REF_LOGPROBS])
+        if use_mix:
             pi = torch.exp(_mix(a, b, coef) - lse[LSE_MIXTURE][:, None])
-            gm = _guarded(grad[MIXTURE_LOGPROBS], onehot - pi)
+            g = grad[MIXTURE_LOGPROBS]
             if coef != 1:
-                ga = ga + (1.0 - coef) * gm
+                ga = plus_target(plus(ga, _guarded((1.0 - coef) * g, -pi)), (1.0 - coef) * g)
             if coef != 0:
-                gb = gb + coef * gm
-    dz = _scale_grad(ga, z, temperature, softcap) if need_policy else None
-    dr = _scale_grad(gb, r, temperature, softcap) if (need_ref and r is not None) else None
+                gb = plus_target(plus(gb, _guarded(coef * g, -pi)), coef * g)
+    dz = dr = None
+    if need_policy:
+        dz = torch.zeros_like(z) if ga is None else _scale_grad(ga, z, temperature, softcap)
+    if need_ref and r is not None:
+        dr = torch.zeros_like(r) if gb is None else _scale_grad(gb, r, temperature, softcap)
     return dz, dr
+
+
+def _active_fields(grad: torch.Tensor) -> list:
+    """Which of the 5 fields have a nonzero upstream gradient anywhere (one host sync)."""
+    return (grad != 0).any(dim=1).tolist() if grad.shape[1] else [False] * grad.shape[0]
 
 
 def _upstream(grad_stats: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int):
@@ -255,6 +290,7 @@ def token_stats_backward(
 ):
     G, R, V = logits.shape
     grad = _upstream(grad_stats, targets, ignore_index)
+    active = _active_fields(grad)
     d_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if needs_grad_logits else None
     needs_grad_ref = needs_grad_ref and ref_logits is not None
     d_ref = torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device) if needs_grad_ref else None
@@ -266,7 +302,7 @@ def token_stats_backward(
             dz, dr = _tile_grads(
                 z_rows[:, v0:v1].float(), None if r_rows is None else r_rows[:, v0:v1].float(), v0,
                 t, grad[:, n0:n1], stats[:, n0:n1], lse[:, n0:n1], coef, temperature, softcap,
-                needs_grad_logits, needs_grad_ref,
+                needs_grad_logits, needs_grad_ref, active,
             )
             if d_logits is not None:
                 take(d_logits)[:, v0:v1] = dz
@@ -325,6 +361,7 @@ def linear_token_stats_backward(
     need_policy, need_ref = any(need[:3]), any(need[3:])
     N, V = hidden.shape[0], weight.shape[0]
     grad = _upstream(grad_stats, targets, ignore_index)
+    active = _active_fields(grad)
     # float32 accumulators (a bf16 dW accumulation loses precision at large N).
     acc = [torch.zeros(x.shape, device=x.device) if n else None for x, n in zip(inputs, need)]
     dh, dw, db, drh, drw, drb = acc
@@ -339,15 +376,15 @@ def linear_token_stats_backward(
             r, rw = _head_tile(rh, ref_weight, ref_bias, v0, v1) if has_ref else (None, None)
             dz, dr = _tile_grads(
                 z, r, v0, t, grad[:, n0:n1], stats[:, n0:n1], lse[:, n0:n1], coef, temperature,
-                softcap, need_policy, need_ref,
+                softcap, need_policy, need_ref, active,
             )
             for d_logits, x, wt, d_x, d_w, d_b in ((dz, h, w, dh, dw, db), (dr, rh, rw, drh, drw, drb)):
                 if d_logits is None:
                     continue
-                if d_x is not None:
-                    d_x[n0:n1] += d_logits @ wt
+                if d_x is not None:  # in place: no [rows, D] / [tile, D] product temporaries
+                    d_x[n0:n1].addmm_(d_logits, wt)
                 if d_w is not None:
-                    d_w[v0:v1] += d_logits.T @ x
+                    d_w[v0:v1].addmm_(d_logits.T, x)
                 if d_b is not None:
                     d_b[v0:v1] += d_logits.sum(0)
     return tuple(None if a is None else a.to(x.dtype) for a, x in zip(acc, inputs))

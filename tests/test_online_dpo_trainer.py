@@ -1,0 +1,222 @@
+"""OnlineDPOTrainer: metrics, the step against the original (full-logits) definition, judge /
+reward model / reward functions (with dataset columns and weights), conversational prompts,
+PEFT, schedules, memory, CLI, learning."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+from online_helpers import (PROMPTS, first_last_mean, full_logits_logps, make_args,
+                            save_tiny_model_dirs, trainer_for, vowel_count)
+from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
+
+METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
+           "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "val/contain_eos_token", "beta"}
+SCORE_METRICS = {"objective/rlhf_reward", "objective/scores_margin", "objective/scores"}
+
+
+def odpo(tmp_path, **kw):
+    from nashkern import OnlineDPOConfig, OnlineDPOTrainer
+
+    if "args" not in kw:
+        kw["args"] = make_args(OnlineDPOConfig, tmp_path, **kw.pop("config", {}))
+    return trainer_for(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, **kw)
+
+
+def test_train_with_reward_funcs_logs_all_metrics_and_updates_policy_only(tmp_path):
+    tr = odpo(tmp_path)
+    ref_before = [p.clone() for p in tr.ref_model.parameters()]
+    pol_before = [p.detach().clone() for p in tr.model.parameters()]
+    tr.train()
+    logs = [h for h in tr.state.log_history if "objective/non_score_reward" in h]
+    assert len(logs) == 2
+    assert METRICS | SCORE_METRICS <= set(logs[0])
+    assert "loss/xpo" not in logs[0] and "alpha" not in logs[0]
+    assert logs[0]["beta"] == 0.1 and logs[0]["objective/kl"] == 0
+    assert logs[0]["objective/scores_margin"] >= 0
+    assert all(torch.equal(a, b) for a, b in zip(ref_before, tr.ref_model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.model.parameters()))
+    row = tr.last_samples[0]
+    assert {"step", "prompt", "completion_1", "completion_2", "chosen", "score_1",
+            "score_2"} <= set(row)
+    assert row["chosen"] == (1 if row["score_1"] >= row["score_2"] else 2)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_step_matches_the_original_definition(tmp_path, loss_type):
+    """Loss and gradient of one step against the original computation: two policy samples per
+    prompt (prompts repeated), chosen = first when its score >= the second's, full-logits
+    log-prob sums, DPO / IPO on them."""
+    from nashkern.generation import generate
+
+    beta = 0.3
+    tr = odpo(tmp_path, config=dict(beta=beta, loss_type=loss_type, max_new_tokens=8))
+    batch = tr.data_collator([{"prompt": p} for p in PROMPTS])
+    tr._gen = lambda device: torch.Generator().manual_seed(11)
+    model = tr.model
+    model.train()
+    loss, out = tr.compute_loss(model, batch, return_outputs=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B = ids.shape[0]
+    s = generate(model, ids.repeat(2, 1), mask.repeat(2, 1),
+                 **tr._generation_kwargs(torch.Generator().manual_seed(11)))
+    ctx = s.prompt_ids.shape[1]
+    pos = (s.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def logps(m):
+        z = m(input_ids=s.input_ids, attention_mask=s.attention_mask,
+              position_ids=pos).logits[:, ctx - 1:-1]
+        lp = z.log_softmax(-1).gather(-1, s.completion_ids[..., None])[..., 0]
+        return (lp * s.completion_mask).sum(1)
+
+    lp = logps(model)
+    with torch.no_grad():
+        rlp = logps(tr.ref_model)
+    scores = torch.tensor(vowel_count(None, tr._decode(s.completion_ids, s.completion_mask)))
+    first = scores[:B] >= scores[B:]
+    rows = torch.arange(B)
+    ci, ri = rows + (~first) * B, rows + first * B
+    h = (lp[ci] - lp[ri]) - (rlp[ci] - rlp[ri])
+    losses = -F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2
+    torch.testing.assert_close(out["losses"], losses.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, losses.mean(), rtol=1e-4, atol=1e-5)
+    for g1, g2 in zip(grads, torch.autograd.grad(losses.mean(), params)):
+        torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-5)
+
+
+def test_judge_conversational_prompts_and_per_epoch_beta(tmp_path):
+    from nashkern import OnlineDPOConfig
+    from nashkern.judges import BasePairwiseJudge
+
+    class SecondJudge(BasePairwiseJudge):
+        def judge(self, prompts, completions, shuffle_order=True):
+            assert all(p.endswith("<|assistant|>") for p in prompts)
+            return [1] * len(prompts)
+
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
+    args = make_args(OnlineDPOConfig, tmp_path, max_steps=-1, num_train_epochs=3,
+                     per_device_train_batch_size=6, beta=[0.1, 0.2], loss_type="ipo")
+    tr = odpo(tmp_path, dataset=ds, judge=SecondJudge(), args=args)
+    tr.train()
+    logs = [h for h in tr.state.log_history if "objective/kl" in h]
+    assert [h["beta"] for h in logs] == [0.1, 0.2, 0.2]
+    assert METRICS <= set(logs[0]) and not SCORE_METRICS & set(logs[0])
+    assert all(r["chosen"] == 2 for r in tr.last_samples)
+
+
+def test_reward_model_and_reward_funcs_with_columns_and_weights(tmp_path):
+    from nashkern import OnlineDPOConfig
+
+    tr = odpo(tmp_path, reward_model=tiny_reward_model(seed=5))
+    tr.train()
+    assert SCORE_METRICS <= set(tr.state.log_history[0])
+
+    seen = []
+
+    def wants_target(prompts, completions, target, **kw):
+        assert len(target) == len(completions) == len(prompts)  # columns repeated per sample
+        seen.append(list(target))
+        return [float(c.count(t)) for c, t in zip(completions, target)]
+
+    ds = Dataset.from_dict({"prompt": PROMPTS, "target": list("aeioua")})
+    args = make_args(OnlineDPOConfig, tmp_path, reward_weights=[2.0, 0.0], max_steps=1)
+    tr2 = odpo(tmp_path, dataset=ds, args=args, reward_funcs=[wants_target, vowel_count])
+    tr2.train()
+    assert len(seen[0]) == 6 and seen[0][:3] == seen[0][3:]
+    row = tr2.last_samples[0]
+    t = seen[0][0]  # weights: 2 x target count, 0 x vowels
+    assert row["score_1"] == 2 * row["completion_1"].count(t)
+
+
+def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
+    peft = pytest.importorskip("peft")
+    from nashkern.generation import generate
+    from nashkern.logprobs import completion_stats
+    from nashkern.pairs import sequence_logps
+
+    base = tiny_causal_lm(seed=0)
+    base_copy = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False, task_type="CAUSAL_LM")
+    tr = odpo(tmp_path, model=base, peft_config=cfg)
+    assert tr.ref_model is None and tr.is_peft
+    model = tr.accelerator.unwrap_model(tr.model)
+    batch = tr.data_collator([{"prompt": p} for p in PROMPTS])
+    s = generate(model, batch["input_ids"], batch["attention_mask"],
+                 **tr._generation_kwargs(torch.Generator().manual_seed(0)))
+    P = s.prompt_ids.shape[1]
+    ref, ctx = tr._ref(model)
+    st = completion_stats(model, s.input_ids, s.attention_mask, P, ref_model=ref,
+                          ref_context=ctx)
+    base_lp = full_logits_logps(base_copy, s.input_ids, s.attention_mask, P)
+    torch.testing.assert_close(sequence_logps(st.ref_logprobs, s.completion_mask), base_lp,
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(sequence_logps(st.logprobs, s.completion_mask).detach(), base_lp,
+                              atol=1e-3)
+    tr.train()
+    assert METRICS <= set(tr.state.log_history[0])
+
+
+def test_bad_input(tmp_path):
+    from nashkern import OnlineDPOConfig, XPOConfig
+
+    with pytest.raises(ValueError, match="loss_type"):
+        OnlineDPOConfig(output_dir=str(tmp_path), loss_type="kto")
+    with pytest.raises(ValueError, match="beta"):
+        OnlineDPOConfig(output_dir=str(tmp_path), beta=[-1.0])
+    with pytest.raises(ValueError, match="exactly one"):
+        odpo(tmp_path, reward_funcs=[])
+    # an XPOConfig is an OnlineDPOConfig (as in the original): accepted, alpha unused
+    tr = odpo(tmp_path, args=make_args(XPOConfig, tmp_path))
+    assert tr.beta == 0.1
+
+
+def test_no_tokens_x_vocab_tensor_in_a_step(tmp_path):
+    from nashkern.memory import AllocationRecorder
+
+    V, D = 16384, 16
+    tr = odpo(tmp_path, model=tiny_causal_lm(vocab_size=V, hidden=D),
+              config=dict(max_new_tokens=8, per_device_train_batch_size=4))
+    batch = tr.data_collator([{"prompt": p} for p in PROMPTS[:4]])
+    tr.model.train()
+    with AllocationRecorder() as rec:
+        tr.compute_loss(tr.model, batch).backward()
+    rows = 2 * 4 * 8
+    largest, op = rec.largest()
+    assert largest <= max(V * D, rows * 4096) < rows * V, (largest, op)
+
+
+def test_learning_signal_on_a_rule_reward(tmp_path):
+    from nashkern import OnlineDPOConfig
+
+    args = make_args(OnlineDPOConfig, tmp_path, max_steps=30, per_device_train_batch_size=8,
+                     max_new_tokens=8, learning_rate=1e-2, lr_scheduler_type="constant",
+                     temperature=1.0, beta=0.1)
+    tr = odpo(tmp_path, args=args, dataset=Dataset.from_dict({"prompt": PROMPTS * 4}))
+    tr.train()
+    scores = [h["objective/scores"] for h in tr.state.log_history if "objective/scores" in h]
+    first, last = first_last_mean(scores, 5)
+    assert last > first + 2.0, scores
+
+
+def test_train_cli_method_online_dpo_with_local_paths(tmp_path):
+    from nashkern.cli import main
+
+    path, rm, data = save_tiny_model_dirs(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["train", "--method=online_dpo", "--model_name_or_path", str(path),
+               "--reward_model_path", str(rm), "--dataset_name", str(data), "--output_dir",
+               str(out), "--max_steps", "2", "--per_device_train_batch_size", "3",
+               "--max_new_tokens", "4", "--beta", "0.1", "--logging_steps", "1",
+               "--report_to", "none", "--use_cpu", "--save_strategy", "no"])
+    assert rc == 0
+    assert (out / "model.safetensors").exists()
+    rows = [json.loads(line) for line in open(out / "completions.jsonl")]
+    assert {"prompt", "completion_1", "completion_2", "chosen"} <= set(rows[0])
