@@ -17,6 +17,7 @@ logits) → its loss (:mod:`nashkern.losses`) → ``self._record_metrics``.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -146,6 +147,24 @@ class PromptCollator:
 # ------------------------------------------------------------------------------------------------
 # trainer
 # ------------------------------------------------------------------------------------------------
+def model_load_kwargs(model_init_kwargs: Optional[Dict[str, Any]] = None, *,
+                      trust_remote_code: bool = False) -> Dict[str, Any]:
+    """``from_pretrained`` kwargs of a policy / reference loaded from a path.
+
+    ``trust_remote_code`` stays off unless asked. flash-attention is used when it can be and is
+    never required: with no ``attn_implementation`` given, ``"flash_attention_2"`` is chosen
+    when the ``flash_attn`` package is installed, a GPU is present and the model is loaded in
+    bf16/fp16 (flash-attention's dtypes); otherwise transformers' default (SDPA) stays."""
+    kw = dict(model_init_kwargs or {})
+    kw.setdefault("trust_remote_code", trust_remote_code)
+    if "attn_implementation" not in kw:
+        dtype = kw.get("dtype", kw.get("torch_dtype"))
+        half = dtype in (torch.bfloat16, torch.float16, "bfloat16", "float16", "bf16", "fp16")
+        if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+            kw["attn_implementation"] = "flash_attention_2"
+    return kw
+
+
 class OnlinePreferenceTrainer(Trainer):
     """Base class of the online preference trainers (see the module docstring). Subclasses set
     ``config_class`` and implement ``compute_loss``."""
@@ -183,8 +202,7 @@ class OnlinePreferenceTrainer(Trainer):
         # model
         model_path = model if isinstance(model, str) else None
         if model_path is not None:
-            kw = dict(args.model_init_kwargs or {})
-            kw.setdefault("trust_remote_code", False)
+            kw = model_load_kwargs(args.model_init_kwargs)
             model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
         if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
             raise ValueError(f"model must be a causal language model with an output embedding "

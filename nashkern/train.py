@@ -25,6 +25,11 @@ class ScriptArguments:
     lora_alpha: int = field(default=32)
     lora_dropout: float = field(default=0.05)
     lora_target_modules: Optional[List[str]] = field(default=None)
+    dtype: Optional[str] = field(default=None, metadata={
+        "help": "Model dtype: auto, bfloat16, float16 or float32 (default: the checkpoint's)."})
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "eager, sdpa or flash_attention_2 (default: flash_attention_2 when flash_attn "
+                "is installed, on a GPU, in bf16/fp16; else transformers' default)."})
 
 
 def load_prompts(name: str, config: Optional[str], split: str):
@@ -60,7 +65,10 @@ def main(argv=None) -> int:
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoTokenizer, HfArgumentParser)
 
+    import torch
+
     from .callbacks import LogCompletionsCallback
+    from .online import model_load_kwargs
     from .judges import PairRMJudge, RandomPairwiseJudge
 
     method, argv = split_method(sys.argv[1:] if argv is None else list(argv))
@@ -72,7 +80,16 @@ def main(argv=None) -> int:
         description=f"--method {{{','.join(METHODS)}}} (default nash_md) picks the trainer; "
                     f"the arguments below are those of {config_name}.")
     script, args = parser.parse_args_into_dataclasses(args=argv)
-    kw = dict(args.model_init_kwargs or {}, trust_remote_code=script.trust_remote_code)
+    init = dict(args.model_init_kwargs or {})
+    if script.dtype is not None:
+        dtypes = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "float32": torch.float32}
+        if script.dtype not in dtypes:
+            raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {script.dtype!r}")
+        init["dtype"] = dtypes[script.dtype]
+    if script.attn_implementation is not None:
+        init["attn_implementation"] = script.attn_implementation
+    kw = model_load_kwargs(init, trust_remote_code=script.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, **kw)
     tok = AutoTokenizer.from_pretrained(script.model_name_or_path, padding_side="left",
                                         trust_remote_code=script.trust_remote_code)

@@ -53,3 +53,39 @@ def test_train_cli_random_judge_and_bad_judge(tmp_path):
     assert main(common + ["--judge", "random", "--output_dir", str(tmp_path / "o1")]) == 0
     with pytest.raises(ValueError, match="--judge must be one of"):
         main(common + ["--judge", "nope", "--output_dir", str(tmp_path / "o2")])
+
+
+def test_model_load_kwargs_picks_flash_attention_only_when_usable(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from nashkern.online import model_load_kwargs
+
+    assert model_load_kwargs(None) == {"trust_remote_code": False}
+    assert model_load_kwargs({"trust_remote_code": True})["trust_remote_code"] is True
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else found(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_load_kwargs({"dtype": torch.bfloat16})["attn_implementation"] == "flash_attention_2"
+    assert "attn_implementation" not in model_load_kwargs({})  # fp32: flash-attn cannot run it
+    assert model_load_kwargs({"dtype": "bfloat16", "attn_implementation": "sdpa"})[
+        "attn_implementation"] == "sdpa"  # an explicit choice wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "attn_implementation" not in model_load_kwargs({"dtype": torch.bfloat16})
+
+
+def test_train_cli_dtype_and_attention_flags(tmp_path):
+    import pytest
+
+    from nashkern.cli import main
+
+    model, _, data = _paths(tmp_path)
+    common = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
+              "--judge", "random", "--max_steps", "1", "--per_device_train_batch_size", "2",
+              "--max_new_tokens", "3", "--report_to", "none", "--use_cpu", "--save_strategy", "no"]
+    assert main(common + ["--attn_implementation", "eager", "--dtype", "float32",
+                          "--output_dir", str(tmp_path / "o1")]) == 0
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        main(common + ["--dtype", "float8", "--output_dir", str(tmp_path / "o2")])
