@@ -300,8 +300,8 @@ def mixture_sample(logits: Tensor, ref_logits: Tensor, *, coef: float, temperatu
     """Sample token ids from ``softmax(((1 - coef) * z + coef * z_ref) / T)``.
 
     logits, ref_logits: ``[..., V]`` (typically the last position, ``[B, V]``) -> int64 ``[...]``.
-    Gumbel-max sampling; reproducible for a given ``generator`` state (one seed is drawn from
-    it per call, on the device). A row with no finite mixture logit, or with a NaN, gives -1.
+    Gumbel-max on GPU backends, inverse CDF on the torch backend; reproducible for a given
+    ``generator`` state (GPU backends draw one seed from it per call, on the device). A row with no finite mixture logit, or with a NaN, gives -1.
     """
     _check_float("logits", logits)
     _check_float("ref_logits", ref_logits)

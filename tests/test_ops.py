@@ -347,3 +347,22 @@ def test_gradient_through_field_subsets(backend, device, fields):
     compare(partial(_run_linear, backend), naive_linear_token_stats, lin,
             ["hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias"],
             grad_fields=fields)
+    if fields == ("ref_logprobs",):
+        return  # with a frozen reference nothing is differentiable
+    # a frozen reference: the torch backend then skips the reference tiles unless a policy
+    # term (KL, mixture) reads them
+    compare(partial(_run_linear, backend), naive_linear_token_stats, lin,
+            ["hidden", "weight", "bias"], grad_fields=fields)
+    compare(partial(_run_token_stats, backend), naive_token_stats, inputs, ["logits"],
+            grad_fields=fields)
+
+
+def test_mixture_sample_never_picks_masked_entries_at_the_row_ends(backend, device):
+    """-inf entries first and last in the row (where an inverse-CDF search could slip) and a
+    finite entry 30 nats below the head: only the finite entries are ever drawn."""
+    z = torch.full((3000, 9), float("-inf"), device=device)
+    z[:, 3], z[:, 5] = 0.0, -30.0
+    g = torch.Generator(device=device).manual_seed(7)
+    out = ops.mixture_sample(z, z.clone(), coef=0.5, generator=g, backend=backend)
+    assert set(out.unique().tolist()) <= {3, 5}
+    assert (out == 3).sum() >= 2990
