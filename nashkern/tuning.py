@@ -27,6 +27,9 @@ class TorchChunking:
     #: (13.7 s vs 13.1 / 14.1 s); the [512, 896] x [896, 2048] products still amortise overhead.
     linear_rows: int = 512
     linear_vocab_tile: int = 2048
+    #: Vocabulary block of the torch sampler's two-level inverse CDF (block sums, then a prefix
+    #: sum inside one block per row): ~sqrt(V) keeps both levels small.
+    sample_block: int = 1024
 
 
 @dataclass(frozen=True)
