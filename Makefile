@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo bench bench-gpu gpu-check clean bench-trl
+.PHONY: install test demo bench bench-gpu bench-peers gpu-check clean bench-trl
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,29 @@ test: install
 demo: install
 	$(PY) -m nashkern demo
 
-# CPU-meaningful figures (peak memory, torch backend); GPU figures need a GPU (see BENCHMARKS.md).
+# Kernel microbenchmarks: the pytest-benchmark suites benchmarks/test_bench_*.py (BENCHMARKS.md).
+# On a CUDA machine every provider at the model shapes (bf16); without one the CPU-meaningful
+# figures (torch backend vs eager PyTorch, peak memory; ~8 min, 1 thread), and it says the
+# GPU figures need a GPU. Rows are appended to benchmarks/results/<device>.csv, then BENCHMARKS.md
+# and its plots are regenerated (also when a case failed). BENCH_ARGS: more options, e.g.
+#   make bench BENCH_ARGS="--bench-models llama-3-8b --bench-n 4096 --bench-providers eager,nashkern-triton"
+BENCH_ARGS ?=
 bench: install
-	$(PY) benchmarks/bench_linear_token_stats.py --csv benchmarks/results/$$(hostname).csv
+	$(PY) -m pytest benchmarks/test_bench_*.py -q -p no:cacheprovider --bench-shapes auto \
+		--bench-csv auto --benchmark-columns=median,iqr,min,rounds,iterations $(BENCH_ARGS); \
+	status=$$?; $(PY) benchmarks/render.py && exit $$status
 
-# On a GPU machine: kernel correctness on the device, then the GPU benchmarks.
-gpu-check: install
+# The benchmarks' third-party peers (CUDA only; without them those providers are skipped).
+BENCH_PEERS ?= liger-kernel cut-cross-entropy
+bench-peers: install
+	$(PY) -m pip install -q $(BENCH_PEERS)
+
+# On a GPU machine: the peers, the CUDA kernels (when nvcc is there), the test suite on the
+# device, then the benchmarks at the model shapes.
+gpu-check: bench-peers
+	if command -v nvcc >/dev/null; then $(MAKE) cuda; else echo "nvcc not found: backend='cuda' is skipped"; fi
 	$(PY) -m pytest tests -q -p no:cacheprovider
-	$(PY) benchmarks/bench_linear_token_stats.py --N 8192 --D 4096 --V 128256 --dtype bf16 --csv benchmarks/results/gpu.csv
+	$(MAKE) bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
