@@ -51,11 +51,11 @@ class LogCompletionsCallback(TrainerCallback):
                 f.write(json.dumps(r) + "\n")
         report_to = args.report_to or []
         if "wandb" in report_to:
-            self._log_wandb(rows, state.global_step)
+            self._log_wandb(rows)
         if "tensorboard" in report_to:
             self._log_tensorboard(rows, state.global_step)
 
-    def _log_wandb(self, rows, step):
+    def _log_wandb(self, rows):
         import wandb
 
         if wandb.run is None:

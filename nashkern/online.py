@@ -281,6 +281,7 @@ class OnlinePreferenceTrainer(Trainer):
         self.stats: Dict[str, List[float]] = defaultdict(list)
         self.last_samples: List[Dict[str, Any]] = []
         self._generator = None
+        self._micro_step, self._micro = None, 0  # (optimizer step, micro-batch) of the last draw
 
     # -- schedules ----------------------------------------------------------------------------
     def _scheduled(self, name: str) -> float:
@@ -316,7 +317,7 @@ class OnlinePreferenceTrainer(Trainer):
         at every call: samples depend only on where training is, so a run resumed from a
         checkpoint draws exactly what the uninterrupted run drew, and ranks draw differently."""
         step = int(self.state.global_step)
-        self._micro = self._micro + 1 if getattr(self, "_micro_step", None) == step else 0
+        self._micro = self._micro + 1 if self._micro_step == step else 0
         self._micro_step = step
         if self._generator is None or self._generator.device != torch.device(device):
             self._generator = torch.Generator(device=device)
