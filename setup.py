@@ -130,10 +130,10 @@ setup(
     version="0.1.0",
     description="Streaming log-prob / entropy / KL / geometric-mixture kernels and Nash-MD trainers",
     python_requires=">=3.9",
-    packages=["nashkern", "nashkern.backends", "nashkern.kernels"],
+    packages=["nashkern", "nashkern.backends", "nashkern.rl", "nashkern.apps", "nashkern.kernels"],
     package_dir={"nashkern": "nashkern", "nashkern.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "accelerate>=1.0", "datasets>=3.0"],
-    entry_points={"console_scripts": ["nashkern=nashkern.cli:main"]},
+    entry_points={"console_scripts": ["nashkern=nashkern.apps.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist"],

@@ -68,7 +68,7 @@ TARGETS = {"nash_md": {"time": 10.0, "memory": 0.5}, "xpo": {"time": 2.0, "memor
 DEFAULT_PYTHON = {"nashkern": REPO / ".venv" / "bin" / "python",
                   "trl": REPO / ".venv-trl" / "bin" / "python"}
 
-# the character-level tokenizer of nashkern.tiny (copied: the TRL venv has no nashkern)
+# the character-level tokenizer of nashkern.apps.tiny (copied: the TRL venv has no nashkern)
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,!?'-:\n"
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
 WORDS = ("the a story poem song about sea rain sky river city cat dog friend lunch weather music "
@@ -118,7 +118,7 @@ def qwen2_config(args, **kw):
 
 
 def make_tokenizer(vocab: int):
-    """nashkern.tiny's character-level tokenizer (pad 0, eos 1, no BOS), padded with filler
+    """nashkern.apps.tiny's character-level tokenizer (pad 0, eos 1, no BOS), padded with filler
     tokens ``<|fN|>`` so that every id the model can sample decodes."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

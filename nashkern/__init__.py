@@ -1,14 +1,19 @@
 """nashkern: streaming vocabulary kernels for online preference optimisation (Nash-MD, XPO,
 Online DPO).
 
-``from nashkern import ops`` gives the fused ops (log-probs, entropy, KL, geometric-mixture
-log-probs and sampling) over logits or straight from hidden states and the lm_head weight.
+Two wings, one rule (the kernel library never imports the RL wing):
+
+* the kernel library: ``from nashkern import ops`` gives the fused ops (log-probs, entropy, KL,
+  geometric-mixture log-probs and sampling) over logits or straight from hidden states and the
+  lm_head weight; ``nashkern.naive`` holds their eager float64-checkable definitions;
+* the RL wing, :mod:`nashkern.rl`: the online preference trainers (Nash-MD, XPO, Online DPO)
+  and the small functions they are built from; :mod:`nashkern.apps`: the CLI and the demo.
 """
-from . import ops, reference
+from . import naive, ops
 from .types import TokenStats
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "TokenStats", "__version__"]
+__all__ = ["ops", "naive", "TokenStats", "__version__"]
 
 _LAZY = {"NashMDConfig": "nash_md", "NashMDTrainer": "nash_md",
          "XPOConfig": "xpo", "XPOTrainer": "xpo",
@@ -23,5 +28,5 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(f".rl.{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

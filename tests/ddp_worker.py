@@ -9,7 +9,7 @@ from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 from nashkern import NashMDConfig, NashMDTrainer  # noqa: E402
-from nashkern.tiny import make_tokenizer, tiny_causal_lm  # noqa: E402
+from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 def reward(prompts, completions, completion_ids=None, **kw):

@@ -4,7 +4,7 @@ import json
 import torch
 from datasets import Dataset
 
-from nashkern.tiny import make_tokenizer, tiny_causal_lm, tiny_reward_model  # noqa: F401
+from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm, tiny_reward_model  # noqa: F401
 
 PROMPTS = ["tell me a story", "hi", "what is one plus one?", "count: 1 2 3", "abc", "why?"]
 

@@ -20,7 +20,7 @@ def test_train_cli_use_peft_saves_only_adapters_and_keeps_the_base(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from nashkern.cli import main
+    from nashkern.apps.cli import main
 
     model, rm, data = _paths(tmp_path)
     out = tmp_path / "out"
@@ -44,7 +44,7 @@ def test_train_cli_use_peft_saves_only_adapters_and_keeps_the_base(tmp_path):
 def test_train_cli_random_judge_and_bad_judge(tmp_path):
     import pytest
 
-    from nashkern.cli import main
+    from nashkern.apps.cli import main
 
     model, _, data = _paths(tmp_path)
     common = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
@@ -60,7 +60,7 @@ def test_model_load_kwargs_picks_flash_attention_only_when_usable(monkeypatch):
 
     import torch
 
-    from nashkern.online import model_load_kwargs
+    from nashkern.rl.online import model_load_kwargs
 
     assert model_load_kwargs(None) == {"trust_remote_code": False}
     assert model_load_kwargs({"trust_remote_code": True})["trust_remote_code"] is True
@@ -79,7 +79,7 @@ def test_model_load_kwargs_picks_flash_attention_only_when_usable(monkeypatch):
 def test_train_cli_dtype_and_attention_flags(tmp_path):
     import pytest
 
-    from nashkern.cli import main
+    from nashkern.apps.cli import main
 
     model, _, data = _paths(tmp_path)
     common = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),

@@ -26,7 +26,7 @@ import torch
 from nashkern import _library, ops
 from nashkern.backends import cuda_impl
 from nashkern.memory import AllocationRecorder
-from nashkern.reference import naive_mixture_logits, naive_token_stats
+from nashkern.naive import naive_mixture_logits, naive_token_stats
 
 from oracle import assert_close, compare, logit_inputs
 

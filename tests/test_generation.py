@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nashkern.generation import (SamplingParams, generate, mix_logits, process_logits,
+from nashkern.rl.generation import (SamplingParams, generate, mix_logits, process_logits,
                                  sample_next, truncate_prompts_left)
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm  # noqa: F401
 

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from nashkern.kernels import linear_token_stats as lts  # noqa: E402
-from nashkern.reference import mix_logits, naive_linear_token_stats, softcap_logits  # noqa: E402
+from nashkern.naive import mix_logits, naive_linear_token_stats, softcap_logits  # noqa: E402
 from nashkern.tuning import LinearTokenStatsTriton  # noqa: E402
 from nashkern.types import (  # noqa: E402
     ENTROPY, KL, LOGPROBS, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS, REF_LOGPROBS,

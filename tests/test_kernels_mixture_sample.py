@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from nashkern import tuning  # noqa: E402
 from nashkern.kernels import mixture_sample as ms  # noqa: E402
-from nashkern.reference import naive_mixture_logits  # noqa: E402
+from nashkern.naive import naive_mixture_logits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEG_INF = float("-inf")

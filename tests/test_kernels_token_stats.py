@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from nashkern.kernels import token_stats as ts  # noqa: E402
-from nashkern.reference import naive_token_stats  # noqa: E402
+from nashkern.naive import naive_token_stats  # noqa: E402
 from nashkern.types import (  # noqa: E402
     ENTROPY, KL, LOGPROBS, MIXTURE_LOGPROBS, NUM_STATS, REF_LOGPROBS,
 )

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nashkern.losses import nash_md_loss
+from nashkern.rl.losses import nash_md_loss
 
 
 def test_hand_computed_values():
@@ -91,7 +91,7 @@ def _pair_inputs():
 
 
 def test_dpo_loss_sigmoid_hand_computed():
-    from nashkern.losses import dpo_loss
+    from nashkern.rl.losses import dpo_loss
 
     pc, pr, rc, rr = _pair_inputs()
     loss, losses = dpo_loss(pc, pr, rc, rr, beta=0.5)
@@ -108,7 +108,7 @@ def test_dpo_loss_sigmoid_hand_computed():
 
 
 def test_dpo_loss_ipo_hand_computed():
-    from nashkern.losses import dpo_loss
+    from nashkern.rl.losses import dpo_loss
 
     pc, pr, rc, rr = _pair_inputs()
     loss, losses = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
@@ -121,7 +121,7 @@ def test_dpo_loss_ipo_hand_computed():
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_xpo_loss_hand_computed(loss_type):
-    from nashkern.losses import dpo_loss, xpo_loss
+    from nashkern.rl.losses import dpo_loss, xpo_loss
 
     pc, pr, rc, rr = _pair_inputs()
     ref_sample = torch.tensor([-2.0, -4.0], requires_grad=True)  # Σ log π(ỹ)
@@ -139,7 +139,7 @@ def test_xpo_loss_hand_computed(loss_type):
 
 
 def test_dpo_xpo_bad_input():
-    from nashkern.losses import dpo_loss, xpo_loss
+    from nashkern.rl.losses import dpo_loss, xpo_loss
 
     a = torch.zeros(3)
     with pytest.raises(ValueError, match="beta"):
@@ -160,8 +160,8 @@ def test_dpo_xpo_bad_input():
 
 
 def test_pairs_chosen_rejected_reordering():
-    from nashkern.generation import GenerationOutput
-    from nashkern.pairs import (chosen_rejected_from_preference, concat_generations,
+    from nashkern.rl.generation import GenerationOutput
+    from nashkern.rl.pairs import (chosen_rejected_from_preference, concat_generations,
                                 first_preferred, sequence_logps)
 
     prompt = torch.tensor([[0, 7], [8, 9]])

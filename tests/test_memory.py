@@ -9,7 +9,7 @@ import torch
 
 from nashkern import ops
 from nashkern.memory import AllocationRecorder
-from nashkern.reference import naive_linear_token_stats
+from nashkern.naive import naive_linear_token_stats
 
 
 N, V, D = 8192, 16384, 32

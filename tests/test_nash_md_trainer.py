@@ -5,7 +5,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from nashkern.tiny import CHARS
+from nashkern.apps.tiny import CHARS
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
 
 PROMPTS = ["tell me a story", "hi", "what is one plus one?", "count: 1 2 3", "abc", "why?"]
@@ -83,7 +83,7 @@ def test_reward_model_same_and_different_tokenizer(tmp_path):
 
 
 def test_judge_and_conversational_prompts_and_per_epoch_schedule(tmp_path):
-    from nashkern.judges import BasePairwiseJudge
+    from nashkern.rl.judges import BasePairwiseJudge
 
     class LongerJudge(BasePairwiseJudge):
         def judge(self, prompts, completions, shuffle_order=True):
@@ -106,7 +106,7 @@ def test_judge_and_conversational_prompts_and_per_epoch_schedule(tmp_path):
 
 def test_bad_input(tmp_path):
     from nashkern import NashMDConfig
-    from nashkern.judges import RandomPairwiseJudge
+    from nashkern.rl.judges import RandomPairwiseJudge
 
     with pytest.raises(ValueError, match="exactly one"):
         trainer_for(tmp_path, reward_funcs=vowel_reward, judge=RandomPairwiseJudge())
@@ -129,7 +129,7 @@ def test_bad_input(tmp_path):
 
 
 def test_pair_rm_judge_clear_error():
-    from nashkern.judges import PairRMJudge
+    from nashkern.rl.judges import PairRMJudge
     try:
         import llm_blender  # noqa: F401
         pytest.skip("llm-blender installed")
@@ -153,7 +153,7 @@ def test_model_from_path_and_completions_callback(tmp_path):
 
 
 def test_fused_logprobs_match_full_logits(tmp_path):
-    from nashkern.logprobs import completion_stats
+    from nashkern.rl.completion_stats import completion_stats
 
     model, ref = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1)
     tok = make_tokenizer()
@@ -176,7 +176,7 @@ def test_fused_logprobs_match_full_logits(tmp_path):
 
 
 def test_softcap_and_fallback_warning():
-    from nashkern.logprobs import completion_stats
+    from nashkern.rl.completion_stats import completion_stats
 
     class Wrapped(torch.nn.Module):  # a model whose head cannot be separated
         def __init__(self, m):
@@ -202,7 +202,7 @@ def test_softcap_and_fallback_warning():
     torch.testing.assert_close(st.logprobs, lp, rtol=1e-4, atol=1e-5)
     # Gemma-2 style softcapping read from the config
     m2 = tiny_causal_lm(final_logit_softcapping=2.0)
-    from nashkern.logprobs import output_head
+    from nashkern.rl.completion_stats import output_head
     assert output_head(m2).softcap == 2.0
 
 
@@ -210,7 +210,7 @@ def test_peft_reference_is_base_with_adapters_disabled(tmp_path):
     peft = pytest.importorskip("peft")
     import copy
 
-    from nashkern.generation import SamplingParams, generate
+    from nashkern.rl.generation import SamplingParams, generate
 
     base = tiny_causal_lm(seed=0)
     base_copy = copy.deepcopy(base)
@@ -241,7 +241,7 @@ def test_peft_reference_is_base_with_adapters_disabled(tmp_path):
 
 
 def test_train_cli_with_local_paths(tmp_path):
-    from nashkern.cli import main
+    from nashkern.apps.cli import main
 
     path = tmp_path / "model"
     tiny_causal_lm().save_pretrained(path)
@@ -263,7 +263,7 @@ def test_train_cli_with_local_paths(tmp_path):
 
 
 def test_demo_smoke(tmp_path, capsys):
-    from nashkern.cli import main
+    from nashkern.apps.cli import main
 
     assert main(["demo", "--steps", "3", "--batch-size", "4", "--max-new-tokens", "4",
                  "--output-dir", str(tmp_path)]) == 0

@@ -51,7 +51,7 @@ def test_step_matches_the_original_definition(tmp_path, loss_type):
     """Loss and gradient of one step against the original computation: two policy samples per
     prompt (prompts repeated), chosen = first when its score >= the second's, full-logits
     log-prob sums, DPO / IPO on them."""
-    from nashkern.generation import generate
+    from nashkern.rl.generation import generate
 
     beta = 0.3
     tr = odpo(tmp_path, config=dict(beta=beta, loss_type=loss_type, max_new_tokens=8))
@@ -93,7 +93,7 @@ def test_step_matches_the_original_definition(tmp_path, loss_type):
 
 def test_judge_conversational_prompts_and_per_epoch_beta(tmp_path):
     from nashkern import OnlineDPOConfig
-    from nashkern.judges import BasePairwiseJudge
+    from nashkern.rl.judges import BasePairwiseJudge
 
     class SecondJudge(BasePairwiseJudge):
         def judge(self, prompts, completions, shuffle_order=True):
@@ -137,9 +137,9 @@ def test_reward_model_and_reward_funcs_with_columns_and_weights(tmp_path):
 
 def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
     peft = pytest.importorskip("peft")
-    from nashkern.generation import generate
-    from nashkern.logprobs import completion_stats
-    from nashkern.pairs import sequence_logps
+    from nashkern.rl.generation import generate
+    from nashkern.rl.completion_stats import completion_stats
+    from nashkern.rl.pairs import sequence_logps
 
     base = tiny_causal_lm(seed=0)
     base_copy = copy.deepcopy(base)
@@ -207,7 +207,7 @@ def test_learning_signal_on_a_rule_reward(tmp_path):
 
 
 def test_train_cli_method_online_dpo_with_local_paths(tmp_path):
-    from nashkern.cli import main
+    from nashkern.apps.cli import main
 
     path, rm, data = save_tiny_model_dirs(tmp_path)
     out = tmp_path / "out"

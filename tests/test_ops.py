@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nashkern import ops
-from nashkern.reference import naive_linear_token_stats, naive_token_stats
+from nashkern.naive import naive_linear_token_stats, naive_token_stats
 
 from nashkern.backends import torch_impl
 from nashkern.tuning import TorchChunking
@@ -310,7 +310,7 @@ def test_mixture_sample_distribution(backend, device, coef):
     out = ops.mixture_sample(z.expand(draws, V), r.expand(draws, V), coef=coef, temperature=0.7,
                              generator=g, backend=backend)
     counts = torch.bincount(out.cpu(), minlength=V).double()
-    from nashkern.reference import naive_mixture_logits
+    from nashkern.naive import naive_mixture_logits
     probs = torch.softmax(naive_mixture_logits(z.cpu(), r.cpu(), coef=coef, temperature=0.7), -1)
     assert counts[4] == 0
     keep = probs > 0

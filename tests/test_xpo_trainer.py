@@ -107,7 +107,7 @@ def test_step_matches_the_original_definition(tmp_path, loss_type, use_peft):
 
 def test_judge_conversational_prompts_and_per_epoch_schedules(tmp_path):
     from nashkern import XPOConfig
-    from nashkern.judges import BasePairwiseJudge
+    from nashkern.rl.judges import BasePairwiseJudge
 
     class FixedJudge(BasePairwiseJudge):
         def judge(self, prompts, completions, shuffle_order=True):
@@ -145,9 +145,9 @@ def test_reward_model_same_and_different_tokenizer(tmp_path):
 
 def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
     peft = pytest.importorskip("peft")
-    from nashkern.generation import generate
-    from nashkern.logprobs import completion_stats
-    from nashkern.pairs import sequence_logps
+    from nashkern.rl.generation import generate
+    from nashkern.rl.completion_stats import completion_stats
+    from nashkern.rl.pairs import sequence_logps
 
     base = tiny_causal_lm(seed=0)
     base_copy = copy.deepcopy(base)
@@ -185,7 +185,7 @@ def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
 
 def test_bad_input(tmp_path):
     from nashkern import NashMDConfig, XPOConfig
-    from nashkern.judges import RandomPairwiseJudge
+    from nashkern.rl.judges import RandomPairwiseJudge
 
     with pytest.raises(ValueError, match="alpha"):
         XPOConfig(output_dir=str(tmp_path), alpha=[0.1, -1.0])
@@ -247,7 +247,7 @@ def test_learning_signal_on_a_rule_reward(tmp_path):
 
 
 def test_train_cli_method_xpo_with_local_paths(tmp_path):
-    from nashkern.cli import main
+    from nashkern.apps.cli import main
 
     path, rm, data = save_tiny_model_dirs(tmp_path)
     out = tmp_path / "out"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nashkern.tiny import make_tokenizer, tiny_causal_lm, tiny_qwen2_config, tiny_reward_model  # noqa: F401
+from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm, tiny_qwen2_config, tiny_reward_model  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="module")

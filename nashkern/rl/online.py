@@ -9,10 +9,10 @@ only when it differs from the policy's), the prompt collator, the sampling gener
 from (seed, rank, step, micro-batch) at every step, so a resumed run draws what the uninterrupted
 run drew), decoding, scoring, metric gathering and logging, and ``training_step``.
 
-A method subclass (:class:`~nashkern.nash_md.NashMDTrainer`, :class:`~nashkern.xpo.XPOTrainer`,
-:class:`~nashkern.online_dpo.OnlineDPOTrainer`) implements ``compute_loss``: generation →
-scoring → fused log-probs (:func:`~nashkern.logprobs.completion_stats`, no ``[B, T, V]``
-logits) → its loss (:mod:`nashkern.losses`) → ``self._record_metrics``.
+A method subclass (:class:`~nashkern.rl.nash_md.NashMDTrainer`, :class:`~nashkern.rl.xpo.XPOTrainer`,
+:class:`~nashkern.rl.online_dpo.OnlineDPOTrainer`) implements ``compute_loss``: generation →
+scoring → fused log-probs (:func:`~nashkern.rl.completion_stats.completion_stats`, no ``[B, T, V]``
+logits) → its loss (:mod:`nashkern.rl.losses`) → ``self._record_metrics``.
 """
 from __future__ import annotations
 
@@ -183,90 +183,29 @@ class OnlinePreferenceTrainer(Trainer):
                  peft_config=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), preprocess_logits_for_metrics=None,
                  reward_processing_class: Optional[PreTrainedTokenizerBase] = None):
-        name = type(self).__name__
         args = args if args is not None else self.config_class(output_dir=self._default_output_dir)
         if not isinstance(args, self.config_class):
             raise TypeError(f"args must be a {self.config_class.__name__}, got "
                             f"{type(args).__name__}")
-        if isinstance(reward_funcs, Callable) and not isinstance(reward_funcs, nn.Module):
-            reward_funcs = [reward_funcs]
-        given = [n for n, v in (("reward_model", reward_model), ("judge", judge),
-                                ("reward_funcs", reward_funcs)) if v]
-        if len(given) != 1:
-            raise ValueError(f"{name} needs exactly one of reward_model, judge or "
-                             f"reward_funcs; got {given or 'none'}")
-        if args.reward_weights is not None and (
-                not reward_funcs or len(args.reward_weights) != len(reward_funcs)):
-            raise ValueError(f"reward_weights ({len(args.reward_weights)}) needs one weight per "
-                             f"reward function ({len(reward_funcs or [])})")
-        # model
-        model_path = model if isinstance(model, str) else None
-        if model_path is not None:
-            kw = model_load_kwargs(args.model_init_kwargs)
-            model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
-        if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-            raise ValueError(f"model must be a causal language model with an output embedding "
-                             f"(an AutoModelForCausalLM), got {type(model).__name__}")
+        reward_funcs = self._check_scorers(args, reward_model, judge, reward_funcs)
+        model, model_path = self._load_policy(model, args)
         if ref_model is not None and ref_model is model:
             raise ValueError("model and ref_model cannot be the same object: omit ref_model to "
                              "use a frozen copy (or the PEFT base) as the reference")
-        if processing_class is None:
-            if model_path is None:
-                raise ValueError("processing_class (the tokenizer) is required when model is "
-                                 "not a path")
-            processing_class = AutoTokenizer.from_pretrained(model_path)
-        tok = processing_class
-        if tok.pad_token is None:
-            warnings.warn("the tokenizer has no pad token: using the EOS token as padding")
-            tok.pad_token = tok.eos_token
-        if tok.eos_token_id is None:
-            raise ValueError("the tokenizer needs an EOS token")
-        # PEFT
-        self.is_peft = False
-        if peft_config is not None:
-            try:
-                from peft import get_peft_model
-            except ImportError as e:
-                raise ImportError("peft_config needs the `peft` package: pip install peft") from e
-            model = get_peft_model(model, peft_config)
-            self.is_peft = True
-        elif type(model).__name__.startswith("Peft"):
-            self.is_peft = True
-        # reference: a given model, the PEFT base with adapters disabled, or a frozen copy
-        if ref_model is None and not self.is_peft:
-            ref_model = copy.deepcopy(model)
-        if ref_model is not None:
-            ref_model.eval()
-            ref_model.requires_grad_(False)
-        self.ref_model = ref_model
-        # scorers
-        if isinstance(reward_model, str):
-            path = reward_model
-            reward_model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, trust_remote_code=False)
-            if reward_processing_class is None:
-                reward_processing_class = AutoTokenizer.from_pretrained(path)
-        if reward_model is not None:
-            reward_model.eval()
-            reward_model.requires_grad_(False)
-        self.reward_model = reward_model
+        tok = self._load_tokenizer(processing_class, model_path)
+        model = self._wrap_peft(model, peft_config)
+        self.ref_model = self._make_reference(model, ref_model)
+        self.reward_model, reward_processing_class = self._load_reward_model(
+            reward_model, reward_processing_class)
         self.reward_processing_class = (None if same_tokenizer(tok, reward_processing_class)
                                         else reward_processing_class)
         self.judge = judge
         self.reward_funcs = reward_funcs
         if args.disable_dropout:
             _disable_dropout(model)
-            if ref_model is not None:
-                _disable_dropout(ref_model)
-        # data
-        for split, ds in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            if ds is None:
-                continue
-            cols = getattr(ds, "column_names", None)
-            if cols is not None and "prompt" not in cols:
-                raise ValueError(f"{split} needs a 'prompt' column, got columns {cols}")
-            if len(ds) == 0:
-                raise ValueError(f"{split} is empty")
+            if self.ref_model is not None:
+                _disable_dropout(self.ref_model)
+        self._check_datasets(train_dataset=train_dataset, eval_dataset=eval_dataset)
         args.remove_unused_columns = False
         super().__init__(model=model, args=args,
                          data_collator=data_collator or PromptCollator(tok),
@@ -282,6 +221,99 @@ class OnlinePreferenceTrainer(Trainer):
         self.last_samples: List[Dict[str, Any]] = []
         self._generator = None
         self._micro_step, self._micro = None, 0  # (optimizer step, micro-batch) of the last draw
+
+    # -- set-up steps (called once, in this order, by __init__) ----------------------------------
+    def _check_scorers(self, args, reward_model, judge, reward_funcs):
+        """Exactly one of reward_model / judge / reward_funcs; returns reward_funcs as a list."""
+        if isinstance(reward_funcs, Callable) and not isinstance(reward_funcs, nn.Module):
+            reward_funcs = [reward_funcs]
+        given = [n for n, v in (("reward_model", reward_model), ("judge", judge),
+                                ("reward_funcs", reward_funcs)) if v]
+        if len(given) != 1:
+            raise ValueError(f"{type(self).__name__} needs exactly one of reward_model, judge or "
+                             f"reward_funcs; got {given or 'none'}")
+        if args.reward_weights is not None and (
+                not reward_funcs or len(args.reward_weights) != len(reward_funcs)):
+            raise ValueError(f"reward_weights ({len(args.reward_weights)}) needs one weight per "
+                             f"reward function ({len(reward_funcs or [])})")
+        return reward_funcs
+
+    def _load_policy(self, model, args):
+        """The policy (loaded when ``model`` is a path) -> (model, path or None)."""
+        model_path = model if isinstance(model, str) else None
+        if model_path is not None:
+            kw = model_load_kwargs(args.model_init_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
+        if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+            raise ValueError(f"model must be a causal language model with an output embedding "
+                             f"(an AutoModelForCausalLM), got {type(model).__name__}")
+        return model, model_path
+
+    @staticmethod
+    def _load_tokenizer(processing_class, model_path):
+        """The policy's tokenizer, with a pad token (EOS when it has none) and an EOS token."""
+        if processing_class is None:
+            if model_path is None:
+                raise ValueError("processing_class (the tokenizer) is required when model is "
+                                 "not a path")
+            processing_class = AutoTokenizer.from_pretrained(model_path)
+        tok = processing_class
+        if tok.pad_token is None:
+            warnings.warn("the tokenizer has no pad token: using the EOS token as padding")
+            tok.pad_token = tok.eos_token
+        if tok.eos_token_id is None:
+            raise ValueError("the tokenizer needs an EOS token")
+        return tok
+
+    def _wrap_peft(self, model, peft_config):
+        """Wrap the policy in PEFT adapters when ``peft_config`` is given; sets ``is_peft``."""
+        self.is_peft = False
+        if peft_config is not None:
+            try:
+                from peft import get_peft_model
+            except ImportError as e:
+                raise ImportError("peft_config needs the `peft` package: pip install peft") from e
+            model = get_peft_model(model, peft_config)
+            self.is_peft = True
+        elif type(model).__name__.startswith("Peft"):
+            self.is_peft = True
+        return model
+
+    def _make_reference(self, model, ref_model):
+        """The frozen reference: ``ref_model``, else None under PEFT (the base with adapters
+        disabled), else a frozen copy of the policy."""
+        if ref_model is None and not self.is_peft:
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+        return ref_model
+
+    @staticmethod
+    def _load_reward_model(reward_model, reward_processing_class):
+        """The frozen reward model (loaded when a path) -> (model or None, its tokenizer)."""
+        if isinstance(reward_model, str):
+            path = reward_model
+            reward_model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, trust_remote_code=False)
+            if reward_processing_class is None:
+                reward_processing_class = AutoTokenizer.from_pretrained(path)
+        if reward_model is not None:
+            reward_model.eval()
+            reward_model.requires_grad_(False)
+        return reward_model, reward_processing_class
+
+    @staticmethod
+    def _check_datasets(**datasets):
+        """Every given dataset has a 'prompt' column and at least one row."""
+        for split, ds in datasets.items():
+            if ds is None:
+                continue
+            cols = getattr(ds, "column_names", None)
+            if cols is not None and "prompt" not in cols:
+                raise ValueError(f"{split} needs a 'prompt' column, got columns {cols}")
+            if len(ds) == 0:
+                raise ValueError(f"{split} is empty")
 
     # -- schedules ----------------------------------------------------------------------------
     def _scheduled(self, name: str) -> float:
@@ -299,7 +331,7 @@ class OnlinePreferenceTrainer(Trainer):
                               repetition_penalty=a.repetition_penalty)
 
     def _generation_kwargs(self, generator: torch.Generator) -> Dict[str, Any]:
-        """Keyword arguments of :func:`~nashkern.generation.generate` for this step."""
+        """Keyword arguments of :func:`~nashkern.rl.generation.generate` for this step."""
         tok = self.processing_class
         return dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                     params=self._sampling_params(), max_length=self.args.max_length,
@@ -333,7 +365,7 @@ class OnlinePreferenceTrainer(Trainer):
     def _scores(self, inputs, gen: GenerationOutput, completions: List[str]) -> torch.Tensor:
         """Scores ``[N]`` (reward model or reward functions, ``missing_eos_penalty`` applied) of
         ``N`` completions, ``N`` a multiple of the batch: the prompts repeat in order (the
-        stacked samples of :func:`~nashkern.pairs.concat_generations`)."""
+        stacked samples of :func:`~nashkern.rl.pairs.concat_generations`)."""
         tok = self.processing_class
         reps = len(completions) // len(inputs["prompts"])
         if self.reward_model is not None:

@@ -21,7 +21,7 @@ from typing import Callable, ContextManager, Optional
 import torch
 from torch import Tensor
 
-from . import ops
+from .. import ops
 
 
 @dataclass

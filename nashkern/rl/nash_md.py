@@ -1,6 +1,6 @@
 """``NashMDConfig`` and ``NashMDTrainer``: Nash-MD on the shared machinery of
-:mod:`nashkern.online`, wiring the small functions of :mod:`nashkern.generation`,
-:mod:`nashkern.scoring`, :mod:`nashkern.logprobs` and :mod:`nashkern.losses`.
+:mod:`nashkern.rl.online`, wiring the small functions of :mod:`nashkern.rl.generation`,
+:mod:`nashkern.rl.scoring`, :mod:`nashkern.rl.completion_stats` and :mod:`nashkern.rl.losses`.
 
 One step (``compute_loss``; ``training_step`` adds the backward):
   1. policy completions and geometric-mixture completions (KV-cached, :func:`generate`);
@@ -19,7 +19,7 @@ import torch
 from .callbacks import LogCompletionsCallback  # noqa: F401  (re-exported)
 from .generation import generate
 from .judges import judge_probabilities
-from .logprobs import completion_stats
+from .completion_stats import completion_stats
 from .losses import nash_md_loss
 from .online import (OnlinePreferenceConfig, OnlinePreferenceTrainer, PromptCollator,  # noqa: F401
                      _as_list, _disable_dropout, _is_conversational, _per_epoch)

@@ -1,12 +1,12 @@
 """``OnlineDPOConfig`` and ``OnlineDPOTrainer``: Online DPO (Guo et al., 2024) on the shared
-machinery of :mod:`nashkern.online`.
+machinery of :mod:`nashkern.rl.online`.
 
 One step (``compute_loss``; ``training_step`` adds the backward):
   1. two policy completions per prompt: one KV-cached :func:`generate` call over the prompts
      repeated twice (rows ``[0, B)`` the first samples, ``[B, 2B)`` the second);
   2. the preferred one of each pair from the judge, or from one scoring pass over the ``2B``
      completions (reward model / reward functions; a tie goes to the first);
-  3. the ``2B`` sequences reordered ``chosen ‖ rejected`` (:mod:`nashkern.pairs`), then ONE
+  3. the ``2B`` sequences reordered ``chosen ‖ rejected`` (:mod:`nashkern.rl.pairs`), then ONE
      policy forward and ONE reference forward (no grad) over them through
      :func:`completion_stats` (fused log-probs from the final hidden states, no ``[B, T, V]``);
   4. :func:`dpo_loss` on the per-sequence sums and the original trainer's metrics.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .generation import generate
-from .logprobs import completion_stats
+from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, dpo_loss
 from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer
 from .pairs import chosen_rejected_from_preference, sequence_logps

@@ -2,7 +2,7 @@
 
 A step has two completions per prompt, ``first`` and ``second`` (XPO: the policy's y and the
 reference's ỹ; Online DPO: two policy samples). They are kept *stacked*: one
-:class:`~nashkern.generation.GenerationOutput` of ``2B`` rows, rows ``[0, B)`` the first
+:class:`~nashkern.rl.generation.GenerationOutput` of ``2B`` rows, rows ``[0, B)`` the first
 completions and ``[B, 2B)`` the second, on a common padding (:func:`concat_generations`).
 :func:`first_preferred` turns scores or judge choices into the per-prompt ``first is chosen``
 mask, and :func:`chosen_rejected_from_preference` reorders the stacked rows into

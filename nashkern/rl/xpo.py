@@ -1,5 +1,5 @@
 """``XPOConfig`` and ``XPOTrainer``: Exploratory Preference Optimization (Xie et al., 2024) on the
-shared machinery of :mod:`nashkern.online`.
+shared machinery of :mod:`nashkern.rl.online`.
 
 One step (``compute_loss``; ``training_step`` adds the backward):
   1. a policy completion y and a reference completion ỹ per prompt (KV-cached :func:`generate`;
@@ -7,7 +7,7 @@ One step (``compute_loss``; ``training_step`` adds the backward):
      ``ref_model``), stacked ``y ‖ ỹ`` on a common padding;
   2. chosen / rejected per prompt from the judge, or from one scoring pass over the ``2B``
      completions (reward model / reward functions; y is chosen when its score ≥ ỹ's);
-  3. the ``2B`` sequences reordered ``chosen ‖ rejected`` (:mod:`nashkern.pairs`), then ONE
+  3. the ``2B`` sequences reordered ``chosen ‖ rejected`` (:mod:`nashkern.rl.pairs`), then ONE
      policy forward and ONE reference forward (no grad) over them through
      :func:`completion_stats` (fused log-probs from the final hidden states, no ``[B, T, V]``);
      the exploration term's Σ log π(ỹ) is the chosen or the rejected policy sum, no extra pass;
@@ -21,7 +21,7 @@ from typing import ClassVar, List, Tuple
 import torch
 
 from .generation import generate
-from .logprobs import completion_stats
+from .completion_stats import completion_stats
 from .losses import xpo_loss
 from .online import OnlinePreferenceTrainer
 from .online_dpo import OnlineDPOConfig

@@ -67,13 +67,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .callbacks import LogCompletionsCallback
-    from .online import model_load_kwargs
-    from .judges import PairRMJudge, RandomPairwiseJudge
+    from ..rl.callbacks import LogCompletionsCallback
+    from ..rl.online import model_load_kwargs
+    from ..rl.judges import PairRMJudge, RandomPairwiseJudge
 
     method, argv = split_method(sys.argv[1:] if argv is None else list(argv))
     module, config_name, trainer_name = METHODS[method]
-    module = importlib.import_module(f".{module}", __package__)
+    module = importlib.import_module(f"nashkern.rl.{module}")
     Config, Trainer = getattr(module, config_name), getattr(module, trainer_name)
     parser = HfArgumentParser(
         (ScriptArguments, Config), prog=f"nashkern train --method {method}",

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from . import ops
-from .memory import AllocationRecorder
-from .reference import naive_linear_token_stats
+from .. import ops
+from ..memory import AllocationRecorder
+from ..naive import naive_linear_token_stats
 
 
 def _timed(fn):
