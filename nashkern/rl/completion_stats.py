@@ -38,13 +38,52 @@ def _unwrap(model):
     return model
 
 
+class HeadNotFusable(Exception):
+    """The output head carries something the fused path cannot fold into ``(W, b)`` this step
+    (e.g. LoRA dropout in training mode, DoRA): the caller falls back, loudly."""
+
+
+def _lora_head(head):
+    """``(W_eff, b_eff)`` of a PEFT LoRA layer on the output head: ``W + Σ_a s_a·B_a A_a`` (and
+    ``b + Σ_a s_a·b_B,a`` with ``lora_bias``) over the active adapters, differentiable in A and B
+    (an extra ``[V, D]`` tensor per call); the base ``(W, b)`` when the adapters are disabled
+    (the PEFT reference) or merged. Read at every call, so it follows the training."""
+    base = head.get_base_layer()
+    w, b = base.weight, getattr(base, "bias", None)
+    if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return w, b
+    for a in head.active_adapters:
+        if a not in head.lora_A:
+            continue
+        if getattr(head, "use_dora", {}).get(a) or getattr(head, "lora_variant", {}).get(a):
+            raise HeadNotFusable(f"adapter {a!r} on the output head is a LoRA variant (DoRA, ...)")
+        if getattr(head, "fan_in_fan_out", False):
+            raise HeadNotFusable("fan_in_fan_out LoRA on the output head")
+        drop = head.lora_dropout[a]
+        if isinstance(drop, torch.nn.Dropout) and drop.p > 0 and drop.training:
+            raise HeadNotFusable(f"lora_dropout={drop.p} on the output head in training mode")
+        A, B, scale = head.lora_A[a].weight, head.lora_B[a].weight, head.scaling[a]
+        w = w + (B @ A).to(w.dtype) * scale
+        b_B = getattr(head.lora_B[a], "bias", None)
+        if b_B is not None:
+            b = (b_B * scale).to(w.dtype) if b is None else b + (b_B * scale).to(b.dtype)
+    return w, b
+
+
 def output_head(model) -> Optional[HeadSpec]:
+    """The output head as ``logits = scale · (h W^T + b)`` (+ softcap), or None. A PEFT LoRA
+    layer on the head is folded in (:func:`_lora_head`, may raise :class:`HeadNotFusable`); a
+    ``modules_to_save`` head resolves to the trained copy, or to the original one when it is read
+    inside ``disable_adapter()`` (read the reference's head inside its context)."""
     m = _unwrap(model)
     try:
         head = m.get_output_embeddings()
     except Exception:  # noqa: BLE001
         return None
-    w = getattr(head, "weight", None)
+    if hasattr(head, "lora_A") and hasattr(head, "get_base_layer"):
+        w, bias = _lora_head(head)
+    else:
+        w, bias = getattr(head, "weight", None), getattr(head, "bias", None)
     if w is None or w.dim() != 2:
         return None
     cfg = getattr(m, "config", None)
@@ -56,7 +95,7 @@ def output_head(model) -> Optional[HeadSpec]:
         if getattr(cfg, "logits_scaling", None) not in (None, 1.0):
             scale /= float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
-    return HeadSpec(w, getattr(head, "bias", None), scale, float(softcap) if softcap else None)
+    return HeadSpec(w, bias, scale, float(softcap) if softcap else None)
 
 
 def _head_logits(h: Tensor, spec: HeadSpec) -> Tensor:
@@ -110,10 +149,19 @@ def completion_stats(model, input_ids: Tensor, attention_mask: Tensor, context_l
     targets = input_ids[:, context_length:].masked_fill(
         attention_mask[:, context_length:] == 0, -100)
     hidden, logits = _run_body(model, input_ids, attention_mask)
-    spec = output_head(model)
-    with torch.no_grad(), ref_ctx():
-        ref_hidden, ref_logits = _run_body(ref_model, input_ids, attention_mask)
-    ref_spec = output_head(ref_model)
+    try:
+        spec = output_head(model)
+        with torch.no_grad(), ref_ctx():
+            ref_hidden, ref_logits = _run_body(ref_model, input_ids, attention_mask)
+            # inside the context: under PEFT the reference's head is the ORIGINAL one (a
+            # modules_to_save head resolves to its trained copy outside disable_adapter())
+            ref_spec = output_head(ref_model)
+    except HeadNotFusable as e:  # decided at every call: the adapters change while training
+        warnings.warn(f"{type(_unwrap(model)).__name__}: {e}; the fused path cannot include it, "
+                      "falling back to chunked logits (materialises [rows, T, V] per chunk)",
+                      RuntimeWarning)
+        return _chunked_logits_stats(model, ref_model, ref_ctx, input_ids, attention_mask,
+                                     context_length, targets, chunk_rows)
     if (_separable(model, spec, hidden, logits) and ref_spec is not None
             and _separable(ref_model, ref_spec, ref_hidden, ref_logits)
             and spec.softcap == ref_spec.softcap):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .checks import check_fields
 
 
 @dataclass
@@ -45,18 +46,7 @@ class SamplingParams:
     repetition_penalty: Optional[float] = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or None: off), got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_fields(self)  # the rules of nashkern.rl.checks.FIELD_RULES, shared with the configs
 
     @property
     def has_processors(self) -> bool:
@@ -126,6 +116,17 @@ def sample_next(z: Tensor, r: Optional[Tensor], coef: float, params: SamplingPar
         m = process_logits(mix_logits(z, r, coef), seen, params)
         tok = ops.mixture_sample(m, m, coef=0.0, temperature=1.0, generator=generator)
     return tok
+
+
+def _check_sampled(tok: Tensor, vocab: int) -> None:
+    """Sampled ids must lie in ``[0, V)``: -1 is the sampler's "no finite logit / NaN row"; an id
+    ``>= V`` (a +inf logit on some backends) would index past the embedding."""
+    bad = (tok < 0) | (tok >= vocab)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise RuntimeError(f"generation: sampled token id {int(tok[row])} in row {row} is outside "
+                           f"[0, {vocab}): the row's (processed) logits have no finite entry, a "
+                           "NaN or a +inf")
 
 
 def truncate_prompts_left(input_ids: Tensor, attention_mask: Tensor, max_prompt: int):
@@ -225,8 +226,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
         next_pos = pos[:, -1:]
         for step in range(params.max_new_tokens):
             tok = sample_next(z, r, coef if use_ref else 0.0, params, seen, generator)
-            if bool((tok < 0).any()):
-                raise RuntimeError("generation: a row has no finite (processed) logit or a NaN")
+            _check_sampled(tok, vocab)
             tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
             tokens.append(tok)
             masks.append(~finished)

@@ -1,10 +1,13 @@
 """Pairwise judges: ``judge(prompts, completion_pairs, shuffle_order=True) -> list[int]``
-(index of the preferred completion of each pair; -1 when the judge could not decide)."""
+(index of the preferred completion of each pair; -1 when the judge could not decide). What a
+judge returns is checked (length, values in {-1, 0, 1}, probabilities in [0, 1])."""
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
 from typing import List, Optional, Sequence, Tuple
+
+from .checks import judge_choices, judge_probabilities_checked
 
 
 class BasePairwiseJudge(ABC):
@@ -78,8 +81,7 @@ def judge_probabilities(judge: BasePairwiseJudge, prompts: List[str],
     except (TypeError, ValueError):
         accepts_scores = False
     if accepts_scores:
-        return [float(p) for p in judge.judge(prompts, pairs, return_scores=True)]
-    choices = judge.judge(prompts, pairs)
-    if len(choices) != len(pairs):
-        raise ValueError(f"the judge returned {len(choices)} choices for {len(pairs)} pairs")
-    return [0.5 if c == -1 else (1.0 if int(c) == 0 else 0.0) for c in choices]
+        return judge_probabilities_checked(
+            judge, judge.judge(prompts, pairs, return_scores=True), len(pairs))
+    choices = judge_choices(judge, judge.judge(prompts, pairs), len(pairs))
+    return [0.5 if c == -1 else (1.0 if c == 0 else 0.0) for c in choices]

@@ -80,14 +80,18 @@ class NashMDTrainer(OnlinePreferenceTrainer):
             pol_scores = self._scores(inputs, pol, pol_text)
             mix_scores = self._scores(inputs, mix, mix_text)
             probability = preference_probability(pol_scores, mix_scores)
+        keep = self._kept_rows((probability, pol_scores, mix_scores), len(pol_text), ids.device,
+                               inputs["prompts"])
         ctx = pol.prompt_ids.shape[1]
         st = completion_stats(model, pol.input_ids, pol.attention_mask, ctx, ref_model=ref,
                               ref_context=ref_ctx)
         cmask = pol.completion_mask
         loss, score, kl_term = nash_md_loss(
-            st.logprobs, st.ref_logprobs, probability, cmask, beta,
-            token_kl=st.kl if args.kl_estimator == "full" else None)
-        if model.training:
+            st.logprobs, st.ref_logprobs, torch.where(keep, probability, 0.5),
+            cmask * keep[:, None], beta, token_kl=st.kl if args.kl_estimator == "full" else None)
+        if not bool(keep.all()):  # nonfinite_scores="skip": the mean over the kept prompts
+            loss = self._kept_mean(beta * kl_term - score, keep)
+        if self._records(model):
             self._record(st, cmask, probability, score, pol, mix, pol_scores, mix_scores, beta,
                          coef)
             self.last_samples = [

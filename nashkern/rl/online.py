@@ -30,6 +30,9 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, PreTrainedTokenizerBase, Trainer,
                           TrainingArguments)
 
+from .checks import (check_fields, check_finite_loss, check_prompt_dataset, check_prompts,
+                     finite_rows, is_conversational, judge_choices, kept_mean,
+                     nonfinite_parameters, scorer_name)
 from .generation import GenerationOutput, SamplingParams
 from .judges import BasePairwiseJudge
 from .pairs import first_preferred
@@ -71,6 +74,10 @@ class OnlinePreferenceConfig(TrainingArguments):
     reward_weights: Optional[List[float]] = field(default=None, metadata={
         "help": "Weights of the reward functions (default: all 1)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False."})
+    nonfinite_scores: str = field(default="raise", metadata={
+        "help": "A NaN/inf reward, reward-model score or judge probability: 'raise' (an error "
+                "naming the scorer and the rows, before any weight changes) or 'skip' (those "
+                "prompts are dropped from the loss and counted in scores/nonfinite_count)."})
     warmup_ratio: Optional[float] = field(default=None, metadata={
         "help": "Linear warmup over this fraction of the steps (sets warmup_steps; the "
                 "original script's argument)."})
@@ -82,19 +89,24 @@ class OnlinePreferenceConfig(TrainingArguments):
             self.warmup_steps = float(self.warmup_ratio)
         for name in self._schedules:
             setattr(self, name, _as_list(name, getattr(self, name)))
-        if any(b < 0 for b in self.beta):
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.max_new_tokens < 1 or self.max_length <= self.max_new_tokens:
-            raise ValueError("need 1 <= max_new_tokens < max_length")
+        check_fields(self)  # every scalar field against nashkern.rl.checks.FIELD_RULES
+        if self.max_length <= self.max_new_tokens:
+            raise ValueError(f"{type(self).__name__}: max_length ({self.max_length}) must exceed "
+                             f"max_new_tokens ({self.max_new_tokens}) (room for the prompt)")
         if self.reward_weights is not None:
             self.reward_weights = [float(w) for w in self.reward_weights]
         super().__post_init__()
 
 
 def _as_list(name, value) -> List[float]:
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [float(value)]
-    value = [float(v) for v in value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a float or a list of floats, got {value!r}")
+    try:
+        value = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a float or a list of floats, got {value!r}") from None
     if not value:
         raise ValueError(f"{name} must be a float or a non-empty list of floats")
     return value
@@ -106,9 +118,7 @@ def _per_epoch(values: List[float], epoch: float) -> float:
     return values[min(int(epoch or 0), len(values) - 1)]
 
 
-def _is_conversational(prompt) -> bool:
-    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) \
-        and "role" in prompt[0]
+_is_conversational = is_conversational
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -126,6 +136,9 @@ class PromptCollator:
         self.tokenizer = tokenizer
 
     def __call__(self, features):
+        # rows of a streaming dataset are first seen here (map-style ones at construction too)
+        check_prompts([f.get("prompt") if isinstance(f, dict) else f for f in features],
+                      "a batch of prompts", self.tokenizer)
         texts = []
         for f in features:
             p = f["prompt"]
@@ -138,6 +151,10 @@ class PromptCollator:
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         finally:
             self.tokenizer.padding_side = side
+        empty = (enc["attention_mask"].sum(1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"prompt {texts[empty[0]]!r} tokenizes to no tokens: a prompt needs "
+                             "at least one token")
         columns = {k: [f[k] for f in features] for k in features[0] if k != "prompt"}
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "prompts": texts, "raw_prompts": [f["prompt"] for f in features],
@@ -205,7 +222,9 @@ class OnlinePreferenceTrainer(Trainer):
             _disable_dropout(model)
             if self.ref_model is not None:
                 _disable_dropout(self.ref_model)
-        self._check_datasets(train_dataset=train_dataset, eval_dataset=eval_dataset)
+        self._check_reward_model(tok)
+        self._check_lengths(model, args)
+        self._check_datasets(tok, train_dataset=train_dataset, eval_dataset=eval_dataset)
         args.remove_unused_columns = False
         super().__init__(model=model, args=args,
                          data_collator=data_collator or PromptCollator(tok),
@@ -221,6 +240,9 @@ class OnlinePreferenceTrainer(Trainer):
         self.last_samples: List[Dict[str, Any]] = []
         self._generator = None
         self._micro_step, self._micro = None, 0  # (optimizer step, micro-batch) of the last draw
+        self._evaluating = False  # inside evaluate(): metrics go to _eval_stats
+        self._eval_stats: Dict[str, List[float]] = defaultdict(list)
+        self._truncation_warned = False
 
     # -- set-up steps (called once, in this order, by __init__) ----------------------------------
     def _check_scorers(self, args, reward_model, judge, reward_funcs):
@@ -299,21 +321,47 @@ class OnlinePreferenceTrainer(Trainer):
             if reward_processing_class is None:
                 reward_processing_class = AutoTokenizer.from_pretrained(path)
         if reward_model is not None:
+            labels = getattr(getattr(reward_model, "config", None), "num_labels", 1)
+            if labels != 1:
+                raise ValueError(f"reward_model ({type(reward_model).__name__}) has num_labels="
+                                 f"{labels}; a reward model returns one score per sequence "
+                                 "(num_labels=1)")
             reward_model.eval()
             reward_model.requires_grad_(False)
         return reward_model, reward_processing_class
 
-    @staticmethod
-    def _check_datasets(**datasets):
-        """Every given dataset has a 'prompt' column and at least one row."""
+    def _check_reward_model(self, tok):
+        """A reward model that reads the policy's token ids (no reward tokenizer of its own)
+        must cover the policy tokenizer's vocabulary."""
+        if self.reward_model is None or self.reward_processing_class is not None:
+            return
+        emb = self.reward_model.get_input_embeddings() \
+            if hasattr(self.reward_model, "get_input_embeddings") else None
+        n = getattr(emb, "num_embeddings", None)
+        if n is not None and n < len(tok):
+            raise ValueError(f"reward_model ({type(self.reward_model).__name__}) has a vocabulary "
+                             f"of {n} tokens, smaller than the policy tokenizer's {len(tok)}: "
+                             "pass its own tokenizer as reward_processing_class (completions are "
+                             "then re-tokenised for it)")
+
+    def _check_lengths(self, model, args):
+        """``max_length`` (prompt + completion) must fit the policy's positions. Longer prompts
+        are truncated from the left to ``max_length - max_new_tokens`` tokens, with a warning."""
+        cfg = getattr(model, "config", None)
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(limit, int) and args.max_length > limit:
+            raise ValueError(f"max_length ({args.max_length}) exceeds the model's "
+                             f"max_position_embeddings ({limit}); set max_length <= {limit} "
+                             "(prompts longer than max_length - max_new_tokens are truncated "
+                             "from the left)")
+
+    def _check_datasets(self, tokenizer=None, **datasets):
+        """Every given dataset has a 'prompt' column, at least one row and well-formed prompts
+        (:func:`~nashkern.rl.checks.check_prompt_dataset`; streaming datasets are checked batch
+        by batch; transformers asks them for ``max_steps``)."""
         for split, ds in datasets.items():
-            if ds is None:
-                continue
-            cols = getattr(ds, "column_names", None)
-            if cols is not None and "prompt" not in cols:
-                raise ValueError(f"{split} needs a 'prompt' column, got columns {cols}")
-            if len(ds) == 0:
-                raise ValueError(f"{split} is empty")
+            check_prompt_dataset(split, ds, tokenizer)
 
     # -- schedules ----------------------------------------------------------------------------
     def _scheduled(self, name: str) -> float:
@@ -354,6 +402,8 @@ class OnlinePreferenceTrainer(Trainer):
         if self._generator is None or self._generator.device != torch.device(device):
             self._generator = torch.Generator(device=device)
         key = [self.args.seed, self.args.process_index, step, self._micro]
+        if self._evaluating:  # evaluation draws its own numbers: training's stay as they were
+            key.append(1)
         self._generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
                                         >> np.uint64(1)))
         return self._generator
@@ -374,6 +424,8 @@ class OnlinePreferenceTrainer(Trainer):
                 self.reward_model, gen.input_ids, gen.attention_mask,
                 pad_token_id=tok.pad_token_id, texts=full,
                 reward_tokenizer=self.reward_processing_class)
+            finite_rows(scores, f"reward_model {type(self.reward_model).__name__}",
+                        self.args.nonfinite_scores, inputs["prompts"])
         else:
             raw = inputs["raw_prompts"] * reps
             comps = completions
@@ -383,16 +435,35 @@ class OnlinePreferenceTrainer(Trainer):
                                                               gen.completion_mask)]
             columns = {k: list(v) * reps for k, v in inputs.get("columns", {}).items()}
             scores = reward_funcs_scores(self.reward_funcs, raw, comps, ids,
-                                         weights=self.args.reward_weights, **columns)
+                                         weights=self.args.reward_weights,
+                                         nonfinite=self.args.nonfinite_scores, **columns)
         scores = scores.to(gen.completion_ids.device)
         return apply_missing_eos_penalty(scores, gen.completion_ids, tok.eos_token_id,
                                          self.args.missing_eos_penalty)
 
     def _judge_choices(self, prompts: List[str], pairs: List[Tuple[str, str]]) -> List[int]:
-        choices = self.judge.judge(prompts, pairs)
-        if len(choices) != len(pairs):
-            raise ValueError(f"the judge returned {len(choices)} choices for {len(pairs)} pairs")
-        return [int(c) for c in choices]
+        return judge_choices(self.judge, self.judge.judge(prompts, pairs), len(pairs))
+
+    def _kept_rows(self, values: Sequence[Optional[torch.Tensor]], batch_size: int, device,
+                   prompts=None) -> torch.Tensor:
+        """Bool ``[B]``: the prompts whose values (``[B]`` each, None skipped) are all finite.
+        Under ``nonfinite_scores="raise"`` a non-finite value raises, naming the judge (the
+        reward functions / model have raised already in :meth:`_scores`); under ``"skip"`` the
+        number of dropped prompts, summed over processes, is recorded as
+        ``scores/nonfinite_count``."""
+        source = f"judge {scorer_name(self.judge)}" if self.judge is not None else "the scores"
+        keep = torch.ones(batch_size, dtype=torch.bool, device=device)
+        for v in values:
+            if v is not None:
+                keep &= finite_rows(v, source, self.args.nonfinite_scores, prompts).to(device)
+        if self.args.nonfinite_scores == "skip":
+            dropped = self.accelerator.gather((~keep).sum().reshape(1)).sum()
+            self._record_metrics({"scores/nonfinite_count": float(dropped)})
+        return keep
+
+    @staticmethod
+    def _kept_mean(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return kept_mean(per_row, keep)
 
     def _preference(self, inputs, samples: GenerationOutput, texts: List[str]):
         """For stacked ``first ‖ second`` samples (``2B`` rows): ``(first_chosen [B] bool,
@@ -409,11 +480,19 @@ class OnlinePreferenceTrainer(Trainer):
     def _record_metrics(self, metrics: Dict[str, Union[torch.Tensor, float]]) -> None:
         """Append one value per metric to ``self.stats``: tensors (per prompt, ``[B]``) are
         gathered across processes and averaged; floats (schedules) are kept as they are."""
+        stats = self._eval_stats if self._evaluating else self.stats
         for k, v in metrics.items():
             if isinstance(v, torch.Tensor):
-                v = self.accelerator.gather_for_metrics(
-                    v.detach().float().reshape(-1)).mean().item()
-            self.stats[k].append(float(v))
+                v = self.accelerator.gather_for_metrics(v.detach().float().reshape(-1))
+                # rows dropped under nonfinite_scores="skip" carry NaN scores: averaged out
+                # (their number is scores/nonfinite_count)
+                v = v[torch.isfinite(v)].mean().item() if bool(torch.isfinite(v).any()) \
+                    else float("nan")
+            stats[k].append(float(v))
+
+    def _records(self, model) -> bool:
+        """Whether this ``compute_loss`` records metrics: in training and in ``evaluate()``."""
+        return model.training or self._evaluating
 
     # -- Trainer hooks ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -422,13 +501,61 @@ class OnlinePreferenceTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
+        self._warn_long_prompts(inputs)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         if self.args.n_gpu > 1:
             loss = loss.mean()
+        check_finite_loss(loss, int(self.state.global_step))
         loss = loss / self.args.gradient_accumulation_steps
         self.accelerator.backward(loss)
         return loss.detach()
+
+    def _warn_long_prompts(self, inputs) -> None:
+        """Prompts longer than ``max_length - max_new_tokens`` tokens are truncated from the left
+        by :func:`~nashkern.rl.generation.generate`: say so (once per trainer, with a count)."""
+        room = self.args.max_length - self.args.max_new_tokens
+        n = int((inputs["attention_mask"].sum(1) > room).sum())
+        if n and not self._truncation_warned:
+            self._truncation_warned = True
+            warnings.warn(f"{n} prompt(s) of this batch are longer than max_length - "
+                          f"max_new_tokens = {room} tokens and are truncated from the left "
+                          "(further truncations are not reported)", UserWarning)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """Refuses to save non-finite weights (a NaN model never reaches disk unannounced)."""
+        bad = nonfinite_parameters(self.model) if self.model is not None else []
+        if bad:
+            raise FloatingPointError(f"not saving the model to {output_dir or self.args.output_dir}"
+                                     f": non-finite weights in {bad}")
+        return super().save_model(output_dir, _internal_call)
+
+    # -- evaluation: the method's loss and metrics on eval prompts, no update -----------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach().mean(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Generation + scoring + loss on every eval batch (``prediction_step``), without an
+        update; the method's metrics come back as ``<prefix>_<metric>`` (as in TRL's online
+        trainers) next to ``<prefix>_loss``. Training's samples and sampler state are kept."""
+        saved = (self.last_samples, self._micro_step, self._micro)
+        self._evaluating, self._micro_step = True, None
+        self._eval_stats.clear()
+        try:
+            out = super().evaluation_loop(dataloader, description, prediction_loss_only=True,
+                                          ignore_keys=ignore_keys,
+                                          metric_key_prefix=metric_key_prefix)
+        finally:
+            self._evaluating = False
+            self.last_samples, self._micro_step, self._micro = saved
+        for k, v in self._eval_stats.items():
+            out.metrics[f"{metric_key_prefix}_{k}"] = sum(v) / len(v)
+        self._eval_stats.clear()
+        return out
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         if self.stats and self.model is not None and "loss" in logs:

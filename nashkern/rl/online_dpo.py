@@ -63,7 +63,11 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
         rlp = sequence_logps(st.ref_logprobs, pairs.completion_mask)
         (pc, pr), (rc, rr) = pairs.split(lp), pairs.split(rlp)
         loss, losses = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=self.args.loss_type)
-        if model.training:
+        keep = self._kept_rows((None,) if scores is None else (scores[:B], scores[B:]), B,
+                               ids.device, inputs["prompts"])
+        if not bool(keep.all()):  # nonfinite_scores="skip": the mean over the kept pairs
+            loss = self._kept_mean(losses, keep)
+        if self._records(model):
             eos = self.processing_class.eos_token_id
             has_eos = (samples.completion_ids == eos).any(1).float()
             self._record_dpo_metrics(pc.detach(), pr.detach(), rc, rr, beta,

@@ -62,7 +62,8 @@ def first_preferred(*, scores: Optional[Tensor] = None, other_scores: Optional[T
     """Bool ``[B]``: True where the first completion of a pair is chosen.
 
     From scores (reward model / reward functions): ``scores >= other_scores`` (a tie goes to the
-    first, as in the original trainers). From a pairwise judge's choices (the index of the
+    first, as in the original trainers; a NaN/inf score loses to a finite one, and the first
+    is kept when both are non-finite). From a pairwise judge's choices (the index of the
     preferred completion): ``choice == 0`` (a judge's -1, "undecided", therefore picks the
     second, as the original ``rank == 0`` test did)."""
     if (judge_choices is None) == (scores is None or other_scores is None):
@@ -73,7 +74,10 @@ def first_preferred(*, scores: Optional[Tensor] = None, other_scores: Optional[T
     if scores.shape != other_scores.shape or scores.dim() != 1:
         raise ValueError(f"scores and other_scores must be [B] tensors of one shape, got "
                          f"{tuple(scores.shape)} and {tuple(other_scores.shape)}")
-    out = scores >= other_scores
+    # a non-finite score never wins over a finite one (``NaN >= x`` is False either way, so a
+    # NaN first would be rejected but a NaN second would be chosen)
+    first_ok, other_ok = torch.isfinite(scores), torch.isfinite(other_scores)
+    out = torch.where(first_ok & other_ok, scores >= other_scores, first_ok | ~other_ok)
     return out if device is None else out.to(device)
 
 

@@ -7,6 +7,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .checks import check_reward_logits, finite_rows, reward_values, scorer_name
 from .judges import judge_probabilities  # noqa: F401 (re-exported)
 
 
@@ -62,6 +63,7 @@ def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor,
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = reward_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        check_reward_logits(type(reward_model).__name__, logits)
         if logits.dim() == 3:  # a model returning per-token scores: the last (real) position
             logits = logits[:, -1]
         return logits[:, 0].float()
@@ -71,17 +73,19 @@ def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor,
 
 def reward_funcs_scores(reward_funcs: Sequence[Callable], prompts: List, completions: List,
                         completion_ids: List[List[int]], weights: Optional[Sequence[float]] = None,
-                        **kwargs) -> Tensor:
+                        nonfinite: str = "raise", **kwargs) -> Tensor:
     """Σ_f w_f · f(prompts, completions, completion_ids=..., **kwargs) per row, float32 ``[B]``
-    (a ``None`` reward counts as 0)."""
+    (a ``None`` reward counts as 0). Each output is checked (:func:`~nashkern.rl.checks.
+    reward_values`); a NaN/inf reward raises naming the function and the rows
+    (``nonfinite="raise"``) or makes that row's total NaN (``"skip"``: the trainer drops it)."""
     total = torch.zeros(len(prompts), dtype=torch.float32)
     weights = weights or [1.0] * len(reward_funcs)
     for w, f in zip(weights, reward_funcs):
-        r = f(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-        if len(r) != len(prompts):
-            raise ValueError(f"reward function {getattr(f, '__name__', f)} returned {len(r)} "
-                             f"rewards for {len(prompts)} completions")
-        total += w * torch.tensor([0.0 if x is None else float(x) for x in r])
+        name = scorer_name(f)
+        r = reward_values(name, f(prompts=prompts, completions=completions,
+                                  completion_ids=completion_ids, **kwargs), len(prompts))
+        finite_rows(r, f"reward function {name}", nonfinite, prompts)
+        total += w * r
     return total
 
 

@@ -89,7 +89,11 @@ class XPOTrainer(OnlinePreferenceTrainer):
         policy_ref_sample = torch.where(policy_chosen, pr, pc)
         loss, dpo_losses, xpo_losses = xpo_loss(pc, pr, rc, rr, policy_ref_sample, beta=beta,
                                                 alpha=alpha, loss_type=self.args.loss_type)
-        if model.training:
+        keep = self._kept_rows((None,) if scores is None else (scores[:B], scores[B:]), B,
+                               ids.device, inputs["prompts"])
+        if not bool(keep.all()):  # nonfinite_scores="skip": the mean over the kept pairs
+            loss = self._kept_mean(dpo_losses + xpo_losses, keep)
+        if self._records(model):
             eos = self.processing_class.eos_token_id
             has_eos = (samples.completion_ids == eos).any(1).float()
             self._record_xpo_metrics(
