@@ -151,6 +151,13 @@ def check_prompt_dataset(split: str, ds, tokenizer=None) -> None:
     batch by batch in the collator instead."""
     if ds is None:
         return
+    if type(ds).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        raise ValueError(f"{split} is a {type(ds).__name__} (splits {list(ds)}); pass one split, "
+                         f"e.g. dataset[{next(iter(ds), 'train')!r}]")
+    if isinstance(ds, dict):  # several eval datasets (transformers' dict of eval sets)
+        for name, part in ds.items():
+            check_prompt_dataset(f"{split}[{name!r}]", part, tokenizer)
+        return
     cols = getattr(ds, "column_names", None)
     if cols is not None and "prompt" not in cols:
         raise ValueError(f"{split} needs a 'prompt' column, got columns {cols}")

@@ -224,6 +224,7 @@ class OnlinePreferenceTrainer(Trainer):
                 _disable_dropout(self.ref_model)
         self._check_reward_model(tok)
         self._check_lengths(model, args)
+        self._check_vocabularies(model, tok)
         self._check_datasets(tok, train_dataset=train_dataset, eval_dataset=eval_dataset)
         args.remove_unused_columns = False
         super().__init__(model=model, args=args,
@@ -254,6 +255,12 @@ class OnlinePreferenceTrainer(Trainer):
         if len(given) != 1:
             raise ValueError(f"{type(self).__name__} needs exactly one of reward_model, judge or "
                              f"reward_funcs; got {given or 'none'}")
+        if judge is not None and not callable(getattr(judge, "judge", None)):
+            raise TypeError(f"judge must have a judge(prompts, completion_pairs) method (a "
+                            f"BasePairwiseJudge), got {type(judge).__name__}")
+        for i, f in enumerate(reward_funcs or []):
+            if not callable(f):
+                raise TypeError(f"reward_funcs[{i}] must be callable, got {type(f).__name__}")
         if args.reward_weights is not None and (
                 not reward_funcs or len(args.reward_weights) != len(reward_funcs)):
             raise ValueError(f"reward_weights ({len(args.reward_weights)}) needs one weight per "
@@ -343,6 +350,22 @@ class OnlinePreferenceTrainer(Trainer):
                              f"of {n} tokens, smaller than the policy tokenizer's {len(tok)}: "
                              "pass its own tokenizer as reward_processing_class (completions are "
                              "then re-tokenised for it)")
+
+    def _check_vocabularies(self, model, tok):
+        """The tokenizer's ids fit the policy's embedding, and the reference scores the same
+        vocabulary as the policy."""
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        n = getattr(emb, "num_embeddings", None)
+        if n is not None and len(tok) > n:
+            raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's embedding only "
+                             f"{n} rows: resize_token_embeddings(len(tokenizer)) first")
+        if self.ref_model is not None:
+            rows = [getattr(getattr(m, "get_output_embeddings", lambda: None)(), "weight", None)
+                    for m in (model, self.ref_model)]
+            if all(w is not None for w in rows) and rows[0].shape[0] != rows[1].shape[0]:
+                raise ValueError(f"ref_model's vocabulary ({rows[1].shape[0]}) differs from the "
+                                 f"policy's ({rows[0].shape[0]}): the reference must share the "
+                                 "policy's tokenizer")
 
     def _check_lengths(self, model, args):
         """``max_length`` (prompt + completion) must fit the policy's positions. Longer prompts
