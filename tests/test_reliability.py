@@ -517,3 +517,17 @@ def test_other_trainer_arguments_checked_where_they_enter(tmp_path):
     with pytest.raises(ValueError, match=r"eval_dataset\['b'\]\['prompt'\]: row 0 is None"):
         make("nash_md", tmp_path, eval_dataset={"a": Dataset.from_dict({"prompt": ["x"]}),
                                                 "b": [{"prompt": None}]})
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -1.0])
+def test_loss_functions_reject_nonfinite_beta_and_alpha(bad):
+    from nashkern.rl.losses import dpo_loss, nash_md_loss, xpo_loss
+
+    x = torch.zeros(2, 3)
+    v = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta must be a finite float >= 0"):
+        nash_md_loss(x, x, 0.5, None, bad)
+    with pytest.raises(ValueError, match="beta must be a finite float >= 0"):
+        dpo_loss(v, v, v, v, beta=bad)
+    with pytest.raises(ValueError, match="alpha must be a finite float >= 0"):
+        xpo_loss(v, v, v, v, v, beta=0.1, alpha=bad)

@@ -27,11 +27,16 @@ reference terms are treated as constants):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _finite_nonneg(x) -> bool:
+    return bool(x >= 0) and math.isfinite(float(x))
 
 
 def nash_md_loss(logprobs: Tensor, ref_logprobs: Tensor, probability: Union[Tensor, float],
@@ -49,8 +54,8 @@ def nash_md_loss(logprobs: Tensor, ref_logprobs: Tensor, probability: Union[Tens
     if ref_logprobs.shape != logprobs.shape:
         raise ValueError(f"ref_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
                          f"got {tuple(ref_logprobs.shape)}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not _finite_nonneg(beta):
+        raise ValueError(f"beta must be a finite float >= 0, got {beta}")
     if mask is None:
         mask = torch.ones_like(logprobs, dtype=torch.bool)
     elif mask.shape != logprobs.shape:
@@ -79,8 +84,8 @@ LOSS_TYPES = ("sigmoid", "ipo")
 def _check_pair_inputs(named, beta: float, loss_type: str) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not beta >= 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not _finite_nonneg(beta):
+        raise ValueError(f"beta must be a finite float >= 0, got {beta}")
     if loss_type == "ipo" and beta == 0:
         raise ValueError("the ipo loss needs beta > 0 (its target is 1/(2·beta))")
     (name0, first), *rest = named
@@ -130,8 +135,8 @@ def xpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                         ("ref_chosen_logps", ref_chosen_logps),
                         ("ref_rejected_logps", ref_rejected_logps),
                         ("policy_ref_sample_logps", policy_ref_sample_logps)), beta, loss_type)
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if not _finite_nonneg(alpha):
+        raise ValueError(f"alpha must be a finite float >= 0, got {alpha}")
     dpo_losses = _dpo_losses(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                              ref_rejected_logps, beta, loss_type)
     xpo_losses = alpha * policy_ref_sample_logps
