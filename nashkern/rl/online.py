@@ -556,6 +556,7 @@ class OnlinePreferenceTrainer(Trainer):
     # -- evaluation: the method's loss and metrics on eval prompts, no update -----------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        self._warn_long_prompts(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach().mean(), None, None
