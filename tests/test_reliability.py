@@ -369,11 +369,12 @@ def test_judge_choices_checked_in_xpo_and_online_dpo(tmp_path):
     ([[{"role": "user", "content": 3}]], r"row 0 message 0 has no 'content' string"),
     ([[]], r"row 0 is an empty list of messages"),
     ([["a", "b"]], r"row 0 message 0 is a str \('a'\), expected a dict"),
+    ([("x",)], r"row 0 is a tuple"),
     (["text", [{"role": "user", "content": "hi"}]], r"mixes plain-text prompts \(row 0\) and "
                                                     r"chat prompts \(row 1\)"),
 ])
 def test_bad_prompts_rejected_at_construction(tmp_path, prompts, match):
-    chat = any(isinstance(p, list) for p in prompts)  # Arrow cannot even hold some of these
+    chat = any(isinstance(p, (list, tuple)) for p in prompts)  # Arrow cannot even hold some of these
     ds = [{"prompt": p} for p in prompts] if chat else Dataset.from_dict({"prompt": prompts})
     with pytest.raises(ValueError, match=match):
         make("nash_md", tmp_path, dataset=ds)

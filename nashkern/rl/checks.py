@@ -107,7 +107,7 @@ def prompt_problem(prompt) -> Optional[str]:
         return "is None"
     if isinstance(prompt, str):
         return "is an empty string" if not prompt else None
-    if isinstance(prompt, (list, tuple)):
+    if isinstance(prompt, list):
         if not prompt:
             return "is an empty list of messages"
         for j, m in enumerate(prompt):

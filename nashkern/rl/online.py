@@ -90,7 +90,7 @@ class OnlinePreferenceConfig(TrainingArguments):
         for name in self._schedules:
             setattr(self, name, _as_list(name, getattr(self, name)))
         check_fields(self)  # every scalar field against nashkern.rl.checks.FIELD_RULES
-        if self.max_length <= self.max_new_tokens:
+        if self.max_length is not None and self.max_length <= self.max_new_tokens:
             raise ValueError(f"{type(self).__name__}: max_length ({self.max_length}) must exceed "
                              f"max_new_tokens ({self.max_new_tokens}) (room for the prompt)")
         if self.reward_weights is not None:
@@ -373,7 +373,7 @@ class OnlinePreferenceTrainer(Trainer):
         cfg = getattr(model, "config", None)
         cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
         limit = getattr(cfg, "max_position_embeddings", None)
-        if isinstance(limit, int) and args.max_length > limit:
+        if isinstance(limit, int) and args.max_length is not None and args.max_length > limit:
             raise ValueError(f"max_length ({args.max_length}) exceeds the model's "
                              f"max_position_embeddings ({limit}); set max_length <= {limit} "
                              "(prompts longer than max_length - max_new_tokens are truncated "
@@ -537,6 +537,8 @@ class OnlinePreferenceTrainer(Trainer):
     def _warn_long_prompts(self, inputs) -> None:
         """Prompts longer than ``max_length - max_new_tokens`` tokens are truncated from the left
         by :func:`~nashkern.rl.generation.generate`: say so (once per trainer, with a count)."""
+        if self.args.max_length is None:
+            return
         room = self.args.max_length - self.args.max_new_tokens
         n = int((inputs["attention_mask"].sum(1) > room).sum())
         if n and not self._truncation_warned:
