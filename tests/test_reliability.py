@@ -532,3 +532,21 @@ def test_loss_functions_reject_nonfinite_beta_and_alpha(bad):
         dpo_loss(v, v, v, v, beta=bad)
     with pytest.raises(ValueError, match="alpha must be a finite float >= 0"):
         xpo_loss(v, v, v, v, v, beta=0.1, alpha=bad)
+
+
+def test_prompt_that_tokenizes_to_nothing_is_an_error():
+    from nashkern.rl.online import PromptCollator
+
+    class DropsDigits:  # a tokenizer that has no token for digits
+        padding_side, chat_template = "left", None
+
+        def __call__(self, texts, **kw):
+            tok = make_tokenizer()
+            enc = tok([t.strip("0123456789") or "x" for t in texts], **kw)
+            for i, t in enumerate(texts):
+                if not t.strip("0123456789"):
+                    enc["attention_mask"][i] = 0
+            return enc
+
+    with pytest.raises(ValueError, match="prompt '123' tokenizes to no tokens"):
+        PromptCollator(DropsDigits())([{"prompt": "ab"}, {"prompt": "123"}])

@@ -121,6 +121,12 @@ def _per_epoch(values: List[float], epoch: float) -> float:
 _is_conversational = is_conversational
 
 
+def _embedding_rows(model) -> Optional[int]:
+    """Rows of a model's input embedding (None when it has none)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(emb, "num_embeddings", None)
+
+
 def _disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -342,9 +348,7 @@ class OnlinePreferenceTrainer(Trainer):
         must cover the policy tokenizer's vocabulary."""
         if self.reward_model is None or self.reward_processing_class is not None:
             return
-        emb = self.reward_model.get_input_embeddings() \
-            if hasattr(self.reward_model, "get_input_embeddings") else None
-        n = getattr(emb, "num_embeddings", None)
+        n = _embedding_rows(self.reward_model)
         if n is not None and n < len(tok):
             raise ValueError(f"reward_model ({type(self.reward_model).__name__}) has a vocabulary "
                              f"of {n} tokens, smaller than the policy tokenizer's {len(tok)}: "
@@ -354,8 +358,7 @@ class OnlinePreferenceTrainer(Trainer):
     def _check_vocabularies(self, model, tok):
         """The tokenizer's ids fit the policy's embedding, and the reference scores the same
         vocabulary as the policy."""
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        n = getattr(emb, "num_embeddings", None)
+        n = _embedding_rows(model)
         if n is not None and len(tok) > n:
             raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's embedding only "
                              f"{n} rows: resize_token_embeddings(len(tokenizer)) first")
