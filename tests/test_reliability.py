@@ -374,7 +374,7 @@ def test_judge_choices_checked_in_xpo_and_online_dpo(tmp_path):
                                                     r"chat prompts \(row 1\)"),
 ])
 def test_bad_prompts_rejected_at_construction(tmp_path, prompts, match):
-    chat = any(isinstance(p, (list, tuple)) for p in prompts)  # Arrow cannot even hold some of these
+    chat = any(isinstance(p, (list, tuple)) for p in prompts)  # Arrow cannot hold these
     ds = [{"prompt": p} for p in prompts] if chat else Dataset.from_dict({"prompt": prompts})
     with pytest.raises(ValueError, match=match):
         make("nash_md", tmp_path, dataset=ds)
