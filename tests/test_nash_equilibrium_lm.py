@@ -1,0 +1,71 @@
+"""The LM trainer on the tabular game of ``nashkern.apps.nash_demo`` (3 responses, non-transitive
+P, μ = (0.6, 0.3, 0.1), beta = τ = 0.1, mixture_coef = 0.5): ``NashMDTrainer`` with a judge that
+samples P moves the tiny LM's distribution over the responses to Nash-MD's stationary point π̂
+and towards π*_τ; the same trainer with the fitted Bradley–Terry reward goes to its own stationary
+point π̂_BT, no closer to π*_τ than the reference.
+
+Targets (exact, from ``nashkern.tabular``): ``π̂ = solve_equilibrium(game, coef=0.5)`` (the
+trainer's expected gradient vanishes there, see ``nashkern/apps/nash_demo.py``),
+``KL(π*‖π̂) = 0.038``; ``π̂_BT`` the same for the Bradley–Terry game,
+``KL(π*‖π̂_BT) = 0.459 > KL(π*‖μ) = 0.442``. What is checked on the mean distribution of the last
+quarter of the steps (single seeds; sampling noise makes the last iterate jitter): the judge
+route covers at least 3/4 of the KL from μ to π̂ and at least half of the KL from μ to π*; the
+BT route covers at least 3/4 of the KL to π̂_BT and stays at least half of KL(π*‖μ) away from
+π*. The fractions are loose bounds chosen by hand (there is no finite-step theorem for Adam on
+sampled REINFORCE gradients); the direction and the separation come from the exact targets.
+Runtime: 2 × 80 steps of 16 one-token pairs (≈ 20 s on one CPU thread).
+"""
+import pytest
+import torch
+
+from nashkern import tabular as tb
+from nashkern.apps import nash_demo as nd
+
+BETA, COEF, STEPS, BATCH, LR = 0.1, 0.5, 80, 16, 0.005
+
+
+@pytest.fixture(scope="module")
+def game():
+    return nd.demo_game(BETA)
+
+
+def _last_quarter(run):
+    return run.policies[-(STEPS // 4):].mean(0)
+
+
+def test_tiny_lm_starts_at_the_reference(game):
+    tok = nd.response_tokenizer(nd.responses(3))
+    model = nd.make_policy(tok, nd.responses(3), game.mu)
+    torch.testing.assert_close(nd.response_distribution(model, tok, nd.responses(3)), game.mu,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_judge_samples_the_preference():
+    P = tb.cyclic_preferences([0.9, 0.6, 0.7])
+    judge = nd.PreferenceMatrixJudge(P, nd.responses(3), seed=0)
+    picks = judge.judge(["q"] * 4000, [("y0", "y1")] * 4000)
+    assert abs(picks.count(0) / 4000 - 0.9) < 4 * (0.9 * 0.1 / 4000) ** 0.5  # 4 sigma
+    assert judge.judge(["q"] * 3, [("y1", ""), ("", "y2"), ("", "")]) == [0, 1, -1]
+    with pytest.raises(ValueError, match="P must be"):
+        nd.PreferenceMatrixJudge(P, nd.responses(4))
+
+
+def test_nash_md_trainer_moves_towards_the_nash_equilibrium_and_the_bt_route_does_not(game):
+    star = tb.solve_equilibrium(game).policy
+    fixed = tb.solve_equilibrium(game, coef=COEF).policy
+    bt_game = tb.PreferenceGame(tb.bradley_terry_preferences(tb.fit_bradley_terry(game.P)),
+                                game.mu, BETA)
+    bt_fixed = tb.solve_equilibrium(bt_game, coef=COEF).policy
+    mu = game.mu
+    runs = {route: nd.train_lm(game.P, mu, route=route, beta=BETA, mixture_coef=COEF,
+                               steps=STEPS, batch_size=BATCH, learning_rate=LR)
+            for route in ("judge", "bt")}
+    nash, bt = _last_quarter(runs["judge"]), _last_quarter(runs["bt"])
+    # the Nash route: to its stationary point, and towards π*_τ
+    assert float(tb.kl(fixed, nash)) <= float(tb.kl(fixed, mu)) / 4
+    assert float(tb.kl(star, nash)) <= float(tb.kl(star, mu)) / 2
+    assert float(game.exploitability(nash)) < float(game.exploitability(mu)) / 2
+    # the reward-model route: to its own stationary point, not towards π*_τ
+    assert float(tb.kl(bt_fixed, bt)) <= float(tb.kl(bt_fixed, mu)) / 4
+    assert float(tb.kl(star, bt)) >= float(tb.kl(star, mu)) / 2
+    assert float(game.exploitability(bt)) > float(game.exploitability(nash))
