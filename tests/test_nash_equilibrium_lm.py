@@ -69,3 +69,18 @@ def test_nash_md_trainer_moves_towards_the_nash_equilibrium_and_the_bt_route_doe
     assert float(tb.kl(bt_fixed, bt)) <= float(tb.kl(bt_fixed, mu)) / 4
     assert float(tb.kl(star, bt)) >= float(tb.kl(star, mu)) / 2
     assert float(game.exploitability(bt)) > float(game.exploitability(nash))
+
+
+def test_nash_demo_cli_smoke(tmp_path, capsys):
+    """``nashkern nash-demo`` at a reduced size: the table has every method, the PNG is drawn."""
+    from nashkern.apps.cli import main
+
+    assert main(["nash-demo", "--tabular-steps", "20", "--lm-steps", "3", "--batch-size", "4",
+                 "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for method in ("Nash-MD, eta_t", "self-play", "best response", "fictitious play", "RLHF",
+                   "judge samples P", "fitted BT reward"):
+        assert method in out
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "exploitability.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

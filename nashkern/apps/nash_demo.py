@@ -221,50 +221,100 @@ def tabular_runs(game: tb.PreferenceGame, coef: float, steps: int) -> Dict[str, 
     }
 
 
+def _tail_max(gaps: torch.Tensor) -> float:
+    """The largest exploitability over the last 20% of a curve: a cycling method's final
+    iterate can be a lucky snapshot; this column shows whether it has settled."""
+    return float(gaps[-max(1, len(gaps) // 5):].max())
+
+
+@dataclass
+class Curve:
+    panel: str            # "tabular, τ = …" or "tiny LM, NashMDTrainer, beta = …"
+    method: str
+    tau: float
+    policies: torch.Tensor  # [steps + 1, n]
+    exploitability: torch.Tensor  # [steps + 1]
+    kl_to_nash: torch.Tensor      # [steps + 1] KL(π*_τ‖π_t)
+    final: torch.Tensor   # [n] the last iterate (LM: mean of the last 10% of steps)
+    seconds: float = 0.0
+
+
+def collect_curves(*, beta: float, mixture_coef: float, tabular_steps: int, lm_steps: int,
+                   batch_size: int, learning_rate: float, seed: int = 0) -> List[Curve]:
+    """Every method's full curve on the demo game: the tabular methods at τ = beta and
+    τ = beta/2, the LM trainer (both routes) at beta."""
+    game = demo_game(beta)
+    curves = []
+    for g in (game, game.with_tau(beta / 2)):
+        star = tb.solve_equilibrium(g).policy
+        for name, traj in tabular_runs(g, mixture_coef, tabular_steps).items():
+            gaps, dists = tb.trajectory_metrics(g, traj, star)
+            curves.append(Curve(f"tabular, τ = {g.tau:g}", name, g.tau, traj, gaps, dists,
+                                traj[-1]))
+    star = tb.solve_equilibrium(game).policy
+    for route, label in (("judge", "NashMDTrainer, judge samples P"),
+                         ("bt", "NashMDTrainer, fitted BT reward")):
+        lm = train_lm(game.P, game.mu, route=route, beta=beta, mixture_coef=mixture_coef,
+                      steps=lm_steps, batch_size=batch_size, learning_rate=learning_rate,
+                      seed=seed)
+        gaps, dists = tb.trajectory_metrics(game, lm.policies, star)
+        k = max(1, lm_steps // 10)  # the LM's last iterate is noisy: average the last 10%
+        curves.append(Curve(f"tiny LM, NashMDTrainer, beta = {beta:g}", label, beta,
+                            lm.policies, gaps, dists, lm.policies[-k:].mean(0), lm.seconds))
+    return curves
+
+
+def _tail_max(gaps: torch.Tensor) -> float:
+    """The largest exploitability over the last 20% of a curve: a cycling method's final
+    iterate can be a lucky snapshot; this column shows whether it has settled."""
+    return float(gaps[-max(1, len(gaps) // 5):].max())
+
+
+def _fmt(p) -> str:
+    return "(" + ", ".join(f"{float(x):.3f}" for x in p) + ")"
+
+
 def run(args) -> int:
     torch.set_num_threads(1)  # tiny model: thread-pool overhead dominates
     game = demo_game(args.beta)
-    star = tb.solve_equilibrium(game)
     fixed = tb.solve_equilibrium(game, coef=args.mixture_coef).policy
-    fmt = lambda p: "(" + ", ".join(f"{float(x):.3f}" for x in p) + ")"  # noqa: E731
     print(f"nashkern nash-demo: responses y0 y1 y2, P(y0≻y1) = {DEMO_WINS[0]}, P(y1≻y2) = "
-          f"{DEMO_WINS[1]}, P(y2≻y0) = {DEMO_WINS[2]} (non-transitive), μ = {fmt(game.mu)}, "
-          f"τ = beta = {game.tau:g}, mixture_coef = ητ = {args.mixture_coef:g}")
-    print(f"π*_τ = {fmt(star.policy)} (certified: exploitability {star.gap:.1e}); Nash-MD's "
-          f"constant-step fixed point π̂ = {fmt(fixed)}\n")
-    rows = []
-    curves = {}
-    for name, traj in tabular_runs(game, args.mixture_coef, args.tabular_steps).items():
-        gaps, dists = tb.trajectory_metrics(game, traj, star.policy)
-        curves[("tabular", name)] = gaps
-        rows.append(("tabular", name, traj[-1], gaps[-1], dists[-1]))
-    for route, label in (("judge", "NashMDTrainer, judge samples P"),
-                         ("bt", "NashMDTrainer, fitted BT reward")):
-        lm = train_lm(game.P, game.mu, route=route, beta=args.beta,
-                      mixture_coef=args.mixture_coef, steps=args.lm_steps,
-                      batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      seed=args.seed)
-        gaps, dists = tb.trajectory_metrics(game, lm.policies, star.policy)
-        curves[("LM", label)] = gaps
-        k = max(1, args.lm_steps // 10)  # the LM's last iterate is noisy: average the last 10%
-        last = lm.policies[-k:].mean(0)
-        rows.append(("LM", f"{label} ({lm.seconds:.0f} s)", last, game.exploitability(last),
-                     tb.kl(star.policy, last)))
-    print(f"{'':8s}{'method':44s}{'final policy':>24s}{'exploitability':>16s}"
-          f"{'KL(π*‖π)':>12s}")
-    print(f"{'':8s}{'reference μ':44s}{fmt(game.mu):>24s}"
-          f"{float(game.exploitability(game.mu)):16.4f}{float(tb.kl(star.policy, game.mu)):12.4f}")
-    for kind, name, pi, gap, dist in rows:
-        print(f"{kind:8s}{name:44s}{fmt(pi):>24s}{float(gap):16.4f}{float(dist):12.4f}")
-    print(f"\n(LM rows: the mean of the last 10% of steps' distributions; {args.lm_steps} steps of "
-          f"{args.batch_size} pairs, learning rate {args.learning_rate:g}. Nash-MD's trainer is "
-          f"stationary at π̂: exploitability {float(game.exploitability(fixed)):.4f}, "
-          f"KL(π*‖π̂) {float(tb.kl(star.policy, fixed)):.4f}.)")
-    _plot(curves, game, fixed, os.path.abspath(args.output_dir))
+          f"{DEMO_WINS[1]}, P(y2≻y0) = {DEMO_WINS[2]} (non-transitive), μ = {_fmt(game.mu)}; "
+          f"tabular at τ = {game.tau:g} and τ = {game.tau / 2:g}, the LM at beta = τ = "
+          f"{game.tau:g}; mixture_coef = ητ = {args.mixture_coef:g} (η = mixture_coef / τ)\n")
+    for g in (game, game.with_tau(game.tau / 2)):
+        eq = tb.solve_equilibrium(g)
+        print(f"τ = {g.tau:g}: π*_τ = {_fmt(eq.policy)} (certified: exploitability "
+              f"{abs(eq.gap):.0e}); reference μ: exploitability "
+              f"{float(g.exploitability(g.mu)):.4f}, KL(π*‖μ) {float(tb.kl(eq.policy, g.mu)):.4f}")
+    curves = collect_curves(beta=args.beta, mixture_coef=args.mixture_coef,
+                            tabular_steps=args.tabular_steps, lm_steps=args.lm_steps,
+                            batch_size=args.batch_size, learning_rate=args.learning_rate,
+                            seed=args.seed)
+    print(f"\n{'τ':14s}{'method':42s}{'final policy':>24s}{'exploitability':>16s}"
+          f"{'KL(π*‖π)':>10s}{'max expl. last 20%':>20s}")
+    for c in curves:
+        g = game.with_tau(c.tau)
+        star = tb.solve_equilibrium(g).policy
+        kind = f"{'LM' if c.panel.startswith('tiny') else 'tabular'} {c.tau:g}"
+        name = c.method + (f" ({c.seconds:.0f} s)" if c.seconds else "")
+        # max(·, 0): float64 rounding leaves −1e-17 at the equilibrium
+        print(f"{kind:14s}{name:42s}{_fmt(c.final):>24s}"
+              f"{max(float(g.exploitability(c.final)), 0.0):16.4f}"
+              f"{max(float(tb.kl(star, c.final)), 0.0):10.4f}"
+              f"{max(_tail_max(c.exploitability), 0.0):20.4f}")
+    print(f"\n(tabular: the last of {args.tabular_steps} iterates; LM: the mean distribution "
+          f"over the last 10% of {args.lm_steps} steps of {args.batch_size} pairs, learning rate "
+          f"{args.learning_rate:g}. The trainer is stationary at Nash-MD's constant-step fixed "
+          f"point π̂ = {_fmt(fixed)}: exploitability {float(game.exploitability(fixed)):.4f}, "
+          f"KL(π*‖π̂) {float(tb.kl(tb.solve_equilibrium(game).policy, fixed)):.4f}.)")
+    plot_curves(curves, float(game.exploitability(fixed)),
+                os.path.join(os.path.abspath(args.output_dir), "exploitability.png"))
     return 0
 
 
-def _plot(curves, game, fixed, out) -> None:
+def plot_curves(curves: List[Curve], fixed_point_exploitability: float, path: str) -> None:
+    """One panel per ``Curve.panel``: exploitability per iteration / step (log scale)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -272,19 +322,21 @@ def _plot(curves, game, fixed, out) -> None:
     except ImportError:
         print("(matplotlib not installed: no plot; pip install matplotlib)")
         return
-    os.makedirs(out, exist_ok=True)
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
-    for (kind, name), gaps in curves.items():
-        a = ax[0] if kind == "tabular" else ax[1]
-        a.plot(range(len(gaps)), gaps.clamp_min(1e-12).numpy(), label=name)
-    ax[1].axhline(float(game.exploitability(fixed)), color="gray", ls="--",
-                  label="Nash-MD fixed point π̂ (trainer's target)")
-    for a, title, xl in ((ax[0], "tabular", "iteration"), (ax[1], "tiny LM, NashMDTrainer",
-                                                            "training step")):
-        a.set_yscale("log"), a.set_title(f"{title}: exploitability of the last iterate")
-        a.set_xlabel(xl), a.set_ylabel("max_π' P_τ(π' ≻ π) − 1/2"), a.legend(fontsize=7)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    panels = list(dict.fromkeys(c.panel for c in curves))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for a, panel in zip(axes[0], panels):
+        for c in curves:
+            if c.panel == panel:
+                gaps = c.exploitability
+                a.plot(range(len(gaps)), gaps.clamp_min(1e-10).numpy(), label=c.method)
+        if panel.startswith("tiny LM"):
+            a.axhline(fixed_point_exploitability, color="gray", ls="--",
+                      label="Nash-MD fixed point π̂ (the trainer's target)")
+        a.set_yscale("log"), a.set_title(f"{panel}: last-iterate exploitability", fontsize=9)
+        a.set_xlabel("training step" if panel.startswith("tiny LM") else "iteration")
+        a.set_ylabel("max_π' P_τ(π' ≻ π) − 1/2"), a.legend(fontsize=7)
     fig.tight_layout()
-    path = os.path.join(out, "exploitability.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"plot: {path}")
