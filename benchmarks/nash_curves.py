@@ -4,7 +4,7 @@ several seeds), written to ``benchmarks/results/nash_curves.csv`` and plotted to
 ``benchmarks/results/plots/nash_curves.png``. Not a timing benchmark: it records what the
 algorithms do, on the CPU, in about a minute per seed.
 
-    python benchmarks/nash_curves.py [--seeds 0 1 2] [--lm-steps 300] [--tabular-steps 2000]
+    python benchmarks/nash_curves.py [--seeds 0 1 2] [--lm-steps 300] [--tabular-steps 500]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--mixture-coef", type=float, default=0.5)
-    p.add_argument("--tabular-steps", type=int, default=2000)
+    p.add_argument("--tabular-steps", type=int, default=500)
     p.add_argument("--lm-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=0.005)
@@ -44,9 +44,11 @@ def main(argv=None) -> int:
         for c in curves:
             for t, (gap, dist, pi) in enumerate(zip(c.exploitability.tolist(),
                                                     c.kl_to_nash.tolist(), c.policies.tolist())):
-                rows.append({"panel": c.panel, "method": c.method, "tau": c.tau, "seed": seed,
-                             "step": t, "exploitability": gap, "kl_to_nash": dist,
-                             **{f"pi_{k}": x for k, x in enumerate(pi)}})
+                rows.append({"kind": "LM" if c.panel.startswith("tiny LM") else "tabular",
+                             "method": c.method, "tau": c.tau, "seed": seed,
+                             "step": t, "exploitability": f"{gap:.6g}",
+                             "kl_to_nash": f"{dist:.6g}",
+                             **{f"pi_{k}": f"{x:.6g}" for k, x in enumerate(pi)}})
         if i == 0:
             game = demo_game(args.beta)
             fixed = tb.solve_equilibrium(game, coef=args.mixture_coef).policy

@@ -30,7 +30,7 @@ Nash-MD (the paper's Section 5), step ``η`` with ``ητ ≤ 1``:
 The geometric mixture goes through :func:`nashkern.naive.mix_logits` (the ops' definition:
 ``(1−c)·a + c·b`` in log space, exact at ``c ∈ {0, 1}``) and a log-softmax, as the samplers do.
 
-One-step inequality (re-derived; the paper's Theorem 1 states it with ``2η²`` in place of
+One-step inequality (the form of the paper's Theorem 1, re-derived here with the constant
 ``η²/8``): for ``ητ ≤ 1``,
 
     KL(π*_τ‖π_{t+1}) ≤ (1 − ητ) · KL(π*_τ‖π_t) + η²/8.
@@ -40,7 +40,8 @@ Proof sketch: the update is ``argmax_π η⟨π, g⟩ − KL(π‖π_t^μ)`` wit
 ``KL(π*‖π_t^μ) = (1−ητ)KL(π*‖π_t) + ητ[KL(π*‖μ) − KL(π_t^μ‖μ)] − (1−ητ)KL(π_t^μ‖π_t)``; the
 equilibrium property ``P_τ(π* ≻ π_t^μ) ≥ 1/2`` cancels the τ·KL terms, leaving
 ``η⟨π_{t+1} − π_t^μ, g − 1/2⟩ − KL(π_{t+1}‖π_t^μ) ≤ η d/2 − d²/2 ≤ η²/8`` with
-``d = ‖π_{t+1} − π_t^μ‖₁`` (Pinsker). Hence, for a constant step,
+``d = ‖π_{t+1} − π_t^μ‖₁`` (Pinsker; the term ``−(1−ητ)KL(π_t^μ‖π_t) ≤ 0`` is dropped). Hence,
+for a constant step,
 ``KL(π*‖π_T) ≤ (1−ητ)^T KL(π*‖π_0) + η/(8τ)·(1 − (1−ητ)^T)`` and, for ``η_t = 2/(τ(t+2))``,
 ``KL(π*‖π_T) ≤ 1/(2τ²(T+1))`` for T ≥ 1 (multiply the inequality by ``(t+1)(t+2)`` and sum).
 See :func:`nash_md_kl_bound`.
