@@ -65,7 +65,8 @@ Step = Union[float, Callable[[int], float]]
 def _as_policy(name: str, p, n: Optional[int] = None, *, tol: float = 1e-9) -> Tensor:
     p = torch.as_tensor(p, dtype=DTYPE)
     if p.dim() != 1 or (n is not None and p.numel() != n):
-        raise ValueError(f"{name} must be a probability vector [n]{'' if n is None else f' with n = {n}'}, "
+        size = "" if n is None else f" with n = {n}"
+        raise ValueError(f"{name} must be a probability vector [n]{size}, "
                          f"got shape {tuple(p.shape)}")
     if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or abs(float(p.sum()) - 1) > tol:
         raise ValueError(f"{name} must be finite, non-negative and sum to 1 (got sum "
@@ -373,9 +374,10 @@ def solve_equilibrium(game: PreferenceGame, *, coef: float = 0.0, tol: float = 1
 
     def residual(s):
         pi = torch.softmax(s, -1)
-        opp = pi if coef == 0 else torch.softmax(mix_logits(torch.log_softmax(s, -1), log_mu, coef), -1)
+        log_pi = torch.log_softmax(s, -1)  # (not pi.log(): no −inf / NaN grad on underflow)
+        opp = pi if coef == 0 else torch.softmax(mix_logits(log_pi, log_mu, coef), -1)
         target = log_mu + game.P @ opp / tau
-        return torch.log_softmax(s, -1) - torch.log_softmax(target, -1)
+        return log_pi - torch.log_softmax(target, -1)
 
     s = log_mu.clone()
     r = residual(s)

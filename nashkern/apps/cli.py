@@ -102,7 +102,9 @@ def main(argv=None) -> int:
     n = sub.add_parser("nash-demo", help="Nash-MD vs self-play, best response and RLHF on a "
                                          "non-transitive preference: tabular and the LM trainer; "
                                          "prints a table, writes exploitability.png")
-    n.add_argument("--beta", type=float, default=0.1, help="tau (the KL weight) of the LM and of the first tabular game (the second: tau/2)")
+    n.add_argument("--beta", type=float, default=0.1,
+                   help="tau (the KL weight) of the LM and of the first tabular game (the "
+                        "second: tau/2)")
     n.add_argument("--mixture-coef", type=float, default=0.5, help="c = eta * tau")
     n.add_argument("--tabular-steps", type=int, default=300)
     n.add_argument("--lm-steps", type=int, default=150)

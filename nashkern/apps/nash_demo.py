@@ -96,11 +96,9 @@ def reward_function(reward: torch.Tensor, names: Sequence[str]):
     return bradley_terry_reward
 
 
-def _prompt_hidden(model, tok):
+def _prompt_ids(model, tok) -> torch.Tensor:
     ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True)
-    return ids, out.hidden_states[-1][0, -1]
+    return ids.to(next(model.parameters()).device)
 
 
 def response_ids(tok, names: Sequence[str]) -> List[int]:
@@ -117,15 +115,16 @@ def make_policy(tok, names: Sequence[str], mu: torch.Tensor, *, hidden: int = 16
     model = tiny_causal_lm(seed=seed, vocab_size=len(tok), hidden=hidden, layers=1,
                            tie_word_embeddings=False)
     model.eval()
-    _, h = _prompt_hidden(model, tok)
-    W = model.get_output_embeddings().weight
-    log_mu = torch.as_tensor(mu, dtype=torch.float64).log()
-    target = torch.full((len(tok),), float(log_mu.min()) - NON_RESPONSE_LOGIT_GAP,
-                        dtype=torch.float64)
-    target[response_ids(tok, names)] = log_mu
     with torch.no_grad():
-        current = (W.double() @ h.double())
-        W += ((target - current)[:, None] * h.double()[None, :] / h.double().dot(h.double())).to(W.dtype)
+        out = model(input_ids=_prompt_ids(model, tok), output_hidden_states=True)
+        h = out.hidden_states[-1][0, -1].double()  # the head's input at the prompt
+        W = model.get_output_embeddings().weight
+        log_mu = torch.as_tensor(mu, dtype=torch.float64).log()
+        target = torch.full((len(tok),), float(log_mu.min()) - NON_RESPONSE_LOGIT_GAP,
+                            dtype=torch.float64)
+        target[response_ids(tok, names)] = log_mu
+        shift = (target - W.double() @ h)[:, None] * h[None, :] / h.dot(h)
+        W += shift.to(W.dtype)
     model.train()
     return model
 
@@ -137,9 +136,7 @@ def response_distribution(model, tok, names: Sequence[str]) -> torch.Tensor:
     was = model.training
     model.eval()
     try:
-        ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        ids = ids.to(next(model.parameters()).device)
-        logits = model(input_ids=ids).logits[0, -1].double()
+        logits = model(input_ids=_prompt_ids(model, tok)).logits[0, -1].double()
     finally:
         model.train(was)
     return torch.softmax(logits[response_ids(tok, names)], -1).cpu()
@@ -153,11 +150,13 @@ class LMRun:
 
 
 def train_lm(P: torch.Tensor, mu: torch.Tensor, *, route: str, beta: float, mixture_coef: float,
-             steps: int, batch_size: int = 32, learning_rate: float = 0.05, hidden: int = 16,
+             steps: int, batch_size: int = 16, learning_rate: float = 0.005, hidden: int = 16,
              seed: int = 0, output_dir: Optional[str] = None) -> LMRun:
     """Train the tiny LM with :class:`NashMDTrainer` on the game (``route``: ``"judge"``, the
     preference ``P`` sampled by a judge, or ``"bt"``, the fitted Bradley–Terry reward) and record
-    its distribution over the responses after every step."""
+    its distribution over the responses after every step. ``mu`` (the reference, set into the
+    initial model) and ``P`` are validated as a :class:`~nashkern.tabular.PreferenceGame`.
+    ``output_dir``: the trainer's (nothing is saved); a temporary directory when None."""
     import tempfile
 
     from datasets import Dataset
@@ -167,8 +166,9 @@ def train_lm(P: torch.Tensor, mu: torch.Tensor, *, route: str, beta: float, mixt
 
     if route not in ("judge", "bt"):
         raise ValueError(f"route must be 'judge' or 'bt', got {route!r}")
-    P = torch.as_tensor(P, dtype=torch.float64)
-    names = responses(P.shape[0])
+    game = tb.PreferenceGame(P, mu, beta)
+    P, mu = game.P, game.mu
+    names = responses(game.n)
     tok = response_tokenizer(names)
     model = make_policy(tok, names, mu, hidden=hidden, seed=seed)
     scorer = (dict(judge=PreferenceMatrixJudge(P, names, seed=seed)) if route == "judge" else
@@ -179,19 +179,20 @@ def train_lm(P: torch.Tensor, mu: torch.Tensor, *, route: str, beta: float, mixt
         def on_step_end(self, args, state, control, model=None, **kw):
             policies.append(response_distribution(model, tok, names))
 
-    out = output_dir or tempfile.mkdtemp(prefix="nash_demo_")
-    cfg = NashMDConfig(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="constant", max_new_tokens=1,
-        temperature=1.0, beta=beta, mixture_coef=mixture_coef, kl_estimator="full",
-        logging_steps=max(steps, 1), report_to="none", save_strategy="no", use_cpu=True,
-        seed=seed, disable_tqdm=True, log_level="error")
-    trainer = NashMDTrainer(model=model, args=cfg, processing_class=tok,
-                            train_dataset=Dataset.from_dict({"prompt": [PROMPT] * batch_size}),
-                            callbacks=[Track()], **scorer)
-    trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
-    start = time.perf_counter()
-    trainer.train()
+    with tempfile.TemporaryDirectory(prefix="nash_demo_") as tmp:
+        cfg = NashMDConfig(
+            output_dir=output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate, lr_scheduler_type="constant", max_new_tokens=1,
+            temperature=1.0, beta=beta, mixture_coef=mixture_coef, kl_estimator="full",
+            logging_steps=max(steps, 1), report_to="none", save_strategy="no", use_cpu=True,
+            seed=seed, disable_tqdm=True, log_level="error")
+        trainer = NashMDTrainer(
+            model=model, args=cfg, processing_class=tok,
+            train_dataset=Dataset.from_dict({"prompt": [PROMPT] * batch_size}),
+            callbacks=[Track()], **scorer)
+        trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
+        start = time.perf_counter()
+        trainer.train()
     return LMRun(route, torch.stack(policies), time.perf_counter() - start)
 
 
