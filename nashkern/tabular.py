@@ -86,6 +86,20 @@ def geometric_mixture(pi: Tensor, mu: Tensor, coef: float) -> Tensor:
     return torch.log_softmax(mix_logits(pi.log(), mu.log(), coef), -1).exp()
 
 
+def check_preferences(P, atol: float = 1e-9) -> Tensor:
+    """``P`` as float64 ``[n, n]``, checked: square, n ≥ 2, entries in [0, 1], ``P + Pᵀ = 1``."""
+    P = torch.as_tensor(P, dtype=DTYPE)
+    if P.dim() != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 2:
+        raise ValueError(f"P must be a square [n, n] matrix with n >= 2, got {tuple(P.shape)}")
+    if not bool(torch.isfinite(P).all()) or bool((P < 0).any()) or bool((P > 1).any()):
+        raise ValueError("P must hold probabilities P[y, y'] = P(y ≻ y') in [0, 1]")
+    err = float((P + P.T - 1).abs().max())
+    if err > atol:
+        raise ValueError(f"P must satisfy P + Pᵀ = 1 (P(y ≻ y') + P(y' ≻ y) = 1, so "
+                         f"P[y, y] = 1/2); max |P + Pᵀ − 1| = {err:.3g} > atol {atol}")
+    return P
+
+
 @dataclass(frozen=True)
 class PreferenceGame:
     """The (regularised) preference game: ``P`` ``[n, n]``, reference ``mu`` ``[n]`` (positive),
@@ -97,15 +111,7 @@ class PreferenceGame:
     atol: float = 1e-9
 
     def __post_init__(self):
-        P = torch.as_tensor(self.P, dtype=DTYPE)
-        if P.dim() != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 2:
-            raise ValueError(f"P must be a square [n, n] matrix with n >= 2, got {tuple(P.shape)}")
-        if not bool(torch.isfinite(P).all()) or bool((P < 0).any()) or bool((P > 1).any()):
-            raise ValueError("P must hold probabilities P[y, y'] = P(y ≻ y') in [0, 1]")
-        err = float((P + P.T - 1).abs().max())
-        if err > self.atol:
-            raise ValueError(f"P must satisfy P + Pᵀ = 1 (P(y ≻ y') + P(y' ≻ y) = 1, so "
-                             f"P[y, y] = 1/2); max |P + Pᵀ − 1| = {err:.3g} > atol {self.atol}")
+        P = check_preferences(self.P, self.atol)
         mu = _as_policy("mu", self.mu, P.shape[0])
         if bool((mu <= 0).any()):
             raise ValueError("mu (the reference policy) must be positive on every response")
@@ -286,10 +292,15 @@ def fit_bradley_terry(P: Tensor, weights: Optional[Tensor] = None, *, iters: int
     ``P``: maximises ``Σ_{y,y'} w(y,y') [P(y≻y') log σ(r_y − r_y') + P(y'≻y) log σ(r_y' − r_y)]``
     (the expected log-likelihood of comparisons of pairs drawn with weights ``w``; default: all
     pairs equally, e.g. ``w = μ μᵀ`` for pairs sampled from the reference). Newton's method on
-    this concave objective, stopped when the gradient's max-norm is below ``tol``."""
-    P = torch.as_tensor(P, dtype=DTYPE)
+    this concave objective, stopped when the gradient's max-norm is below ``tol`` (a response
+    that wins or loses every comparison with probability 1 has an infinite ML reward: it comes
+    back large, ≈ ±log(1/tol)); a RuntimeError when Newton does not get there."""
+    P = check_preferences(P)
     n = P.shape[0]
     w = torch.ones(n, n, dtype=DTYPE) if weights is None else torch.as_tensor(weights, dtype=DTYPE)
+    if w.shape != P.shape or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"weights must be finite, non-negative and [n, n] like P "
+                         f"{tuple(P.shape)}, got {tuple(w.shape)}")
     w = w.clone().fill_diagonal_(0)
 
     def neg_loglik(r):
@@ -304,8 +315,11 @@ def fit_bradley_terry(P: Tensor, weights: Optional[Tensor] = None, *, iters: int
         step = torch.linalg.solve(H, g)
         r = proj @ (r - step)
         if float(g.abs().max()) < tol:
-            break
-    return r
+            return r
+    raise RuntimeError(f"fit_bradley_terry did not converge in {iters} Newton steps (gradient "
+                       f"{float(g.abs().max()):.3g}): with some P[y, y'] in {{0, 1}} a response "
+                       f"can win or lose every comparison, and its maximum-likelihood reward is "
+                       f"infinite")
 
 
 def rlhf_policy(game: PreferenceGame, reward: Tensor) -> Tensor:

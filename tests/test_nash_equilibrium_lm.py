@@ -13,6 +13,8 @@ route covers at least 3/4 of the KL from μ to π̂ and at least half of the KL 
 BT route covers at least 3/4 of the KL to π̂_BT and stays at least half of KL(π*‖μ) away from
 π*. The fractions are loose bounds chosen by hand (there is no finite-step theorem for Adam on
 sampled REINFORCE gradients); the direction and the separation come from the exact targets.
+The mapping itself is checked exactly first: the expected gradient of ``nash_md_loss`` vanishes
+at π̂ (and at π*_τ when ``mixture_coef = 0``).
 Runtime: 2 × 80 steps of 16 one-token pairs (≈ 20 s on one CPU thread).
 """
 import pytest
@@ -27,6 +29,36 @@ BETA, COEF, STEPS, BATCH, LR = 0.1, 0.5, 80, 16, 0.005
 @pytest.fixture(scope="module")
 def game():
     return nd.demo_game(BETA)
+
+
+def _expected_nash_md_gradient(game, policy, coef):
+    """The expectation of the trainer's gradient (one-token completions, logits θ = log π over
+    the responses, y ~ π, y' ~ π_mix = π^(1−c) μ^c, the judge's P(y ≻ y') averaged over y'):
+    ``∇θ [β KL(π‖μ) − Σ_y sg(π(y)) · score_y]``, ``score_y`` from :func:`nash_md_loss` with the
+    exact per-token KL (``kl_estimator="full"``)."""
+    from nashkern.rl.losses import nash_md_loss
+
+    theta = policy.log().clone().requires_grad_()
+    logp = torch.log_softmax(theta, -1)
+    pi = logp.exp()
+    mix = tb.geometric_mixture(pi.detach(), game.mu, coef)
+    kl_full = (pi * (logp - game.mu.log())).sum()
+    n = game.n
+    _, score, kl = nash_md_loss(logp[:, None], game.mu.log()[:, None], game.win_rates(mix), None,
+                                game.tau, token_kl=kl_full.expand(n)[:, None])
+    surrogate = game.tau * kl[0] - (pi.detach() * score).sum()
+    return torch.autograd.grad(surrogate, theta)[0]
+
+
+@pytest.mark.parametrize("coef", [0.0, COEF])
+def test_the_trainers_expected_gradient_vanishes_at_the_tabular_fixed_point(game, coef):
+    """The mapping (beta, mixture_coef) ↔ (τ, ητ) is exact in expectation: the expected
+    gradient of ``nash_md_loss`` vanishes at ``solve_equilibrium(game, coef)`` (π*_τ itself when
+    ``mixture_coef = 0``) and not at the other point."""
+    at = tb.solve_equilibrium(game, coef=coef).policy
+    other = tb.solve_equilibrium(game, coef=COEF - coef).policy
+    assert float(_expected_nash_md_gradient(game, at, coef).abs().max()) < 1e-12
+    assert float(_expected_nash_md_gradient(game, other, coef).abs().max()) > 1e-3
 
 
 def _last_quarter(run):
@@ -48,6 +80,9 @@ def test_judge_samples_the_preference():
     assert judge.judge(["q"] * 3, [("y1", ""), ("", "y2"), ("", "")]) == [0, 1, -1]
     with pytest.raises(ValueError, match="P must be"):
         nd.PreferenceMatrixJudge(P, nd.responses(4))
+    with pytest.raises(ValueError, match="route"):
+        nd.train_lm(P, torch.full((3,), 1 / 3), route="rlhf", beta=0.1, mixture_coef=0.5,
+                    steps=1)
 
 
 def test_nash_md_trainer_moves_towards_the_nash_equilibrium_and_the_bt_route_does_not(game):
