@@ -5,7 +5,6 @@ Games: ``cyclic`` — rock-paper-scissors-like, ``P(0≻1) = 0.9, P(1≻2) = 0.7
 responses, μ = softmax(N(0, 1)); ``interior5`` — a random 5-response P whose unregularised
 equilibrium is a given fully mixed x (for the τ = 0 claims, which need an interior equilibrium).
 """
-import math
 
 import pytest
 import torch
