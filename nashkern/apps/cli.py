@@ -1,4 +1,5 @@
-"""``nashkern`` command line: ``nashkern demo`` (a tiny Nash-MD training run) and
+"""``nashkern`` command line: ``nashkern demo`` (a tiny Nash-MD training run),
+``nashkern nash-demo`` (does Nash-MD find the Nash equilibrium? tabular and LM) and
 ``nashkern ops-demo`` (the fused ops, fused vs eager)."""
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ def _train_demo(args) -> int:
     return run(args)
 
 
+def _nash_demo(args) -> int:
+    from .nash_demo import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nashkern")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +99,20 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output-dir", default="nashkern_demo")
     t.set_defaults(func=_train_demo)
+    n = sub.add_parser("nash-demo", help="Nash-MD vs self-play, best response and RLHF on a "
+                                         "non-transitive preference: tabular and the LM trainer; "
+                                         "prints a table, writes exploitability.png")
+    n.add_argument("--beta", type=float, default=0.1,
+                   help="tau (the KL weight) of the LM and of the first tabular game (the "
+                        "second: tau/2)")
+    n.add_argument("--mixture-coef", type=float, default=0.5, help="c = eta * tau")
+    n.add_argument("--tabular-steps", type=int, default=300)
+    n.add_argument("--lm-steps", type=int, default=150)
+    n.add_argument("--batch-size", type=int, default=16)
+    n.add_argument("--learning-rate", type=float, default=0.005)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--output-dir", default="nashkern_nash_demo")
+    n.set_defaults(func=_nash_demo)
     sub.add_parser("train", help="Nash-MD / XPO / Online DPO training (`--method nash_md|xpo|"
                                  "online_dpo`; the original example scripts' arguments; "
                                  "`nashkern train --method xpo --help`)", add_help=False)
