@@ -22,6 +22,7 @@ from .generation import generate
 from .judges import judge_probabilities
 from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, nash_md_loss
+from .mixture_wrapper import GeometricMixtureWrapper  # noqa: F401  (TRL 1.13's import path)
 from .online import (OnlinePreferenceConfig, OnlinePreferenceTrainer, PromptCollator,  # noqa: F401
                      _as_list, _disable_dropout, _is_conversational, _per_epoch)
 from .scoring import preference_probability

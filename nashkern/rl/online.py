@@ -411,11 +411,12 @@ class OnlinePreferenceTrainer(Trainer):
                              f"{args.cache_implementation!r}")
         from transformers import GenerationConfig
 
-        default = GenerationConfig()
+        get_defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+        defaults = get_defaults() if get_defaults is not None else vars(GenerationConfig())
         for k, v in (args.generation_kwargs or {}).items():
             if k in _SAMPLING_FIELDS or k in ("pad_token_id", "bos_token_id", "eos_token_id"):
                 continue
-            if not hasattr(default, k) or getattr(default, k) != v:
+            if k not in defaults or (v is not None and defaults[k] != v):
                 raise ValueError(
                     f"generation_kwargs[{k!r}]={v!r} is not supported: nashkern's sampler "
                     f"implements {', '.join(_SAMPLING_FIELDS)} (other GenerationConfig fields "
@@ -479,6 +480,11 @@ class OnlinePreferenceTrainer(Trainer):
             except (OSError, ValueError) as e:
                 raise ValueError(f"could not load the reward model's tokenizer from {path!r} "
                                  f"({e}); pass it as reward_processing_classes") from e
+        vocab = getattr(getattr(reward_model, "config", None), "vocab_size", None)
+        if vocab is not None and len(tok) > vocab:
+            raise ValueError(f"the reward model's vocabulary ({vocab}) is smaller than the "
+                             f"policy tokenizer's ({len(tok)}): pass the reward model's tokenizer "
+                             f"as reward_processing_classes")
         return tok
 
     def _make_generation_config(self, args, tok):

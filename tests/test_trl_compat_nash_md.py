@@ -1,0 +1,143 @@
+"""NashMDTrainer driven exactly as a TRL 1.13 user drives ``trl.experimental.nash_md`` (see
+``trl_compat_helpers``): TRL 1.13's own Nash-MD tests with the import switched (hub checkpoints
+and data replaced by local ones), then the scenarios of a TRL 1.13 script."""
+import pytest
+import torch
+
+import nashkern.rl.nash_md as nash_md_module
+from nashkern.apps.tiny import tiny_causal_lm
+from nashkern import GeometricMixtureWrapper, NashMDConfig, NashMDTrainer
+from tiny_models import single_thread  # noqa: F401
+from trl_compat_helpers import (TRAIN, checkpoints, config_defaults, llama_policy_with_qwen_reward,  # noqa: F401
+                                lora, mixed_reward_funcs, positional_call, remote_code,
+                                reward_model_by_path_without_pad, reward_model_given_twice,
+                                run_trl_case, sampling_knobs_reach_generation, trl_case_objects,
+                                use_vllm_rejected)
+
+# -- TRL 1.13: tests/experimental/test_nash_md_trainer.py ------------------------------------
+@pytest.fixture
+def objs(checkpoints):  # noqa: F811
+    return trl_case_objects(checkpoints, reward="qwen")
+
+
+class TestGeometricMixtureWrapper:
+    @pytest.fixture(autouse=True)
+    def setup(self, checkpoints):  # noqa: F811
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoints["qwen"], dtype="float32")
+        self.ref_model = tiny_causal_lm(seed=3)  # same vocabulary, other weights
+        self.generation_config = GenerationConfig(max_new_tokens=4, do_sample=False,
+                                                  pad_token_id=0, eos_token_id=1)
+        self.mixture_coef = 0.5
+        self.wrapper = GeometricMixtureWrapper(self.model, self.ref_model,
+                                               self.generation_config,
+                                               mixture_coef=self.mixture_coef)
+
+    def test_forward(self):
+        input_ids = torch.tensor([[10, 11, 12, 13, 14]])
+        output = self.wrapper(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        assert output.logits.shape == (1, 5, self.model.config.vocab_size)
+
+    def test_mixture_coefficient(self):
+        input_ids = torch.tensor([[10, 11, 12, 13, 14]])
+        mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            z = self.model(input_ids=input_ids, attention_mask=mask).logits
+            r = self.ref_model(input_ids=input_ids, attention_mask=mask).logits
+            out = self.wrapper(input_ids=input_ids, attention_mask=mask)
+        expected = torch.log_softmax(self.mixture_coef * r + (1 - self.mixture_coef) * z, -1)
+        torch.testing.assert_close(out.logits, expected)
+
+    def test_prepare_inputs_for_generation(self):
+        input_ids = torch.tensor([[10, 11, 12, 13, 14]])
+        inputs = self.wrapper.prepare_inputs_for_generation(
+            input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
+        assert "input_ids" in inputs and "attention_mask" in inputs
+        assert not inputs.get("use_cache", False)
+
+    def test_generate_greedy_matches_nashkern_mixture_generation(self):
+        """transformers' generate over the wrapper (no cache, full forwards) and nashkern's
+        KV-cached mixture sampler agree token for token (greedy)."""
+        from nashkern.rl.generation import SamplingParams, generate
+
+        ids = torch.tensor([[10, 11, 12, 13, 14], [0, 0, 20, 21, 22]])
+        mask = (ids != 0).long()
+        out = self.wrapper.generate(input_ids=ids, attention_mask=mask,
+                                    generation_config=self.generation_config)
+        mine = generate(self.model, ids, mask, eos_token_id=1, pad_token_id=0,
+                        params=SamplingParams(max_new_tokens=4, do_sample=False),
+                        ref_model=self.ref_model, coef=self.mixture_coef)
+        assert torch.equal(out[:, 5:], mine.completion_ids)
+
+
+class TestNashMDTrainer:
+    @pytest.mark.parametrize("config_name", ["standard_prompt_only", "conversational_prompt_only"])
+    def test_nash_md_trainer_training(self, objs, tmp_path, config_name):
+        run_trl_case(NashMDTrainer, NashMDConfig, tmp_path, objs, data=config_name,
+                     config=dict(TRAIN, remove_unused_columns=False,
+                                 gradient_accumulation_steps=1, learning_rate=9e-1),
+                     roles=dict(model="model", ref_model="ref_model",
+                                reward_funcs="reward_model"))
+
+    def test_training_with_peft(self, objs, tmp_path):
+        run_trl_case(NashMDTrainer, NashMDConfig, tmp_path, objs, peft=lora(),
+                     config=dict(TRAIN, learning_rate=5.0e-7),
+                     roles=dict(model="model", reward_funcs="reward_model"))
+
+    def test_training_with_peft_and_ref_model(self, objs, tmp_path):
+        run_trl_case(NashMDTrainer, NashMDConfig, tmp_path, objs, peft=lora(),
+                     config=dict(TRAIN, learning_rate=5.0e-7),
+                     roles=dict(model="model", ref_model="ref_model",
+                                reward_funcs="reward_model"))
+
+    def test_training_pre_pefted_model_implicit_ref_with_reward_model(self, objs, tmp_path):
+        run_trl_case(NashMDTrainer, NashMDConfig, tmp_path, objs, pre_peft=lora(8, 16, 0.1),
+                     config=dict(per_device_train_batch_size=1, max_steps=2,
+                                 learning_rate=5.0e-7, eval_strategy="no", report_to="none",
+                                 remove_unused_columns=False),
+                     roles=dict(reward_funcs="reward_model"))
+
+
+# -- a TRL 1.13 user's script ---------------------------------------------------------------
+def test_positional_order(tmp_path, checkpoints):  # noqa: F811
+    positional_call(NashMDTrainer, NashMDConfig, tmp_path, checkpoints, has_rpc_positional=False)
+
+
+@pytest.mark.parametrize("data", ["standard_prompt_only", "conversational_prompt_only"])
+def test_reward_model_path_without_pad_token(tmp_path, checkpoints, data):  # noqa: F811
+    reward_model_by_path_without_pad(NashMDTrainer, NashMDConfig, tmp_path, checkpoints, data)
+
+
+def test_llama_policy_and_reward_tokenizer_that_differs(tmp_path, checkpoints):  # noqa: F811
+    llama_policy_with_qwen_reward(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
+
+
+def test_reward_model_and_callable_in_reward_funcs(tmp_path, checkpoints):  # noqa: F811
+    mixed_reward_funcs(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
+
+
+def test_reward_model_given_twice_is_an_error(tmp_path, checkpoints):  # noqa: F811
+    reward_model_given_twice(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
+
+
+def test_trust_remote_code(tmp_path, checkpoints):  # noqa: F811
+    remote_code(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
+
+
+def test_config_defaults_and_loss_type(tmp_path):
+    config_defaults(NashMDConfig, tmp_path, {"beta": 0.1, "mixture_coef": 0.5})
+    from trl_compat_helpers import CPU
+    assert NashMDConfig(output_dir=str(tmp_path), **CPU).loss_type == "sigmoid"
+    with pytest.warns(UserWarning, match="no effect"):
+        NashMDConfig(output_dir=str(tmp_path), loss_type="ipo", **CPU)
+
+
+def test_use_vllm_is_a_clear_error(tmp_path):
+    use_vllm_rejected(NashMDTrainer, NashMDConfig, tmp_path)
+
+
+def test_sampling_knobs_reach_policy_and_mixture_generation(tmp_path):
+    calls = sampling_knobs_reach_generation(NashMDTrainer, NashMDConfig, tmp_path,
+                                            nash_md_module, n_calls=2)
+    assert [c for _, _, c in calls] == [0.0, 0.5]  # policy samples, then the mixture's
