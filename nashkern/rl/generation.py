@@ -166,6 +166,9 @@ def _new_cache(model, implementation: Optional[str] = None, max_cache_len: int =
         from transformers import StaticCache
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
     if implementation == "offloaded":
+        if next(model.parameters()).device.type == "cpu":
+            raise ValueError("cache_implementation='offloaded' moves the cache from an "
+                             "accelerator to the CPU: the model is already on the CPU")
         from transformers import DynamicCache
         return DynamicCache(config=model.config, offloading=True)
     try:
