@@ -85,7 +85,7 @@ class TestOnlineDPOTrainer:
             train_dataset=zen("standard_prompt_only")["train"],
             processing_class=objs["tokenizer"],
             reward_processing_classes=objs["reward_tokenizer"])
-        assert not trainer.args.use_vllm
+        assert not trainer.use_vllm
         assert not (hasattr(trainer, "llm") and trainer.llm is not None)
         assert not (hasattr(trainer, "vllm_client") and trainer.vllm_client is not None)
         assert trainer.generation_config is not None

@@ -17,6 +17,10 @@ logit rows go straight to ``mixture_sample`` (the temperature is applied inside 
 ``[B, V]`` mixed tensor); with any of them one ``[B, V]`` row of mixed logits per step is built,
 processed, and sampled by ``mixture_sample`` with ``coef=0``.
 
+``do_sample=False`` takes the most likely token of the processed mixture logits (greedy).
+``cache_implementation`` picks each model's KV cache: transformers' ``DynamicCache`` (default),
+``StaticCache`` (``"static"``, prompt + ``max_new_tokens`` slots) or an offloaded dynamic cache.
+
 Prompts are left-padded; a prompt longer than ``max_length − max_new_tokens`` is truncated from
 the left. Each row stops at its first EOS (the EOS is kept, then padding follows); the loop ends
 when every row has stopped. Models run in eval mode under ``torch.no_grad`` (dropout off, and

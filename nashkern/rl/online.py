@@ -9,6 +9,10 @@ only when it differs from the policy's), the prompt collator, the sampling gener
 from (seed, rank, step, micro-batch) at every step, so a resumed run draws what the uninterrupted
 run drew), decoding, scoring, metric gathering and logging, and ``training_step``.
 
+The trainers accept TRL 1.13's arguments (positional order, ``reward_funcs`` as models / paths /
+callables, ``reward_processing_classes``) and config fields with TRL's defaults next to nashkern's
+own ``reward_model=`` / ``judge=`` keywords; ``COMPAT.md`` lists them and every difference.
+
 A method subclass (:class:`~nashkern.rl.nash_md.NashMDTrainer`, :class:`~nashkern.rl.xpo.XPOTrainer`,
 :class:`~nashkern.rl.online_dpo.OnlineDPOTrainer`) implements ``compute_loss``: generation →
 scoring → fused log-probs (:func:`~nashkern.rl.completion_stats.completion_stats`, no ``[B, T, V]``
@@ -608,6 +612,11 @@ class OnlinePreferenceTrainer(Trainer):
     @property
     def beta(self) -> float:
         return self._scheduled("beta")
+
+    @property
+    def use_vllm(self) -> bool:
+        """TRL 1.13's attribute; always False (``use_vllm=True`` is refused at construction)."""
+        return bool(self.args.use_vllm)
 
     # -- step pieces --------------------------------------------------------------------------
     def _sampling_params(self) -> SamplingParams:
