@@ -5,14 +5,11 @@ import pytest
 import torch
 
 import nashkern.rl.nash_md as nash_md_module
-from nashkern.apps.tiny import tiny_causal_lm
 from nashkern import GeometricMixtureWrapper, NashMDConfig, NashMDTrainer
+from nashkern.apps.tiny import tiny_causal_lm
 from tiny_models import single_thread  # noqa: F401
-from trl_compat_helpers import (TRAIN, checkpoints, config_defaults, llama_policy_with_qwen_reward,  # noqa: F401
-                                lora, mixed_reward_funcs, positional_call, remote_code,
-                                reward_model_by_path_without_pad, reward_model_given_twice,
-                                run_trl_case, sampling_knobs_reach_generation, trl_case_objects,
-                                use_vllm_rejected)
+from trl_compat_helpers import (CPU, TRAIN, checkpoints, lora, run_trl_case, scenario_tests,
+                                trl_case_objects)  # noqa: F401
 
 # -- TRL 1.13: tests/experimental/test_nash_md_trainer.py ------------------------------------
 @pytest.fixture
@@ -99,45 +96,11 @@ class TestNashMDTrainer:
                      roles=dict(reward_funcs="reward_model"))
 
 
-# -- a TRL 1.13 user's script ---------------------------------------------------------------
-def test_positional_order(tmp_path, checkpoints):  # noqa: F811
-    positional_call(NashMDTrainer, NashMDConfig, tmp_path, checkpoints, has_rpc_positional=False)
+# -- a TRL 1.13 user's script (trl_compat_helpers.scenario_tests) ---------------------------
+globals().update(scenario_tests(NashMDTrainer, NashMDConfig, rpc_positional=False, schedules={"beta": 0.1, "mixture_coef": 0.5},
+                                module=nash_md_module, n_calls=2))
 
-
-@pytest.mark.parametrize("data", ["standard_prompt_only", "conversational_prompt_only"])
-def test_reward_model_path_without_pad_token(tmp_path, checkpoints, data):  # noqa: F811
-    reward_model_by_path_without_pad(NashMDTrainer, NashMDConfig, tmp_path, checkpoints, data)
-
-
-def test_llama_policy_and_reward_tokenizer_that_differs(tmp_path, checkpoints):  # noqa: F811
-    llama_policy_with_qwen_reward(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
-
-
-def test_reward_model_and_callable_in_reward_funcs(tmp_path, checkpoints):  # noqa: F811
-    mixed_reward_funcs(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
-
-
-def test_reward_model_given_twice_is_an_error(tmp_path, checkpoints):  # noqa: F811
-    reward_model_given_twice(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
-
-
-def test_trust_remote_code(tmp_path, checkpoints):  # noqa: F811
-    remote_code(NashMDTrainer, NashMDConfig, tmp_path, checkpoints)
-
-
-def test_config_defaults_and_loss_type(tmp_path):
-    config_defaults(NashMDConfig, tmp_path, {"beta": 0.1, "mixture_coef": 0.5})
-    from trl_compat_helpers import CPU
+def test_nash_md_loss_type_is_accepted_and_has_no_effect(tmp_path):
     assert NashMDConfig(output_dir=str(tmp_path), **CPU).loss_type == "sigmoid"
     with pytest.warns(UserWarning, match="no effect"):
         NashMDConfig(output_dir=str(tmp_path), loss_type="ipo", **CPU)
-
-
-def test_use_vllm_is_a_clear_error(tmp_path):
-    use_vllm_rejected(NashMDTrainer, NashMDConfig, tmp_path)
-
-
-def test_sampling_knobs_reach_policy_and_mixture_generation(tmp_path):
-    calls = sampling_knobs_reach_generation(NashMDTrainer, NashMDConfig, tmp_path,
-                                            nash_md_module, n_calls=2)
-    assert [c for _, _, c in calls] == [0.0, 0.5]  # policy samples, then the mixture's

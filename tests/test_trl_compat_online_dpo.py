@@ -11,12 +11,8 @@ from nashkern import OnlineDPOConfig, OnlineDPOTrainer
 from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm
 from nashkern.rl.generation import SamplingParams, generate
 from tiny_models import single_thread  # noqa: F401
-from trl_compat_helpers import (CPU, TRAIN, checkpoints, config_defaults,  # noqa: F401
-                                llama_policy_with_qwen_reward, lora, mixed_reward_funcs,
-                                positional_call, remote_code, reward_model_by_path_without_pad,
-                                reward_model_given_twice, run_trl_case,
-                                sampling_knobs_reach_generation, trl_case_objects,
-                                use_vllm_rejected, zen)
+from trl_compat_helpers import (CPU, TRAIN, checkpoints, lora, run_trl_case, scenario_tests,
+                                trl_case_objects, zen)  # noqa: F401
 
 # -- TRL 1.13: tests/experimental/test_online_dpo_trainer.py ---------------------------------
 LR5 = dict(TRAIN, learning_rate=5.0e-7)
@@ -111,46 +107,9 @@ class TestOnlineDPOTrainer:
         assert round(abs(trainer.reward_weights[1].item() - 0.3), 5) == 0
 
 
-# -- a TRL 1.13 user's script ---------------------------------------------------------------
-def test_positional_order(tmp_path, checkpoints):  # noqa: F811
-    positional_call(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, checkpoints,
-                    has_rpc_positional=True)
-
-
-@pytest.mark.parametrize("data", ["standard_prompt_only", "conversational_prompt_only"])
-def test_reward_model_path_without_pad_token(tmp_path, checkpoints, data):  # noqa: F811
-    reward_model_by_path_without_pad(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, checkpoints,
-                                     data)
-
-
-def test_llama_policy_and_reward_tokenizer_that_differs(tmp_path, checkpoints):  # noqa: F811
-    llama_policy_with_qwen_reward(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, checkpoints)
-
-
-def test_reward_model_and_callable_in_reward_funcs(tmp_path, checkpoints):  # noqa: F811
-    mixed_reward_funcs(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, checkpoints)
-
-
-def test_reward_model_given_twice_is_an_error(tmp_path, checkpoints):  # noqa: F811
-    reward_model_given_twice(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, checkpoints)
-
-
-def test_trust_remote_code(tmp_path, checkpoints):  # noqa: F811
-    remote_code(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, checkpoints)
-
-
-def test_config_defaults(tmp_path):
-    config_defaults(OnlineDPOConfig, tmp_path, {"beta": 0.1})
-
-
-def test_use_vllm_is_a_clear_error(tmp_path):
-    use_vllm_rejected(OnlineDPOTrainer, OnlineDPOConfig, tmp_path)
-
-
-def test_sampling_knobs_reach_generation(tmp_path):
-    sampling_knobs_reach_generation(OnlineDPOTrainer, OnlineDPOConfig, tmp_path,
-                                    online_dpo_module, n_calls=1)
-
+# -- a TRL 1.13 user's script (trl_compat_helpers.scenario_tests) ---------------------------
+globals().update(scenario_tests(OnlineDPOTrainer, OnlineDPOConfig, rpc_positional=True, schedules={"beta": 0.1},
+                                module=online_dpo_module, n_calls=1))
 
 def test_greedy_generation_kwargs_make_both_samples_equal(tmp_path):
     """generation_kwargs={"do_sample": False} acts on the sampler: Online DPO's two samples of

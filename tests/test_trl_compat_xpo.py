@@ -7,11 +7,8 @@ import nashkern.rl.xpo as xpo_module
 from nashkern import XPOConfig, XPOTrainer
 from nashkern.rl.judges import RandomPairwiseJudge
 from tiny_models import single_thread  # noqa: F401
-from trl_compat_helpers import (TRAIN, checkpoints, config_defaults, llama_policy_with_qwen_reward,  # noqa: F401
-                                lora, mixed_reward_funcs, positional_call, remote_code,
-                                reward_model_by_path_without_pad, reward_model_given_twice,
-                                run_trl_case, sampling_knobs_reach_generation, trl_case_objects,
-                                use_vllm_rejected)
+from trl_compat_helpers import (TRAIN, checkpoints, lora, run_trl_case, scenario_tests,
+                                trl_case_objects)  # noqa: F401
 
 # -- TRL: tests/experimental/test_xpo_trainer.py ----------------------------------------------
 LR9 = dict(TRAIN, remove_unused_columns=False, gradient_accumulation_steps=1, learning_rate=9e-1,
@@ -65,41 +62,6 @@ class TestXPOTrainer:
                                                  judge="judge"))
 
 
-# -- a TRL 1.13 user's script ---------------------------------------------------------------
-def test_positional_order(tmp_path, checkpoints):  # noqa: F811
-    positional_call(XPOTrainer, XPOConfig, tmp_path, checkpoints, has_rpc_positional=True)
-
-
-@pytest.mark.parametrize("data", ["standard_prompt_only", "conversational_prompt_only"])
-def test_reward_model_path_without_pad_token(tmp_path, checkpoints, data):  # noqa: F811
-    reward_model_by_path_without_pad(XPOTrainer, XPOConfig, tmp_path, checkpoints, data)
-
-
-def test_llama_policy_and_reward_tokenizer_that_differs(tmp_path, checkpoints):  # noqa: F811
-    llama_policy_with_qwen_reward(XPOTrainer, XPOConfig, tmp_path, checkpoints)
-
-
-def test_reward_model_and_callable_in_reward_funcs(tmp_path, checkpoints):  # noqa: F811
-    mixed_reward_funcs(XPOTrainer, XPOConfig, tmp_path, checkpoints)
-
-
-def test_reward_model_given_twice_is_an_error(tmp_path, checkpoints):  # noqa: F811
-    reward_model_given_twice(XPOTrainer, XPOConfig, tmp_path, checkpoints)
-
-
-def test_trust_remote_code(tmp_path, checkpoints):  # noqa: F811
-    remote_code(XPOTrainer, XPOConfig, tmp_path, checkpoints)
-
-
-def test_config_defaults(tmp_path):
-    config_defaults(XPOConfig, tmp_path, {"beta": 0.1, "alpha": 1e-5})
-
-
-def test_use_vllm_is_a_clear_error(tmp_path):
-    use_vllm_rejected(XPOTrainer, XPOConfig, tmp_path)
-
-
-def test_sampling_knobs_reach_policy_and_reference_generation(tmp_path):
-    calls = sampling_knobs_reach_generation(XPOTrainer, XPOConfig, tmp_path, xpo_module,
-                                            n_calls=2)
-    assert [c for _, _, c in calls] == [0.0, 1.0]  # policy samples, then the reference's
+# -- a TRL 1.13 user's script (trl_compat_helpers.scenario_tests) ---------------------------
+globals().update(scenario_tests(XPOTrainer, XPOConfig, rpc_positional=True, schedules={"beta": 0.1, "alpha": 1e-5},
+                                module=xpo_module, n_calls=2))

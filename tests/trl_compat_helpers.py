@@ -432,3 +432,40 @@ def sampling_knobs_reach_generation(Trainer, Config, tmp_path, module, n_calls: 
                 train_dataset=zen("standard_prompt_only")["train"],
                 processing_class=make_tokenizer())
     return calls
+
+
+def scenario_tests(Trainer, Config, *, rpc_positional: bool, schedules, module, n_calls: int):
+    """The scenario tests of one trainer, as ``test_*`` functions for a test module's globals
+    (``globals().update(scenario_tests(...))``)."""
+    def test_positional_order(tmp_path, checkpoints):  # noqa: F811
+        positional_call(Trainer, Config, tmp_path, checkpoints, has_rpc_positional=rpc_positional)
+
+    @pytest.mark.parametrize("data", ["standard_prompt_only", "conversational_prompt_only"])
+    def test_reward_model_path_without_pad_token(tmp_path, checkpoints, data):  # noqa: F811
+        reward_model_by_path_without_pad(Trainer, Config, tmp_path, checkpoints, data)
+
+    def test_llama_policy_and_reward_tokenizer_that_differs(tmp_path, checkpoints):  # noqa: F811
+        llama_policy_with_qwen_reward(Trainer, Config, tmp_path, checkpoints)
+
+    def test_reward_model_and_callable_in_reward_funcs(tmp_path, checkpoints):  # noqa: F811
+        mixed_reward_funcs(Trainer, Config, tmp_path, checkpoints)
+
+    def test_reward_model_given_twice_is_an_error(tmp_path, checkpoints):  # noqa: F811
+        reward_model_given_twice(Trainer, Config, tmp_path, checkpoints)
+
+    def test_trust_remote_code(tmp_path, checkpoints):  # noqa: F811
+        remote_code(Trainer, Config, tmp_path, checkpoints)
+
+    def test_config_defaults(tmp_path):
+        config_defaults(Config, tmp_path, schedules)
+
+    def test_use_vllm_is_a_clear_error(tmp_path):
+        use_vllm_rejected(Trainer, Config, tmp_path)
+
+    def test_sampling_knobs_reach_every_generate_call(tmp_path):
+        calls = sampling_knobs_reach_generation(Trainer, Config, tmp_path, module, n_calls)
+        # Nash-MD: policy then mixture (c = 0.5) samples; XPO: policy then reference (c = 1)
+        expected = {1: [0.0], 2: [0.0, 0.5 if "mixture_coef" in schedules else 1.0]}[n_calls]
+        assert [c for _, _, c in calls] == expected
+
+    return {name: f for name, f in locals().items() if name.startswith("test_")}

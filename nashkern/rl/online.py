@@ -92,8 +92,8 @@ class OnlinePreferenceConfig(TrainingArguments):
                 "temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens); other "
                 "keys are rejected (nashkern's sampler does not implement them)."})
     cache_implementation: Optional[str] = field(default=None, metadata={
-        "help": "KV cache of nashkern's generation: None / 'dynamic', or 'static' (a cache "
-                "of prompt + max_new_tokens slots allocated up front)."})
+        "help": "KV cache of nashkern's generation: None / 'dynamic', 'static' (prompt + "
+                "max_new_tokens slots allocated up front) or 'offloaded' (accelerator only)."})
     use_vllm: bool = field(default=False, metadata={
         "help": "Not supported (the trainer raises): nashkern samples with its own KV-cached "
                 "sampler, the mixture needing both models' logits at every token."})
@@ -622,8 +622,10 @@ class OnlinePreferenceTrainer(Trainer):
     def _sampling_params(self) -> SamplingParams:
         """This step's sampling parameters, read from ``self.generation_config``."""
         g = self.generation_config
+        greedy = not g.do_sample  # the temperature does not matter (it may then be 0)
         return SamplingParams(max_new_tokens=g.max_new_tokens,
-                              temperature=1.0 if g.temperature is None else g.temperature,
+                              temperature=1.0 if greedy or g.temperature is None
+                              else g.temperature,
                               top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
                               repetition_penalty=g.repetition_penalty,
                               do_sample=bool(g.do_sample))
