@@ -6,7 +6,7 @@ import torch
 
 import nashkern.rl.nash_md as nash_md_module
 from nashkern import GeometricMixtureWrapper, NashMDConfig, NashMDTrainer
-from nashkern.apps.tiny import tiny_causal_lm
+from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm
 from tiny_models import single_thread  # noqa: F401
 from trl_compat_helpers import (CPU, TRAIN, checkpoints, lora, run_trl_case, scenario_tests,
                                 trl_case_objects)  # noqa: F401
@@ -104,3 +104,30 @@ def test_nash_md_loss_type_is_accepted_and_has_no_effect(tmp_path):
     assert NashMDConfig(output_dir=str(tmp_path), **CPU).loss_type == "sigmoid"
     with pytest.warns(UserWarning, match="no effect"):
         NashMDConfig(output_dir=str(tmp_path), loss_type="ipo", **CPU)
+
+
+def test_bf16_default_keeps_the_fused_head(tmp_path, checkpoints):  # noqa: F811
+    """TRL's default bf16=True runs the models under autocast (accelerate wraps ``forward`` and
+    returns fp32 copies of bf16-computed logits): the head check accepts them, so the fused
+    log-probs stay on (no chunked-logits fallback); a head that really differs is still
+    refused."""
+    import warnings
+
+    from nashkern.rl.completion_stats import _logits_tolerance
+    from trl_compat_helpers import quick_args, vowels, zen
+
+    args = quick_args(NashMDConfig, tmp_path)
+    assert args.bf16  # the default (use_cpu=True on a CPU-only machine)
+    tr = NashMDTrainer(model=tiny_causal_lm(), reward_funcs=vowels, args=args,
+                       train_dataset=zen("standard_prompt_only")["train"],
+                       processing_class=make_tokenizer())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train()
+    assert not [w for w in caught if "could not be separated" in str(w.message)]
+    z = torch.randn(4, 50) * 3
+    assert _logits_tolerance(z) == (1e-3, 1e-3)
+    zb = z.bfloat16().float()
+    rtol, atol = _logits_tolerance(zb)
+    assert torch.allclose(z, zb, rtol=rtol, atol=atol)            # bf16 rounding: accepted
+    assert not torch.allclose(2 * z, zb, rtol=rtol, atol=atol)    # a scaled head: refused
