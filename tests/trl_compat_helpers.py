@@ -384,6 +384,25 @@ def config_defaults(Config, tmp_path, schedules):
     assert Config(output_dir=str(tmp_path), use_vllm=True, vllm_mode="server", **CPU).use_vllm
 
 
+def long_completions_and_model_init_kwargs(Trainer, Config, tmp_path):
+    """max_new_tokens >= max_length warns (as TRL) and trains, prompts cut to their last token;
+    model_init_kwargs with an instantiated model is an error (as TRL)."""
+    from nashkern.apps.tiny import tiny_causal_lm
+
+    with pytest.warns(UserWarning, match="max_new_tokens"):
+        args = quick_args(Config, tmp_path, max_new_tokens=5, max_length=5)
+    tr = Trainer(model=tiny_causal_lm(), reward_funcs=vowels, args=args,
+                 train_dataset=zen("standard_prompt_only")["train"],
+                 processing_class=make_tokenizer())
+    tr.train()
+    assert "train_loss" in tr.state.log_history[-1]
+    with pytest.raises(ValueError, match="model_init_kwargs"):
+        Trainer(model=tiny_causal_lm(), reward_funcs=vowels,
+                args=quick_args(Config, tmp_path, model_init_kwargs={"dtype": "float32"}),
+                train_dataset=zen("standard_prompt_only")["train"],
+                processing_class=make_tokenizer())
+
+
 def use_vllm_rejected(Trainer, Config, tmp_path):
     from nashkern.apps.tiny import tiny_causal_lm
 
@@ -461,6 +480,9 @@ def scenario_tests(Trainer, Config, *, rpc_positional: bool, schedules, module, 
 
     def test_use_vllm_is_a_clear_error(tmp_path):
         use_vllm_rejected(Trainer, Config, tmp_path)
+
+    def test_max_new_tokens_over_max_length_and_model_init_kwargs(tmp_path):
+        long_completions_and_model_init_kwargs(Trainer, Config, tmp_path)
 
     def test_sampling_knobs_reach_every_generate_call(tmp_path):
         calls = sampling_knobs_reach_generation(Trainer, Config, tmp_path, module, n_calls)
