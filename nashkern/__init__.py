@@ -19,7 +19,7 @@ _LAZY = {"NashMDConfig": "nash_md", "NashMDTrainer": "nash_md",
          "XPOConfig": "xpo", "XPOTrainer": "xpo",
          "OnlineDPOConfig": "online_dpo", "OnlineDPOTrainer": "online_dpo",
          "OnlinePreferenceConfig": "online", "OnlinePreferenceTrainer": "online",
-         "LogCompletionsCallback": "callbacks"}
+         "LogCompletionsCallback": "callbacks", "GeometricMixtureWrapper": "mixture_wrapper"}
 
 
 def __getattr__(name):

@@ -20,7 +20,7 @@ def main(out):
     torch.set_num_threads(1)
     args = NashMDConfig(output_dir=out, per_device_train_batch_size=2, max_steps=3,
                         max_new_tokens=4, learning_rate=1e-2, logging_steps=1, report_to="none",
-                        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, bf16=False,
                         ddp_backend="gloo", ddp_find_unused_parameters=False)
     ds = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(12)]})
     tr = NashMDTrainer(model=tiny_causal_lm(), reward_funcs=reward, args=args,

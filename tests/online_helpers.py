@@ -18,7 +18,7 @@ def vowel_count(prompts, completions, completion_ids=None, **kw):
 def make_args(Config, tmp_path, **kw):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=2,
                 max_new_tokens=6, learning_rate=1e-3, logging_steps=1, report_to="none",
-                save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+                save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, bf16=False)
     base.update(kw)
     return Config(**base)
 

@@ -196,7 +196,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="ipo"):
         XPOConfig(output_dir=str(tmp_path), loss_type="ipo", beta=[0.1, 0.0])
     with pytest.raises(TypeError, match="XPOConfig"):
-        xpo(tmp_path, args=NashMDConfig(output_dir=str(tmp_path)))
+        xpo(tmp_path, args=NashMDConfig(output_dir=str(tmp_path), bf16=False))
     with pytest.raises(ValueError, match="exactly one"):
         xpo(tmp_path, reward_funcs=vowel_count, judge=RandomPairwiseJudge())
     with pytest.raises(ValueError, match="'prompt' column"):
@@ -263,4 +263,5 @@ def test_train_cli_method_xpo_with_local_paths(tmp_path):
     assert {"prompt", "policy", "reference", "chosen"} <= set(rows[0])
     with pytest.raises(ValueError, match="mixture_coef"):  # Nash-MD-only: not an XPO argument
         main(["train", "--method", "xpo", "--model_name_or_path", str(path),
-              "--dataset_name", str(data), "--output_dir", str(out), "--mixture_coef", "0.5"])
+              "--dataset_name", str(data), "--output_dir", str(out), "--mixture_coef", "0.5",
+              "--use_cpu"])

@@ -46,6 +46,7 @@ def run(args) -> int:
         learning_rate=args.learning_rate, lr_scheduler_type="constant", logging_steps=1,
         max_new_tokens=args.max_new_tokens, temperature=1.0, beta=args.beta,
         mixture_coef=args.mixture_coef, report_to="none", save_strategy="no", use_cpu=True,
+        bf16=False,  # a float32 CPU demo (the configs default to bf16, as TRL 1.13)
         seed=args.seed, disable_tqdm=False, log_level="warning")
     trainer = NashMDTrainer(model=model, reward_funcs=vowel_reward, args=cfg,
                             processing_class=tok, train_dataset=ds)

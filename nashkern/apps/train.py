@@ -19,7 +19,6 @@ class ScriptArguments:
     dataset_train_split: str = field(default="train")
     dataset_test_split: str = field(default="test")
     ref_model_path: Optional[str] = field(default=None)
-    trust_remote_code: bool = field(default=False)
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters."})
     lora_r: int = field(default=16)
     lora_alpha: int = field(default=32)
@@ -89,16 +88,16 @@ def main(argv=None) -> int:
         init["dtype"] = dtypes[script.dtype]
     if script.attn_implementation is not None:
         init["attn_implementation"] = script.attn_implementation
-    kw = model_load_kwargs(init, trust_remote_code=script.trust_remote_code)
+    kw = model_load_kwargs(init, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path, **kw)
     tok = AutoTokenizer.from_pretrained(script.model_name_or_path, padding_side="left",
-                                        trust_remote_code=script.trust_remote_code)
+                                        trust_remote_code=args.trust_remote_code)
     ref = (AutoModelForCausalLM.from_pretrained(script.ref_model_path, **kw)
            if script.ref_model_path else None)
     reward_model = reward_tok = judge = None
     if args.reward_model_path:
         reward_model = AutoModelForSequenceClassification.from_pretrained(
-            args.reward_model_path, num_labels=1, trust_remote_code=script.trust_remote_code)
+            args.reward_model_path, num_labels=1, trust_remote_code=args.trust_remote_code)
         reward_tok = AutoTokenizer.from_pretrained(args.reward_model_path)
     if args.judge:
         judges = {"pair_rm": PairRMJudge, "random": RandomPairwiseJudge}
@@ -112,6 +111,7 @@ def main(argv=None) -> int:
                                  lora_dropout=script.lora_dropout,
                                  target_modules=script.lora_target_modules or "all-linear",
                                  task_type="CAUSAL_LM")
+    args.model_init_kwargs = None  # used above: the trainer receives the loaded models
     train = load_prompts(script.dataset_name, script.dataset_config, script.dataset_train_split)
     trainer = Trainer(model=model, ref_model=ref, reward_model=reward_model, judge=judge,
                       args=args, train_dataset=train, processing_class=tok,

@@ -151,7 +151,8 @@ def check_prompt_dataset(split: str, ds, tokenizer=None) -> None:
     batch by batch in the collator instead."""
     if ds is None:
         return
-    if type(ds).__name__ in ("DatasetDict", "IterableDatasetDict"):
+    if split == "train_dataset" and type(ds).__name__ in ("DatasetDict", "IterableDatasetDict"):
+        # (as eval_dataset a DatasetDict is transformers' dict of named eval sets: checked below)
         raise ValueError(f"{split} is a {type(ds).__name__} (splits {list(ds)}); pass one split, "
                          f"e.g. dataset[{next(iter(ds), 'train')!r}]")
     if isinstance(ds, dict):  # several eval datasets (transformers' dict of eval sets)

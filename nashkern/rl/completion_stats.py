@@ -116,6 +116,19 @@ def _run_body(model, input_ids, attention_mask):
     return out.hidden_states[-1], out.logits
 
 
+def _logits_tolerance(logits: Tensor):
+    """``(rtol, atol)`` of the head check. Logits that are all exactly representable in bf16
+    (fp16) were computed in it, e.g. by a model run under mixed precision (accelerate's autocast
+    wraps ``forward`` and returns fp32 copies, TRL's default ``bf16=True``), while the head is
+    re-applied here in float32: allow a few units of that dtype's rounding, relative to the
+    largest logit. Otherwise float32 tolerances."""
+    for dtype in (torch.bfloat16, torch.float16):
+        if torch.equal(logits, logits.to(dtype).float()):
+            eps = 4 * torch.finfo(dtype).eps
+            return eps, eps * float(logits.abs().max())
+    return 1e-3, 1e-3
+
+
 def _separable(model, spec, hidden, logits) -> bool:
     m = _unwrap(model)
     if getattr(m, "_nashkern_separable", None) is None:
@@ -124,7 +137,8 @@ def _separable(model, spec, hidden, logits) -> bool:
             with torch.no_grad():
                 got = _head_logits(hidden[:, -1].detach(), spec).float()
                 want = logits[:, -1].detach().float()
-                ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+                rtol, atol = _logits_tolerance(want)
+                ok = got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol)
         if not ok:
             warnings.warn(f"{type(_unwrap(model)).__name__}: the output head could not be "
                           "separated from the model body; falling back to chunked logits "

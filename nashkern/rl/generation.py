@@ -17,6 +17,10 @@ logit rows go straight to ``mixture_sample`` (the temperature is applied inside 
 ``[B, V]`` mixed tensor); with any of them one ``[B, V]`` row of mixed logits per step is built,
 processed, and sampled by ``mixture_sample`` with ``coef=0``.
 
+``do_sample=False`` takes the most likely token of the processed mixture logits (greedy).
+``cache_implementation`` picks each model's KV cache: transformers' ``DynamicCache`` (default),
+``StaticCache`` (``"static"``, prompt + ``max_new_tokens`` slots) or an offloaded dynamic cache.
+
 Prompts are left-padded; a prompt longer than ``max_length − max_new_tokens`` is truncated from
 the left. Each row stops at its first EOS (the EOS is kept, then padding follows); the loop ends
 when every row has stopped. Models run in eval mode under ``torch.no_grad`` (dropout off, and
@@ -44,6 +48,7 @@ class SamplingParams:
     top_p: Optional[float] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
+    do_sample: bool = True  # False: greedy (argmax of the processed mixture logits)
 
     def __post_init__(self):
         check_fields(self)  # the rules of nashkern.rl.checks.FIELD_RULES, shared with the configs
@@ -108,7 +113,10 @@ def process_logits(logits: Tensor, seen: Optional[Tensor], params: SamplingParam
 
 def sample_next(z: Tensor, r: Optional[Tensor], coef: float, params: SamplingParams,
                 seen: Optional[Tensor], generator: Optional[torch.Generator]) -> Tensor:
-    """One token per row from the (processed) mixture of last-position logits ``z``, ``r``."""
+    """One token per row from the (processed) mixture of last-position logits ``z``, ``r``
+    (the most likely one with ``do_sample=False``; -1 for a row with no finite logit)."""
+    if not params.do_sample:
+        return greedy_next(process_logits(mix_logits(z, r, coef), seen, params))
     if not params.has_processors:
         tok = ops.mixture_sample(z, z if r is None else r, coef=0.0 if r is None else coef,
                                  temperature=params.temperature, generator=generator)
@@ -128,6 +136,13 @@ def _check_sampled(tok: Tensor, vocab: int) -> None:
                            f"[0, {vocab}): the row's (processed) logits have no finite entry, a "
                            "NaN or a +inf")
 
+def greedy_next(logits: Tensor) -> Tensor:
+    """argmax per row of float32 ``[B, V]`` logits; -1 where the row has a NaN or no finite
+    entry (the convention of :func:`nashkern.ops.mixture_sample`)."""
+    best = logits.max(-1)
+    bad = torch.isnan(logits).any(-1) | ~torch.isfinite(best.values)
+    return torch.where(bad, torch.full_like(best.indices, -1), best.indices)
+
 
 def truncate_prompts_left(input_ids: Tensor, attention_mask: Tensor, max_prompt: int):
     """Keep the last ``max_prompt`` columns of left-padded prompts; drop all-padding columns."""
@@ -141,7 +156,25 @@ def truncate_prompts_left(input_ids: Tensor, attention_mask: Tensor, max_prompt:
     return input_ids[:, start:], attention_mask[:, start:]
 
 
-def _new_cache(model):
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static", "offloaded")
+
+
+def _new_cache(model, implementation: Optional[str] = None, max_cache_len: int = 0):
+    """The KV cache of one model's generation: transformers' ``DynamicCache`` (default,
+    ``"dynamic"``), ``DynamicCache(offloading=True)`` (``"offloaded"``: layers kept on the CPU
+    between uses) or ``StaticCache`` (``"static"``: ``max_cache_len`` slots up front)."""
+    if implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got "
+                         f"{implementation!r}")
+    if implementation == "static":
+        from transformers import StaticCache
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if implementation == "offloaded":
+        if next(model.parameters()).device.type == "cpu":
+            raise ValueError("cache_implementation='offloaded' moves the cache from an "
+                             "accelerator to the CPU: the model is already on the CPU")
+        from transformers import DynamicCache
+        return DynamicCache(config=model.config, offloading=True)
     try:
         from transformers import DynamicCache
         return DynamicCache(config=model.config)
@@ -176,13 +209,15 @@ def _eval_mode(*models):
 def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: int,
              pad_token_id: int, params: SamplingParams, ref_model=None, coef: float = 0.0,
              max_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             ref_context: Optional[Callable[[], ContextManager]] = None) -> GenerationOutput:
+             ref_context: Optional[Callable[[], ContextManager]] = None,
+             cache_implementation: Optional[str] = None) -> GenerationOutput:
     """Sample completions of left-padded prompts from the policy (``ref_model`` None or
     ``coef == 0``), from the geometric mixture of ``model`` and ``ref_model``, or from the
     reference alone (``coef == 1``: ``model`` is then not run at all).
 
     ``ref_context``: a context-manager factory entered around every reference forward (e.g.
     ``model.disable_adapter`` when the reference is the PEFT base, then ``ref_model is model``).
+    ``cache_implementation``: the KV cache of each model (see :func:`_new_cache`).
     """
     if not 0 <= coef <= 1:
         raise ValueError(f"coef (mixture_coef) must be in [0, 1], got {coef}")
@@ -194,7 +229,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
         with (ref_context or contextlib.nullcontext)():
             return generate(ref_model, input_ids, attention_mask, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, params=params, max_length=max_length,
-                            generator=generator)
+                            generator=generator, cache_implementation=cache_implementation)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if max_length is not None:
@@ -207,11 +242,12 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
     vocab = None
     with _eval_mode(model, ref_model if use_ref else None):
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _new_cache(model)
+        slots = input_ids.shape[1] + params.max_new_tokens
+        cache = _new_cache(model, cache_implementation, slots)
         z, cache = _forward_last_logits(model, input_ids, attention_mask, pos, cache)
         r = ref_cache = None
         if use_ref:
-            ref_cache = _new_cache(ref_model)
+            ref_cache = _new_cache(ref_model, cache_implementation, slots)
             with ref_ctx():
                 r, ref_cache = _forward_last_logits(ref_model, input_ids, attention_mask, pos,
                                                     ref_cache)

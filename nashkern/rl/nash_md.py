@@ -11,6 +11,7 @@ One step (``compute_loss``; ``training_step`` adds the backward):
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Tuple
 
@@ -20,7 +21,8 @@ from .callbacks import LogCompletionsCallback  # noqa: F401  (re-exported)
 from .generation import generate
 from .judges import judge_probabilities
 from .completion_stats import completion_stats
-from .losses import nash_md_loss
+from .losses import LOSS_TYPES, nash_md_loss
+from .mixture_wrapper import GeometricMixtureWrapper  # noqa: F401  (TRL 1.13's import path)
 from .online import (OnlinePreferenceConfig, OnlinePreferenceTrainer, PromptCollator,  # noqa: F401
                      _as_list, _disable_dropout, _is_conversational, _per_epoch)
 from .scoring import preference_probability
@@ -40,12 +42,23 @@ class NashMDConfig(OnlinePreferenceConfig):
     kl_estimator: str = field(default="sample", metadata={
         "help": "'sample': Σ sg(logπ−logμ)·logπ (original); 'full': exact per-token KL."})
 
+    loss_type: str = field(default="sigmoid", metadata={
+        "help": "Accepted for TRL 1.13 compatibility (its NashMDConfig inherits it from "
+                "OnlineDPOConfig); Nash-MD's loss has no variants, so only 'sigmoid' is silent.",
+        "choices": list(LOSS_TYPES)})
+
     def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type != "sigmoid":
+            warnings.warn(f"NashMDConfig.loss_type={self.loss_type!r} has no effect: the Nash-MD "
+                          f"loss has no DPO/IPO variants (TRL 1.13 ignored it as well)",
+                          UserWarning, stacklevel=3)
         if self.kl_estimator not in ("sample", "full"):
             raise ValueError(f"kl_estimator must be 'sample' or 'full', got {self.kl_estimator!r}")
-        super().__post_init__()  # lists the schedules, checks beta and the lengths
-        if any(not 0 <= c <= 1 for c in self.mixture_coef):
+        if any(not 0 <= c <= 1 for c in _as_list("mixture_coef", self.mixture_coef)):
             raise ValueError(f"mixture_coef must be in [0, 1], got {self.mixture_coef}")
+        super().__post_init__()  # lists the schedules, checks beta and the lengths
 
 
 class NashMDTrainer(OnlinePreferenceTrainer):
@@ -54,6 +67,21 @@ class NashMDTrainer(OnlinePreferenceTrainer):
     config_class = NashMDConfig
     _tag_names = ["nashkern", "nash-md"]
     _default_output_dir = "nash-md"
+    _reward_tokenizer_from_path = False  # TRL 1.13's Nash-MD scores with the policy's tokenizer
+
+    def __init__(self, model=None, ref_model=None, reward_funcs=None, args=None,
+                 data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, *,
+                 reward_model=None, judge=None, reward_processing_classes=None,
+                 reward_processing_class=None):
+        """TRL 1.13's positional order (its NashMDTrainer has no reward_processing_classes
+        argument; here it is a keyword, as are nashkern's reward_model= and judge=)."""
+        super().__init__(model, ref_model, reward_funcs, args, data_collator, train_dataset,
+                         eval_dataset, processing_class, reward_processing_classes, peft_config,
+                         compute_metrics, callbacks, optimizers, preprocess_logits_for_metrics,
+                         reward_model=reward_model, judge=judge,
+                         reward_processing_class=reward_processing_class)
 
     @property
     def mixture_coef(self) -> float:

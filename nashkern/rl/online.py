@@ -9,6 +9,10 @@ only when it differs from the policy's), the prompt collator, the sampling gener
 from (seed, rank, step, micro-batch) at every step, so a resumed run draws what the uninterrupted
 run drew), decoding, scoring, metric gathering and logging, and ``training_step``.
 
+The trainers accept TRL 1.13's arguments (positional order, ``reward_funcs`` as models / paths /
+callables, ``reward_processing_classes``) and config fields with TRL's defaults next to nashkern's
+own ``reward_model=`` / ``judge=`` keywords; ``COMPAT.md`` lists them and every difference.
+
 A method subclass (:class:`~nashkern.rl.nash_md.NashMDTrainer`, :class:`~nashkern.rl.xpo.XPOTrainer`,
 :class:`~nashkern.rl.online_dpo.OnlineDPOTrainer`) implements ``compute_loss``: generation →
 scoring → fused log-probs (:func:`~nashkern.rl.completion_stats.completion_stats`, no ``[B, T, V]``
@@ -33,11 +37,15 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from .checks import (check_fields, check_finite_loss, check_prompt_dataset, check_prompts,
                      finite_rows, is_conversational, judge_choices, kept_mean,
                      nonfinite_parameters, scorer_name)
-from .generation import GenerationOutput, SamplingParams
+from .generation import CACHE_IMPLEMENTATIONS, GenerationOutput, SamplingParams
 from .judges import BasePairwiseJudge
 from .pairs import first_preferred
-from .scoring import (apply_missing_eos_penalty, reward_funcs_scores, reward_model_scores,
-                      same_tokenizer)
+from .scoring import (ModelRewardFunc, apply_missing_eos_penalty, reward_funcs_scores,
+                      reward_model_scores, reward_texts, same_tokenizer)
+
+#: TRL 1.13's reward function: a reward model, its path, or a callable
+#: ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``.
+RewardFunc = Union[str, nn.Module, Callable[..., List[Optional[float]]]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,11 +65,12 @@ class OnlinePreferenceConfig(TrainingArguments):
     max_length: int = field(default=512, metadata={
         "help": "Maximum prompt + completion length; prompts are truncated from the left."})
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature."})
-    top_k: Optional[int] = field(default=None, metadata={"help": "Top-k filtering (None: off)."})
-    top_p: Optional[float] = field(default=None, metadata={"help": "Top-p filtering (None: off)."})
+    top_k: Optional[int] = field(default=0, metadata={"help": "Top-k filtering (0 or None: off)."})
+    top_p: Optional[float] = field(default=1.0, metadata={
+        "help": "Top-p filtering, in (0, 1] (1 or None: off)."})
     min_p: Optional[float] = field(default=None, metadata={"help": "Min-p filtering (None: off)."})
-    repetition_penalty: Optional[float] = field(default=None, metadata={
-        "help": "Repetition penalty (None or 1: off)."})
+    repetition_penalty: Optional[float] = field(default=1.0, metadata={
+        "help": "Repetition penalty (1 or None: off)."})
     missing_eos_penalty: Optional[float] = field(default=None, metadata={
         "help": "Subtracted from the scores of completions without EOS."})
     beta: List[float] = field(default_factory=lambda: [0.1], metadata={
@@ -81,6 +90,44 @@ class OnlinePreferenceConfig(TrainingArguments):
     warmup_ratio: Optional[float] = field(default=None, metadata={
         "help": "Linear warmup over this fraction of the steps (sets warmup_steps; the "
                 "original script's argument)."})
+    # -- TRL 1.13's remaining fields (see COMPAT.md): same names, defaults and meaning ---------
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow custom code shipped with a checkpoint: policy, reward model and reward "
+                "tokenizer loads from a path."})
+    generation_kwargs: Optional[Dict[str, Any]] = field(default=None, metadata={
+        "help": "Overrides of the sampling fields (GenerationConfig names: do_sample, "
+                "temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens); other "
+                "keys are rejected (nashkern's sampler does not implement them)."})
+    cache_implementation: Optional[str] = field(default=None, metadata={
+        "help": "KV cache of nashkern's generation: None / 'dynamic', 'static' (prompt + "
+                "max_new_tokens slots allocated up front) or 'offloaded' (accelerator only)."})
+    use_vllm: bool = field(default=False, metadata={
+        "help": "Not supported (the trainer raises): nashkern samples with its own KV-cached "
+                "sampler, the mixture needing both models' logits at every token."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "Accepted, unused."})
+    vllm_structured_outputs_regex: Optional[str] = field(default=None, metadata={
+        "help": "Accepted, unused."})
+    vllm_gpu_memory_utilization: Optional[float] = field(default=0.55, metadata={
+        "help": "Accepted, unused."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "Accepted, unused."})
+    vllm_server_base_url: Optional[str] = field(default=None, metadata={
+        "help": "Accepted, unused."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Accepted, unused."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Accepted, unused."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Accepted, unused."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Accepted, unused."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Accepted, unused."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Accepted, unused."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={
+        "help": "DeepSpeed ZeRO-3: gather the policy's weights for generation."})
+    # TRL's defaults that differ from TrainingArguments': bf16 unless fp16, checkpointing on
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 mixed precision; unset: True unless fp16 (TRL's default)."})
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={
+        "help": "Deprecated alias of activation_checkpointing; unset: True (TRL's default)."})
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs",
+                                                                 "generation_kwargs"]
 
     def __post_init__(self):
         if self.warmup_ratio is not None:
@@ -90,12 +137,39 @@ class OnlinePreferenceConfig(TrainingArguments):
         for name in self._schedules:
             setattr(self, name, _as_list(name, getattr(self, name)))
         check_fields(self)  # every scalar field against nashkern.rl.checks.FIELD_RULES
-        if self.max_length is not None and self.max_length <= self.max_new_tokens:
-            raise ValueError(f"{type(self).__name__}: max_length ({self.max_length}) must exceed "
-                             f"max_new_tokens ({self.max_new_tokens}) (room for the prompt)")
+        if self.max_length is not None and self.max_new_tokens >= self.max_length:
+            warnings.warn(  # TRL 1.13 warns here too
+                f"max_new_tokens ({self.max_new_tokens}) >= max_length ({self.max_length}): every "
+                f"prompt is cut to its last token. To keep prompts, make max_length > "
+                f"max_new_tokens + the prompt length.", UserWarning, stacklevel=3)
         if self.reward_weights is not None:
             self.reward_weights = [float(w) for w in self.reward_weights]
+        self._trl_defaults()
         super().__post_init__()
+        for name in self._schedules:  # TRL 1.13: a single value is a float, not a list
+            values = getattr(self, name)
+            if len(values) == 1:
+                setattr(self, name, values[0])
+
+    def _trl_defaults(self) -> None:
+        """TRL 1.13's defaults where they differ from ``TrainingArguments``': ``bf16`` True
+        unless ``fp16`` (with the error TRL gives where bf16 is unavailable, clearer), and
+        activation (gradient) checkpointing on unless set either way."""
+        if self.bf16 is None:
+            self.bf16 = not self.fp16
+            if self.bf16 and not self.use_cpu and not _bf16_available():
+                raise ValueError(
+                    f"{type(self).__name__} defaults to bf16=True (as TRL 1.13 does), and this "
+                    f"machine has no bf16-capable accelerator: pass use_cpu=True (bf16 autocast "
+                    f"on the CPU) or bf16=False (float32)")
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            self.activation_checkpointing = True
+
+
+def _bf16_available() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
 
 
 def _as_list(name, value) -> List[float]:
@@ -112,9 +186,11 @@ def _as_list(name, value) -> List[float]:
     return value
 
 
-def _per_epoch(values: List[float], epoch: float) -> float:
+def _per_epoch(values: Union[float, List[float]], epoch: float) -> float:
     # The original indexed the list with the float ``state.epoch`` (a TypeError for a list);
     # the documented behaviour is one value per epoch, the last one kept.
+    if isinstance(values, (int, float)):
+        return float(values)
     return values[min(int(epoch or 0), len(values) - 1)]
 
 
@@ -188,38 +264,112 @@ def model_load_kwargs(model_init_kwargs: Optional[Dict[str, Any]] = None, *,
     return kw
 
 
+def _resolve_dtype(model_init_kwargs: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """TRL 1.13's ``model_init_kwargs["dtype"]``: ``"auto"``, None, a ``torch.dtype`` or its
+    name (``"bfloat16"``), anything else an error."""
+    if not model_init_kwargs or "dtype" not in model_init_kwargs:
+        return model_init_kwargs
+    kw, dtype = dict(model_init_kwargs), model_init_kwargs["dtype"]
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"model_init_kwargs['dtype'] must be 'auto' or a torch dtype name "
+                             f"(e.g. 'float32'), got {dtype!r}")
+        kw["dtype"] = getattr(torch, dtype)
+    elif not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
+        raise ValueError(f"model_init_kwargs['dtype'] must be 'auto' or a torch dtype, got "
+                         f"{dtype!r}")
+    return kw
+
+
+def load_reward_model(path: str, args=None) -> nn.Module:
+    """A reward model from a path, as TRL 1.13 loads one: ``AutoModelForSequenceClassification``
+    with ``num_labels=1`` and ``model_init_kwargs`` (``trust_remote_code`` from the config
+    unless given there)."""
+    kw = dict(_resolve_dtype(getattr(args, "model_init_kwargs", None)) or {})
+    kw.setdefault("trust_remote_code", bool(getattr(args, "trust_remote_code", False)))
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
+
+
+def load_reward_tokenizer(path: str, args=None):
+    """The tokenizer of a reward model loaded from ``path`` (``revision`` from
+    ``model_init_kwargs``, ``trust_remote_code`` from the config, as TRL 1.13)."""
+    revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
+    return AutoTokenizer.from_pretrained(
+        path, revision=revision, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+
+
+def _set_reward_pad_token(reward_model: nn.Module, tokenizer) -> None:
+    """The reward model reads its score at the last non-padding token, so its config must
+    know the padding id its inputs use: the tokenizer's (EOS when it has none), as TRL 1.13."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(reward_model, "config", None) is not None:
+        reward_model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _is_reward_model(f) -> bool:
+    return isinstance(f, (str, nn.Module))
+
+
+def _merge_reward_processing_classes(classes, single):
+    """TRL's ``reward_processing_classes`` (a tokenizer or a list aligned with reward_funcs)
+    and nashkern's ``reward_processing_class`` name the same thing: at most one of them."""
+    if classes is not None and single is not None:
+        raise ValueError("reward_processing_classes (TRL 1.13's name) and "
+                         "reward_processing_class (nashkern's) were both given: pass one")
+    return classes if classes is not None else single
+
+
+#: GenerationConfig fields nashkern's sampler implements (generation_kwargs may set them).
+_SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                    "repetition_penalty", "use_cache", "cache_implementation")
+
+
 class OnlinePreferenceTrainer(Trainer):
     """Base class of the online preference trainers (see the module docstring). Subclasses set
     ``config_class`` and implement ``compute_loss``."""
 
     config_class = OnlinePreferenceConfig
+    #: a reward model in reward_funcs without a tokenizer: load the one at its path (TRL 1.13's
+    #: XPO / Online DPO) or use the policy's (False: TRL 1.13's Nash-MD)
+    _reward_tokenizer_from_path = True
     _tag_names = ["nashkern"]
     _default_output_dir = "online-preference"
 
     def __init__(self, model: Union[str, nn.Module], ref_model: Optional[nn.Module] = None,
-                 reward_model: Optional[Union[str, nn.Module]] = None,
-                 judge: Optional[BasePairwiseJudge] = None,
-                 reward_funcs: Optional[Union[Callable, List[Callable]]] = None,
+                 reward_funcs: Optional[Union[RewardFunc, List[RewardFunc]]] = None,
                  args: Optional[OnlinePreferenceConfig] = None, data_collator=None,
                  train_dataset=None, eval_dataset=None,
                  processing_class: Optional[PreTrainedTokenizerBase] = None,
-                 peft_config=None, compute_metrics=None, callbacks=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None,
+                 reward_processing_classes=None, peft_config=None, compute_metrics=None,
+                 callbacks=None, optimizers=(None, None), preprocess_logits_for_metrics=None, *,
+                 reward_model: Optional[Union[str, nn.Module]] = None,
+                 judge: Optional[BasePairwiseJudge] = None,
                  reward_processing_class: Optional[PreTrainedTokenizerBase] = None):
+        # Positional order: TRL 1.13's (model, ref_model, reward_funcs, args, data_collator,
+        # train_dataset, eval_dataset, processing_class, reward_processing_classes, peft_config,
+        # ...); nashkern's own reward_model= / judge= / reward_processing_class= are keywords.
         args = args if args is not None else self.config_class(output_dir=self._default_output_dir)
         if not isinstance(args, self.config_class):
             raise TypeError(f"args must be a {self.config_class.__name__}, got "
                             f"{type(args).__name__}")
+        self._check_generation_args(args)
         reward_funcs = self._check_scorers(args, reward_model, judge, reward_funcs)
+        reward_processing_classes = _merge_reward_processing_classes(
+            reward_processing_classes, reward_processing_class)
         model, model_path = self._load_policy(model, args)
         if ref_model is not None and ref_model is model:
             raise ValueError("model and ref_model cannot be the same object: omit ref_model to "
                              "use a frozen copy (or the PEFT base) as the reference")
-        tok = self._load_tokenizer(processing_class, model_path)
+        tok = self._load_tokenizer(processing_class, model_path, args)
         model = self._wrap_peft(model, peft_config)
         self.ref_model = self._make_reference(model, ref_model)
+        reward_model, reward_processing_class, reward_funcs = self._split_reward_funcs(
+            args, reward_model, reward_processing_classes, reward_funcs, tok)
         self.reward_model, reward_processing_class = self._load_reward_model(
-            reward_model, reward_processing_class)
+            reward_model, reward_processing_class, args)
+        if self.reward_model is not None:
+            _set_reward_pad_token(self.reward_model, reward_processing_class or tok)
         self.reward_processing_class = (None if same_tokenizer(tok, reward_processing_class)
                                         else reward_processing_class)
         self.judge = judge
@@ -243,6 +393,10 @@ class OnlinePreferenceTrainer(Trainer):
             self.ref_model.to(self.accelerator.device)
         if self.reward_model is not None:
             self.reward_model.to(self.accelerator.device)
+        for f in self.reward_funcs or []:
+            if isinstance(f, ModelRewardFunc):
+                f.model.to(self.accelerator.device)
+        self.generation_config = self._make_generation_config(args, tok)
         self.stats: Dict[str, List[float]] = defaultdict(list)
         self.last_samples: List[Dict[str, Any]] = []
         self._generator = None
@@ -256,8 +410,14 @@ class OnlinePreferenceTrainer(Trainer):
         """Exactly one of reward_model / judge / reward_funcs; returns reward_funcs as a list."""
         if isinstance(reward_funcs, Callable) and not isinstance(reward_funcs, nn.Module):
             reward_funcs = [reward_funcs]
+        if reward_funcs is not None and not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]  # a model or a path (TRL 1.13's reward_funcs)
         given = [n for n, v in (("reward_model", reward_model), ("judge", judge),
                                 ("reward_funcs", reward_funcs)) if v]
+        if reward_model is not None and any(_is_reward_model(f) for f in reward_funcs or []):
+            raise ValueError(
+                "a reward model was given twice: as reward_model= (nashkern's keyword) and inside "
+                "reward_funcs (TRL 1.13's argument); pass it once, in either place")
         if len(given) != 1:
             raise ValueError(f"{type(self).__name__} needs exactly one of reward_model, judge or "
                              f"reward_funcs; got {given or 'none'}")
@@ -265,33 +425,155 @@ class OnlinePreferenceTrainer(Trainer):
             raise TypeError(f"judge must have a judge(prompts, completion_pairs) method (a "
                             f"BasePairwiseJudge), got {type(judge).__name__}")
         for i, f in enumerate(reward_funcs or []):
-            if not callable(f):
-                raise TypeError(f"reward_funcs[{i}] must be callable, got {type(f).__name__}")
+            if not (callable(f) or isinstance(f, str)):  # str: a reward model's path / id
+                raise TypeError(f"reward_funcs[{i}] must be a callable, a reward model or its "
+                                f"path, got {type(f).__name__}")
         if args.reward_weights is not None and (
                 not reward_funcs or len(args.reward_weights) != len(reward_funcs)):
             raise ValueError(f"reward_weights ({len(args.reward_weights)}) needs one weight per "
                              f"reward function ({len(reward_funcs or [])})")
-        return reward_funcs
+        return list(reward_funcs) if reward_funcs else reward_funcs
+
+    def _check_generation_args(self, args) -> None:
+        """``use_vllm`` (unsupported), ``cache_implementation`` and the ``generation_kwargs``
+        keys, before anything is loaded."""
+        if args.use_vllm:
+            raise ValueError(
+                f"use_vllm=True is not supported by nashkern's {type(self).__name__}: completions "
+                f"are sampled by nashkern's own KV-cached sampler (Nash-MD's mixture samples need "
+                f"the policy's and the reference's logits at every token, which vLLM does not "
+                f"expose). Set use_vllm=False; the vllm_* fields are accepted and ignored.")
+        if args.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got "
+                             f"{args.cache_implementation!r}")
+        from transformers import GenerationConfig
+
+        get_defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+        defaults = get_defaults() if get_defaults is not None else vars(GenerationConfig())
+        for k, v in (args.generation_kwargs or {}).items():
+            if k in _SAMPLING_FIELDS or k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                continue
+            if k not in defaults or (v is not None and defaults[k] != v):
+                raise ValueError(
+                    f"generation_kwargs[{k!r}]={v!r} is not supported: nashkern's sampler "
+                    f"implements {', '.join(_SAMPLING_FIELDS)} (other GenerationConfig fields "
+                    f"only at their default values)")
+
+    def _split_reward_funcs(self, args, reward_model, reward_processing_classes, reward_funcs,
+                            tok):
+        """TRL 1.13's ``reward_funcs`` (models, paths, callables) -> nashkern's scorers
+        ``(reward_model, its tokenizer, reward functions)``; sets ``self.reward_weights``.
+
+        A path is loaded as :func:`load_reward_model`. A single reward model (and weight 1) is
+        the ``reward_model`` path (scored on the policy's tokens when it shares the policy's
+        tokenizer); models mixed with callables or other models become
+        :class:`~nashkern.rl.scoring.ModelRewardFunc`. A model's tokenizer is its entry of
+        ``reward_processing_classes``, else loaded from its path (``config._name_or_path``),
+        else the policy's."""
+        if not reward_funcs:
+            self.reward_weights = (None if reward_model is None
+                                   else torch.ones(1, dtype=torch.float32))
+            rtok = reward_processing_classes
+            if isinstance(rtok, (list, tuple)):
+                if len(rtok) != 1 or reward_model is None:
+                    raise ValueError("reward_processing_classes: one tokenizer for the one reward "
+                                     f"model, got {rtok!r}")
+                rtok = rtok[0]
+            return reward_model, rtok, reward_funcs
+        n = len(reward_funcs)
+        classes = reward_processing_classes
+        if not isinstance(classes, (list, tuple)):
+            classes = [classes] * n if n == 1 or classes is None else None
+        if classes is None or len(classes) != n:
+            raise ValueError(f"reward_processing_classes needs one entry per reward function "
+                             f"({n}), got {reward_processing_classes!r}")
+        weights = [1.0] * n if args.reward_weights is None else list(args.reward_weights)
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        models, funcs = [], []
+        for f, rtok in zip(reward_funcs, classes):
+            if isinstance(f, str):
+                path, f = f, load_reward_model(f, args)
+                rtok = rtok if rtok is not None else load_reward_tokenizer(path, args)
+            elif isinstance(f, nn.Module) and rtok is None:
+                rtok = self._default_reward_tokenizer(f, tok, args)
+            if isinstance(f, nn.Module):
+                _set_reward_pad_token(f, rtok)
+                f.eval()
+                f.requires_grad_(False)
+                models.append((f, rtok))
+                f = ModelRewardFunc(f, rtok, max_length=None)
+            funcs.append(f)
+        if len(funcs) == 1 and models and weights == [1.0]:
+            return models[0][0], models[0][1], None
+        return None, None, funcs
+
+    def _default_reward_tokenizer(self, reward_model, tok, args):
+        """A reward model given without a tokenizer: TRL 1.13 loads the one saved at its path
+        (``config._name_or_path``); a model with no path (built in memory) uses the policy's."""
+        path = getattr(getattr(reward_model, "config", None), "_name_or_path", "") or ""
+        if path and self._reward_tokenizer_from_path:
+            try:
+                return load_reward_tokenizer(path, args)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"could not load the reward model's tokenizer from {path!r} "
+                                 f"({e}); pass it as reward_processing_classes") from e
+        vocab = getattr(getattr(reward_model, "config", None), "vocab_size", None)
+        if vocab is not None and len(tok) > vocab:
+            raise ValueError(f"the reward model's vocabulary ({vocab}) is smaller than the "
+                             f"policy tokenizer's ({len(tok)}): pass the reward model's tokenizer "
+                             f"as reward_processing_classes")
+        return tok
+
+    def _make_generation_config(self, args, tok):
+        """``trainer.generation_config``: TRL 1.13's ``GenerationConfig`` (sampling fields, then
+        ``generation_kwargs`` over them). nashkern's sampler reads it at every step, so changing
+        it changes the sampling; ``use_cache`` is True (nashkern's generation always caches)."""
+        from transformers import GenerationConfig
+
+        kw = dict(max_new_tokens=args.max_new_tokens, do_sample=True,
+                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, use_cache=True,
+                  min_p=args.min_p, cache_implementation=args.cache_implementation)
+        kw.update(args.generation_kwargs or {})
+        for k in ("pad_token_id", "eos_token_id"):
+            if kw.get(k) != getattr(tok, k):
+                raise ValueError(f"generation_kwargs[{k!r}]={kw[k]!r} differs from the "
+                                 f"tokenizer's ({getattr(tok, k)}): nashkern stops and pads "
+                                 f"with the tokenizer's tokens")
+        if kw.get("cache_implementation") not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"generation_kwargs['cache_implementation'] must be one of "
+                             f"{CACHE_IMPLEMENTATIONS}, got {kw['cache_implementation']!r}")
+        return GenerationConfig(**{k: v for k, v in kw.items() if v is not None})
 
     def _load_policy(self, model, args):
         """The policy (loaded when ``model`` is a path) -> (model, path or None)."""
         model_path = model if isinstance(model, str) else None
         if model_path is not None:
-            kw = model_load_kwargs(args.model_init_kwargs)
+            kw = model_load_kwargs(_resolve_dtype(args.model_init_kwargs),
+                                   trust_remote_code=args.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
+        elif args.model_init_kwargs is not None:
+            raise ValueError("model_init_kwargs was given but model is already instantiated: it "
+                             "applies only when model is a path (as in TRL 1.13)")
         if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
             raise ValueError(f"model must be a causal language model with an output embedding "
                              f"(an AutoModelForCausalLM), got {type(model).__name__}")
         return model, model_path
 
     @staticmethod
-    def _load_tokenizer(processing_class, model_path):
+    def _load_tokenizer(processing_class, model_path, args=None):
         """The policy's tokenizer, with a pad token (EOS when it has none) and an EOS token."""
         if processing_class is None:
             if model_path is None:
                 raise ValueError("processing_class (the tokenizer) is required when model is "
                                  "not a path")
-            processing_class = AutoTokenizer.from_pretrained(model_path)
+            processing_class = AutoTokenizer.from_pretrained(
+                model_path, trust_remote_code=bool(args is not None and args.trust_remote_code))
+        if hasattr(processing_class, "tokenizer") and not isinstance(
+                processing_class, PreTrainedTokenizerBase):
+            raise TypeError(f"processing_class must be a tokenizer: nashkern's trainers are "
+                            f"text-only, got a {type(processing_class).__name__} (see COMPAT.md)")
         tok = processing_class
         if tok.pad_token is None:
             warnings.warn("the tokenizer has no pad token: using the EOS token as padding")
@@ -303,6 +585,9 @@ class OnlinePreferenceTrainer(Trainer):
     def _wrap_peft(self, model, peft_config):
         """Wrap the policy in PEFT adapters when ``peft_config`` is given; sets ``is_peft``."""
         self.is_peft = False
+        if peft_config is not None and type(model).__name__.startswith("Peft"):
+            raise ValueError("model is already a PeftModel and peft_config was given: merge and "
+                             "unload the existing adapter first, or omit peft_config (as TRL 1.13)")
         if peft_config is not None:
             try:
                 from peft import get_peft_model
@@ -325,14 +610,13 @@ class OnlinePreferenceTrainer(Trainer):
         return ref_model
 
     @staticmethod
-    def _load_reward_model(reward_model, reward_processing_class):
+    def _load_reward_model(reward_model, reward_processing_class, args=None):
         """The frozen reward model (loaded when a path) -> (model or None, its tokenizer)."""
         if isinstance(reward_model, str):
             path = reward_model
-            reward_model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, trust_remote_code=False)
+            reward_model = load_reward_model(path, args)
             if reward_processing_class is None:
-                reward_processing_class = AutoTokenizer.from_pretrained(path)
+                reward_processing_class = load_reward_tokenizer(path, args)
         if reward_model is not None:
             labels = getattr(getattr(reward_model, "config", None), "num_labels", 1)
             if labels != 1:
@@ -397,19 +681,33 @@ class OnlinePreferenceTrainer(Trainer):
     def beta(self) -> float:
         return self._scheduled("beta")
 
+    @property
+    def use_vllm(self) -> bool:
+        """TRL 1.13's attribute; always False (``use_vllm=True`` is refused at construction)."""
+        return bool(self.args.use_vllm)
+
     # -- step pieces --------------------------------------------------------------------------
     def _sampling_params(self) -> SamplingParams:
-        a = self.args
-        return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                              top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                              repetition_penalty=a.repetition_penalty)
+        """This step's sampling parameters, read from ``self.generation_config``."""
+        g = self.generation_config
+        greedy = not g.do_sample  # the temperature does not matter (it may then be 0)
+        return SamplingParams(max_new_tokens=g.max_new_tokens,
+                              temperature=1.0 if greedy or g.temperature is None
+                              else g.temperature,
+                              top_k=g.top_k, top_p=g.top_p, min_p=g.min_p,
+                              repetition_penalty=g.repetition_penalty,
+                              do_sample=bool(g.do_sample))
 
     def _generation_kwargs(self, generator: torch.Generator) -> Dict[str, Any]:
         """Keyword arguments of :func:`~nashkern.rl.generation.generate` for this step."""
         tok = self.processing_class
+        params = self._sampling_params()
+        # max_new_tokens >= max_length (a warning at config time, as TRL): prompts keep 1 token
+        max_length = max(self.args.max_length, params.max_new_tokens + 1)
         return dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                    params=self._sampling_params(), max_length=self.args.max_length,
-                    generator=generator)
+                    params=params, max_length=max_length, generator=generator,
+                    cache_implementation=getattr(self.generation_config,
+                                                 "cache_implementation", None))
 
     def _ref(self, unwrapped):
         """``(reference model, context factory)``: the given / copied reference, or the PEFT
@@ -445,7 +743,7 @@ class OnlinePreferenceTrainer(Trainer):
         tok = self.processing_class
         reps = len(completions) // len(inputs["prompts"])
         if self.reward_model is not None:
-            full = [p + c for p, c in zip(inputs["prompts"] * reps, completions)]
+            full = self._reward_model_texts(inputs, completions, reps)
             scores = reward_model_scores(
                 self.reward_model, gen.input_ids, gen.attention_mask,
                 pad_token_id=tok.pad_token_id, texts=full,
@@ -460,12 +758,25 @@ class OnlinePreferenceTrainer(Trainer):
             ids = [row[m.bool()].tolist() for row, m in zip(gen.completion_ids,
                                                               gen.completion_mask)]
             columns = {k: list(v) * reps for k, v in inputs.get("columns", {}).items()}
+            columns.setdefault("trainer_state", self.state)  # as TRL 1.13 passes it
             scores = reward_funcs_scores(self.reward_funcs, raw, comps, ids,
                                          weights=self.args.reward_weights,
                                          nonfinite=self.args.nonfinite_scores, **columns)
         scores = scores.to(gen.completion_ids.device)
         return apply_missing_eos_penalty(scores, gen.completion_ids, tok.eos_token_id,
                                          self.args.missing_eos_penalty)
+
+    def _reward_model_texts(self, inputs, completions: List[str], reps: int) -> List[str]:
+        """Texts the reward model scores when its tokenizer differs from the policy's: the
+        conversation rendered by the reward tokenizer's chat template (TRL 1.13) when the
+        prompts are conversational and it has one, else the policy's prompt text + completion."""
+        raw = inputs["raw_prompts"] * reps
+        rtok = self.reward_processing_class
+        if rtok is not None and _is_conversational(raw[0]) and getattr(rtok, "chat_template",
+                                                                       None):
+            return reward_texts(raw, [[{"role": "assistant", "content": c}] for c in completions],
+                                rtok)
+        return [p + c for p, c in zip(inputs["prompts"] * reps, completions)]
 
     def _judge_choices(self, prompts: List[str], pairs: List[Tuple[str, str]]) -> List[int]:
         return judge_choices(self.judge, self.judge.judge(prompts, pairs), len(pairs))

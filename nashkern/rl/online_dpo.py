@@ -20,7 +20,7 @@ import torch
 from .generation import generate
 from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, dpo_loss
-from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer
+from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
 from .pairs import chosen_rejected_from_preference, sequence_logps
 
 
@@ -35,9 +35,9 @@ class OnlineDPOConfig(OnlinePreferenceConfig):
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        super().__post_init__()
-        if self.loss_type == "ipo" and any(b == 0 for b in self.beta):
+        if self.loss_type == "ipo" and any(b == 0 for b in _as_list("beta", self.beta)):
             raise ValueError("loss_type='ipo' needs beta > 0 (its target is 1/(2·beta))")
+        super().__post_init__()
 
 
 class OnlineDPOTrainer(OnlinePreferenceTrainer):

@@ -89,6 +89,36 @@ def reward_funcs_scores(reward_funcs: Sequence[Callable], prompts: List, complet
     return total
 
 
+def reward_texts(prompts: List, completions: List, tokenizer) -> List[str]:
+    """The texts a reward model scores, as TRL 1.13 builds them: ``prompt + completion`` for
+    standard data; for conversational data (prompts and completions lists of messages) the
+    conversation rendered by ``tokenizer``'s own chat template."""
+    if prompts and isinstance(prompts[0], list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("conversational prompts need a chat template on the reward model's "
+                             "tokenizer (reward_processing_classes) to render the conversation")
+        return [tokenizer.apply_chat_template(list(p) + list(c), tokenize=False)
+                for p, c in zip(prompts, completions)]
+    return [p + c for p, c in zip(prompts, completions)]
+
+
+class ModelRewardFunc:
+    """A reward model and its tokenizer as a reward function (TRL 1.13's model entry of
+    ``reward_funcs``, when it is combined with other reward functions): scores
+    :func:`reward_texts` with :func:`reward_model_scores`."""
+
+    def __init__(self, model, tokenizer, max_length: Optional[int] = None):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        cfg = getattr(model, "config", None)
+        self.__name__ = str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
+
+    def __call__(self, prompts, completions, **kwargs) -> List[float]:
+        texts = reward_texts(prompts, completions, self.tokenizer)
+        return reward_model_scores(self.model, None, None, pad_token_id=self.tokenizer.pad_token_id,
+                                   texts=texts, reward_tokenizer=self.tokenizer,
+                                   max_length=self.max_length).tolist()
+
+
 def apply_missing_eos_penalty(scores: Tensor, completion_ids: Tensor, eos_token_id: int,
                               penalty: Optional[float]) -> Tensor:
     """Subtract ``penalty`` from the scores of completions that contain no EOS."""

@@ -23,7 +23,7 @@ import torch
 from .generation import generate
 from .completion_stats import completion_stats
 from .losses import xpo_loss
-from .online import OnlinePreferenceTrainer
+from .online import OnlinePreferenceTrainer, _as_list
 from .online_dpo import OnlineDPOConfig
 from .pairs import chosen_rejected_from_preference, concat_generations, sequence_logps
 
@@ -40,9 +40,9 @@ class XPOConfig(OnlineDPOConfig):
         "help": "Weight of the XPO exploration term α·Σlogπ(ỹ): float or one per epoch."})
 
     def __post_init__(self):
-        super().__post_init__()
-        if any(a < 0 for a in self.alpha):
+        if any(a < 0 for a in _as_list("alpha", self.alpha)):
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        super().__post_init__()
 
 
 class XPOTrainer(OnlinePreferenceTrainer):
