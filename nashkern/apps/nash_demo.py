@@ -185,6 +185,7 @@ def train_lm(P: torch.Tensor, mu: torch.Tensor, *, route: str, beta: float, mixt
             learning_rate=learning_rate, lr_scheduler_type="constant", max_new_tokens=1,
             temperature=1.0, beta=beta, mixture_coef=mixture_coef, kl_estimator="full",
             logging_steps=max(steps, 1), report_to="none", save_strategy="no", use_cpu=True,
+            bf16=False,
             seed=seed, disable_tqdm=True, log_level="error")
         trainer = NashMDTrainer(
             model=model, args=cfg, processing_class=tok,
