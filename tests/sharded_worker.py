@@ -11,6 +11,7 @@ One launch does all the checks of its engine (a launch costs ~15-25 s of start-u
      zero.Init-ialised policy), 2 Nash-MD steps and 1 XPO step; the reference must be sharded;
   3. no fallback warning, the fused head used (``_nashkern_separable``) in every run.
 """
+import faulthandler
 import json
 import os
 import sys
@@ -32,8 +33,21 @@ def reward(prompts, completions, completion_ids=None, **kw):
     return [float(sum(map(ord, c)) % 13) for c in completions]
 
 
+# the equivalence step: greedy (top_k=1), SGD at lr 1 (the update is the gradient), no clipping
+EQUIVALENCE = dict(max_steps=1, max_new_tokens=6, top_k=1, mixture_coef=0.9, optim="sgd",
+                   learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+STATS_TEXTS, STATS_CONTEXT = ["hello world", "ab cd ef"], 3
+
+
+def stats_inputs(tok):
+    ids = tok(STATS_TEXTS, return_tensors="pt", padding=True).input_ids
+    return ids, torch.ones_like(ids)
+
+
 def engine_args(engine):
-    """TrainingArguments fields selecting ``engine``."""
+    """TrainingArguments fields selecting ``engine`` (None: one process, no engine)."""
+    if engine is None:
+        return {}
     if engine == "zero3":
         return dict(deepspeed={
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
@@ -47,7 +61,9 @@ def engine_args(engine):
     cfg = {"version": version, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
            "reshard_after_forward": True if version == 2 else "FULL_SHARD"}
     if version == 1:
-        cfg["use_orig_params"] = False
+        # sync_module_states needs an accelerator device in accelerate's plugin (the ranks
+        # build the same seeded weights here anyway)
+        cfg.update(use_orig_params=False, sync_module_states=False)
     return dict(fsdp="full_shard auto_wrap", fsdp_config=cfg)
 
 
@@ -56,7 +72,7 @@ def force_engine():
     MULTI_CPU (the plugin is dropped and the model wrapped in DDP), and DeepSpeed is only taken
     when not ``cpu`` (and then reports num_processes=1). The engine is forced after
     AcceleratorState's own set-up: the distributed type and the plugin it was given."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     init = AcceleratorState.__init__
@@ -68,6 +84,8 @@ def force_engine():
         if fsdp_plugin is not None:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            # FSDP1 compares its compute device "cpu" with accelerate's indexed "cpu:0"
+            self.device = PartialState().device = torch.device("cpu")
         elif deepspeed_plugin is not None:
             self.distributed_type = DistributedType.DEEPSPEED
             deepspeed_plugin.set_mixed_precision("no")
@@ -77,20 +95,28 @@ def force_engine():
     AcceleratorState.__init__ = forced
 
 
-def make_trainer(cls, engine, out, *, ref=None, sequential=True, **kw):
+def make_trainer(cls, engine, out, *, ref=None, **kw):
+    """With ``ref``: the models are built before the config (full weights, the same as one
+    process: under ZeRO-3 the engine partitions them), untied heads (a tied tiny model greedily
+    repeats its last token, policy and reference alike) and a distinct reference. Without: the
+    default reference, and the policy built after the config (under ZeRO-3 by zero.Init, with
+    empty placeholder parameters)."""
     config_cls = XPOConfig if cls is XPOTrainer else NashMDConfig
+    if ref:
+        policy = tiny_causal_lm(seed=0, tie_word_embeddings=False)
+        ref_model = tiny_causal_lm(seed=1, tie_word_embeddings=False)
     args = config_cls(output_dir=out, report_to="none", save_strategy="no", use_cpu=True,
-                      disable_tqdm=True, seed=0, logging_steps=1, ddp_backend="gloo",
+                      disable_tqdm=True, seed=0, logging_steps=1,
+                      **({} if engine is None else {"ddp_backend": "gloo"}),
                       **engine_args(engine), **kw)
-    policy = tiny_causal_lm(seed=0)  # after the config: under ZeRO-3 a zero.Init model
-    ref_model = tiny_causal_lm(seed=1) if ref else None
+    if not ref:
+        policy, ref_model = tiny_causal_lm(seed=0), None
 
     class Sequential(cls):
         def _get_train_sampler(self, *a, **k):  # rank r gets prompts [2r, 2r + 1]
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    trainer_cls = Sequential if sequential else cls
-    return trainer_cls(model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
+    return Sequential(model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
                        processing_class=make_tokenizer(),
                        train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
 
@@ -112,33 +138,53 @@ def local_numel(model):
 
 
 def full_params(tr):
-    sd = tr.accelerator.get_state_dict(tr.model_wrapped)
-    return None if sd is None else {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+    """The full parameters after the step (a collective; every rank calls it)."""
+    wrapper = tr.model_wrapped
+    FSDP = torch.distributed.fsdp.FullyShardedDataParallel
+    if isinstance(wrapper, FSDP):
+        with FSDP.summon_full_params(wrapper, writeback=False):
+            return {k.replace("_fsdp_wrapped_module.", ""): v.detach().float().clone()
+                    for k, v in wrapper.named_parameters()}
+    sd = tr.accelerator.get_state_dict(wrapper)
+    if sd is None:  # not the main process
+        return None
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
+    return {k: v.detach().float().cpu().clone() for k, v in full.items()}
 
 
 def main(engine, out):
+    # A deadlock prints every thread's stack and exits instead of waiting for the test timeout.
+    faulthandler.dump_traceback_later(float(os.environ.get("NASHKERN_WORKER_TIMEOUT", 360)),
+                                      exit=True)
     torch.set_num_threads(1)
     force_engine()
+    if engine == "zero3":
+        # zero.Init (models built after a ZeRO-3 config) needs deepspeed.comm up; accelerate
+        # starts it only on its non-CPU DeepSpeed path
+        # (without DeepSpeed's shared-memory CPU all-reduce: a C++ op JIT-compiled at start-up,
+        # minutes on a CI core; gloo does the collectives)
+        import deepspeed
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo")
     rank = int(os.environ.get("RANK", 0))
     result = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # 1. equivalence with one process
         tr = make_trainer(NashMDTrainer, engine, out, ref=True, per_device_train_batch_size=2,
-                          max_steps=1, max_new_tokens=6, top_k=1, optim="sgd",
-                          learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+                          **EQUIVALENCE)
         tr.train()
         result["engine"] = engines.engine_of(tr.model_wrapped)
         result["ref_engine"] = engines.engine_of(tr.ref_model)
         result["world"] = dist.get_world_size()
         result["logs"] = [h for h in tr.state.log_history if "loss/kl" in h]
-        ids = tr.processing_class(["hello world", "ab cd ef"], return_tensors="pt",
-                                  padding=True).input_ids
-        mask = torch.ones_like(ids)
         with torch.no_grad():
             from nashkern.rl.completion_stats import completion_stats
 
-            st = completion_stats(tr.model_wrapped, ids, mask, 3, ref_model=tr.ref_model)
+            st = completion_stats(tr.model_wrapped, *stats_inputs(tr.processing_class),
+                                  STATS_CONTEXT, ref_model=tr.ref_model)
         result["stats"] = {k: getattr(st, k).tolist() for k in ("logprobs", "ref_logprobs",
                                                                   "kl", "entropy")}
         result["fused"] = bool(getattr(engines.inner_module(tr.model_wrapped),
@@ -164,9 +210,14 @@ def main(engine, out):
                               max_new_tokens=40, temperature=2.0, learning_rate=1e-2)
             t2.train()
             steps[cls.__name__] = t2.state.global_step
+            # the default reference is the policy's copy (under ZeRO-3 copied shard by shard)
+            if cls is NashMDTrainer:
+                result["first_kl"] = [h for h in t2.state.log_history
+                                      if "loss/kl" in h][0]["loss/kl"]
             result.setdefault("ref_local_numel", local_numel(t2.ref_model))
         result["steps"] = steps
-        result["full_numel"] = sum(p.numel() for p in tiny_causal_lm().parameters())
+        result["full_numel"] = sum(getattr(p, "ds_numel", p.numel())
+                                   for p in tiny_causal_lm().parameters())
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, lengths)
         result["lengths"] = gathered

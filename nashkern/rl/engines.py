@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import weakref
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
@@ -97,16 +96,16 @@ def engine_of_accelerator(accelerator) -> str:
 
 def register_wrapper(inner: nn.Module, wrapper: nn.Module) -> None:
     """Remember the engine wrapper of ``inner`` (a prepared reference), so that callers holding
-    the inner module (generation) and callers that need the wrapper (:func:`redirect`) can share
-    one handle. A weak reference: not a submodule, no cycle."""
+    the inner module (generation) and callers that need the wrapper (:func:`redirect`) share
+    one handle. A plain attribute (not a submodule: ``state_dict`` and ``modules()`` do not see
+    it) holding the only strong reference to the wrapper."""
     if wrapper is not inner:
-        object.__setattr__(inner, "_nashkern_wrapper", weakref.ref(wrapper))
+        object.__setattr__(inner, "_nashkern_wrapper", wrapper)
 
 
 def wrapper_of(model: nn.Module) -> nn.Module:
-    ref = getattr(model, "_nashkern_wrapper", None)
-    wrapper = ref() if ref is not None else None
-    return wrapper if wrapper is not None else model
+    """The engine wrapper registered for ``model``, else ``model``."""
+    return model.__dict__.get("_nashkern_wrapper", model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,7 +301,13 @@ def _prepare_fsdp(accelerator, model: nn.Module, engine: str) -> nn.Module:
                 backward_prefetch=plugin.backward_prefetch,
                 forward_prefetch=plugin.forward_prefetch, use_orig_params=plugin.use_orig_params,
                 limit_all_gathers=plugin.limit_all_gathers,
-                device_id=accelerator.device if accelerator.device.type != "cpu" else None)
+                device_id=_fsdp1_device(accelerator.device))
+
+
+def _fsdp1_device(device: torch.device) -> torch.device:
+    # FSDP1 cannot guess a CPU device (it asks for an accelerator) and compares "cpu" with an
+    # indexed "cpu:0" as different devices: the bare CPU device, else the given one.
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def head_weight_owned_by_engine(model: nn.Module) -> bool:
