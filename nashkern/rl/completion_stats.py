@@ -2,14 +2,18 @@
 reference from the models' final hidden states and output embedding, through
 :func:`nashkern.ops.linear_token_stats`: no ``[B, T, V]`` logits, forward or backward.
 
-The model runs once through its own ``forward`` (so DDP / PEFT wrappers see the call) with
+Each model runs once, as its own ``forward`` called through its engine wrapper (DDP, FSDP1,
+FSDP2, a DeepSpeed engine; :func:`~nashkern.rl.engines.redirect`), with
 ``output_hidden_states=True`` and ``logits_to_keep=1``: ``hidden_states[-1]`` is the input of the
-head (after the final norm). The head is ``get_output_embeddings()`` (tied embeddings are the same
-tensor); config ``logit_scale`` (Cohere: logits · s), ``logits_scaling`` (Granite: logits / s) and
+head (after the final norm), and the fused statistics then run as the output head's forward, so
+every engine has the head's weight whole for them (and again for the backward) and reduces its
+gradient as usual. The head is ``get_output_embeddings()`` (tied embeddings are the same tensor);
+config ``logit_scale`` (Cohere: logits · s), ``logits_scaling`` (Granite: logits / s) and
 ``final_logit_softcapping`` (Gemma-2) are honoured. On the first call per model the last-position
 logits the model returned are compared with the head applied to ``hidden_states[-1]``; a model
-whose head cannot be separated this way (no output embedding, unknown post-processing) falls
-back, with a warning, to its own logits, run in row chunks and fed to ``ops.token_stats``.
+whose head cannot be separated this way (no output embedding, unknown post-processing) raises,
+unless ``allow_unfused`` (the config's ``allow_unfused_head``): then its own logits run in row
+chunks, fed to ``ops.token_stats``, with a warning.
 """
 from __future__ import annotations
 
