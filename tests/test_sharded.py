@@ -5,10 +5,12 @@ engine runs every check of tests/sharded_worker.py (a launch costs ~15-25 s of s
 Compared with one process on the same data (the 4 prompts of both ranks in one batch, the same
 initial models, greedy samples, one SGD step at lr 1 so that the update is the gradient):
 the logged loss and metrics, the updated parameters, and completion_stats after the step.
-Tolerance: float32 with a different reduction order (the gradient all-reduced / reduce-scattered
-as a mean of two half-batch means instead of one mean; the prompts left-padded to a different
-width) — measured differences are ~1e-7 relative; rtol 1e-4 / atol 1e-6 leaves margin and is
-still far below any real error (a missing or doubled gradient reduction is a factor of 2).
+Tolerance: float32 with a different reduction order (the gradient reduced as a mean of two
+half-batch means instead of one mean; the prompts left-padded to a different width). Measured
+here (FSDP1, ZeRO-3): the logged loss equal, the parameter updates within 1.4e-7 (largest update
+1.17), completion_stats within 1e-6 (values ~4). rtol 1e-4 / atol 1e-6 (stats: 1e-5) leaves
+margin and stays far below any real error (a missing or doubled gradient reduction is a factor
+of 2, a reference that is not the given one shows in every log-prob).
 """
 import json
 import os
@@ -108,3 +110,25 @@ def test_sharded_engine_matches_one_process(engine, tmp_path, one_process):
     # shard by shard from the zero.Init policy) and sharded: this rank holds about half of it
     assert res["first_kl"] == pytest.approx(0.0, abs=1e-6)
     assert res["ref_local_numel"] < 0.6 * res["full_numel"]
+
+
+def test_single_process_engine_helpers():
+    """Without a process group: nothing is synchronised or sharded, the reference copy is a
+    deep copy, and synced generation draws exactly what unsynced generation draws."""
+    from nashkern.apps.tiny import tiny_causal_lm
+    from nashkern.rl import engines
+    from nashkern.rl.generation import SamplingParams, generate
+
+    model = tiny_causal_lm()
+    assert engines.engine_of(model) == "single" and engines.inner_module(model) is model
+    assert not engines.needs_synced_generation(model) and engines.all_ranks_done(True, True, "cpu")
+    ref = engines.copy_reference(model)
+    assert ref is not model and all(torch.equal(a, b) for a, b in
+                                    zip(ref.parameters(), model.parameters()))
+    ids = torch.randint(5, 40, (2, 5))
+    kw = dict(eos_token_id=1, pad_token_id=0, params=SamplingParams(max_new_tokens=5))
+    outs = [generate(model, ids, torch.ones_like(ids), generator=torch.Generator().manual_seed(0),
+                     synced_gpus=synced, gather_context=lambda: engines.generation_context(model),
+                     **kw)
+            for synced in (False, True)]
+    assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
