@@ -19,9 +19,9 @@ processed, and sampled by ``mixture_sample`` with ``coef=0``.
 
 Prompts are left-padded; a prompt longer than ``max_length − max_new_tokens`` is truncated from
 the left. Each row stops at its first EOS (the EOS is kept, then padding follows); the loop ends
-when every row has stopped (on every rank, with ``synced_gpus``). Models run in eval mode under ``torch.no_grad`` (dropout off, and
-gradient checkpointing, which is only active in training mode, does not turn the cache off),
-and their previous mode is restored afterwards.
+when every row has stopped (on every rank, with ``synced_gpus``). Models run in eval mode under
+``torch.no_grad`` (dropout off, and gradient checkpointing, which is only active in training
+mode, does not turn the cache off), and their previous mode is restored afterwards.
 """
 from __future__ import annotations
 
