@@ -7,7 +7,7 @@ One launch does all the checks of its engine (a launch costs ~15-25 s of start-u
      updated parameters and completion_stats after the step are written for the test to compare
      with one process on the same data;
   2. the regression: different prompts per rank, long sampled generations (ranks finish at
-     different steps), the default reference (a copy of the policy: under ZeRO-3 of a
+     different steps; FSDP1 here with use_orig_params=True), the default reference (a copy of the policy: under ZeRO-3 of a
      zero.Init-ialised policy), 1 Nash-MD step and 1 XPO step; the reference must be sharded;
   3. no fallback warning, the fused head used (``_nashkern_separable``) in every run.
 """
@@ -44,8 +44,10 @@ def stats_inputs(tok):
     return ids, torch.ones_like(ids)
 
 
-def engine_args(engine):
-    """TrainingArguments fields selecting ``engine`` (None: one process, no engine)."""
+def engine_args(engine, orig_params=False):
+    """TrainingArguments fields selecting ``engine`` (None: one process, no engine); FSDP1 with
+    flat parameters, or with ``orig_params`` (use_orig_params=True: outside the forward the head
+    is a 1-D shard)."""
     if engine is None:
         return {}
     if engine == "zero3":
@@ -63,7 +65,7 @@ def engine_args(engine):
     if version == 1:
         # sync_module_states needs an accelerator device in accelerate's plugin (the ranks
         # build the same seeded weights here anyway)
-        cfg.update(use_orig_params=False, sync_module_states=False)
+        cfg.update(use_orig_params=orig_params, sync_module_states=False)
     return dict(fsdp="full_shard auto_wrap", fsdp_config=cfg)
 
 
@@ -95,7 +97,7 @@ def force_engine():
     AcceleratorState.__init__ = forced
 
 
-def make_trainer(cls, engine, out, *, ref=None, **kw):
+def make_trainer(cls, engine, out, *, ref=None, orig_params=False, **kw):
     """With ``ref``: the models are built before the config (full weights, the same as one
     process: under ZeRO-3 the engine partitions them), untied heads (a tied tiny model greedily
     repeats its last token, policy and reference alike) and a distinct reference. Without: the
@@ -108,7 +110,7 @@ def make_trainer(cls, engine, out, *, ref=None, **kw):
     args = config_cls(output_dir=out, report_to="none", save_strategy="no", use_cpu=True,
                       disable_tqdm=True, seed=0, logging_steps=1,
                       **({} if engine is None else {"ddp_backend": "gloo"}),
-                      **engine_args(engine), **kw)
+                      **engine_args(engine, orig_params), **kw)
     if not ref:
         policy, ref_model = tiny_causal_lm(seed=0), None
 
@@ -207,8 +209,11 @@ def main(engine, out):
         steps = {}
         for cls, n in ((NashMDTrainer, 1), (XPOTrainer, 1)):
             t2 = make_trainer(cls, engine, out, per_device_train_batch_size=1, max_steps=n,
-                              max_new_tokens=32, temperature=2.0, learning_rate=1e-2)
+                              max_new_tokens=32, temperature=2.0, learning_rate=1e-2,
+                              orig_params=True)
             t2.train()
+            result["fused"] = result["fused"] and bool(getattr(
+                engines.inner_module(t2.model_wrapped), "_nashkern_separable", False))
             steps[cls.__name__] = t2.state.global_step
             # the default reference is the policy's copy (under ZeRO-3 copied shard by shard)
             if cls is NashMDTrainer:
