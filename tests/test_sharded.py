@@ -28,7 +28,7 @@ HERE = os.path.dirname(__file__)
 LAUNCH_TIMEOUT = 420  # s; a deadlocked generation fails the test instead of hanging CI
 
 
-def _launch(engine, out):
+def _launch(engine, out, worker="sharded_worker.py"):
     with socket.socket() as s:  # a free port, so parallel runs cannot collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -39,7 +39,7 @@ def _launch(engine, out):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(port),
-           os.path.join(HERE, "sharded_worker.py"), engine, str(out)]
+           os.path.join(HERE, worker), *([engine] if engine else []), str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     try:
@@ -51,6 +51,8 @@ def _launch(engine, out):
                     + log[-3000:])
     errors = [line for line in log.splitlines() if "Error" in line and "rank" in line]
     assert proc.returncode == 0, "\n".join(errors[:20]) + "\n" + log[-3000:]
+    if worker != "sharded_worker.py":
+        return None
     return json.loads((out / "result.json").read_text()), torch.load(out / "params.pt")
 
 
@@ -132,3 +134,16 @@ def test_single_process_engine_helpers():
                      **kw)
             for synced in (False, True)]
     assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
+
+
+def test_vocab_parallel_stats_match_unsharded(tmp_path):
+    """nashkern.vocab_parallel on 2 processes, each holding its rows of an odd vocabulary (37 =
+    19 + 18), against the float64 unsharded oracle: logprobs, entropy, ref_logprobs, KL, and the
+    gradients of hidden (all-reduced) and of each rank's weight rows, under random upstream
+    gradients, with an ignored row. float32 tolerance (measured: within 1e-6)."""
+    _launch(None, tmp_path, worker="vocab_parallel_worker.py")
+    res = json.loads((tmp_path / "vocab_parallel.json").read_text())
+    assert res["world"] == 2
+    for err in res["errors"]:
+        for k in ("logprobs", "entropy", "ref_logprobs", "kl", "d_hidden", "d_weight"):
+            assert err[k] < 1e-5 * max(1.0, err["scale"]), (k, err)
