@@ -14,6 +14,9 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q numpy "triton>=3.0" pytest pytest-benchmark pytest-xdist "transformers>=4.56" "accelerate>=1.0" "datasets>=3.0" peft matplotlib tensorboard
+	# DeepSpeed for the ZeRO-3 tests (tests/test_sharded.py; CPU: DS_ACCELERATOR=cpu at run time);
+	# DS_BUILD_OPS=0: no C++/CUDA op is compiled at install (pure Python, ~15 s)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed>=0.16"
 	NASHKERN_SKIP_CUDA_BUILD=$${NASHKERN_SKIP_CUDA_BUILD:-1} $(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 

@@ -195,8 +195,10 @@ def test_softcap_and_fallback_warning():
     m = tiny_causal_lm()
     ids = torch.randint(5, 40, (2, 9))
     mask = torch.ones_like(ids)
-    with pytest.warns(RuntimeWarning, match="chunked logits"):
-        st = completion_stats(Wrapped(m), ids, mask, 4, ref_model=m)
+    with pytest.raises(ValueError, match="allow_unfused_head=True"):  # no silent fallback
+        completion_stats(Wrapped(m), ids, mask, 4, ref_model=m)
+    with pytest.warns(RuntimeWarning, match="chunked logits"):  # the explicit opt-in
+        st = completion_stats(Wrapped(m), ids, mask, 4, ref_model=m, allow_unfused=True)
     z = m(input_ids=ids).logits[:, 3:-1] * 2 + 1
     lp = z.log_softmax(-1).gather(-1, ids[:, 4:, None])[..., 0]
     torch.testing.assert_close(st.logprobs, lp, rtol=1e-4, atol=1e-5)

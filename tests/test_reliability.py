@@ -268,7 +268,7 @@ def test_lora_on_lm_head_is_in_the_fused_path_values_and_gradients():
     torch.testing.assert_close(gB, wB, rtol=1e-3, atol=1e-5)
 
 
-def test_lora_dropout_on_the_head_falls_back_loudly_at_that_step():
+def test_lora_dropout_on_the_head_raises_or_falls_back_on_request_at_that_step():
     peft = pytest.importorskip("peft")
     from nashkern.rl.completion_stats import completion_stats
 
@@ -278,9 +278,13 @@ def test_lora_dropout_on_the_head_falls_back_loudly_at_that_step():
     m.eval()  # no dropout in eval mode: fused, silently exact
     completion_stats(m, ids, torch.ones_like(ids), 4, ref_model=m, ref_context=m.disable_adapter)
     m.train()
+    with pytest.raises(ValueError, match=r"lora_dropout=0.5 on the output head.*"
+                                         r"allow_unfused_head=True"):
+        completion_stats(m, ids, torch.ones_like(ids), 4, ref_model=m,
+                         ref_context=m.disable_adapter)
     with pytest.warns(RuntimeWarning, match=r"lora_dropout=0.5 on the output head.*chunked"):
         st = completion_stats(m, ids, torch.ones_like(ids), 4, ref_model=m,
-                              ref_context=m.disable_adapter)
+                              ref_context=m.disable_adapter, allow_unfused=True)
     assert st.logprobs.requires_grad
 
 

@@ -2,14 +2,18 @@
 reference from the models' final hidden states and output embedding, through
 :func:`nashkern.ops.linear_token_stats`: no ``[B, T, V]`` logits, forward or backward.
 
-The model runs once through its own ``forward`` (so DDP / PEFT wrappers see the call) with
+Each model runs once, as its own ``forward`` called through its engine wrapper (DDP, FSDP1,
+FSDP2, a DeepSpeed engine; :func:`~nashkern.rl.engines.redirect`), with
 ``output_hidden_states=True`` and ``logits_to_keep=1``: ``hidden_states[-1]`` is the input of the
-head (after the final norm). The head is ``get_output_embeddings()`` (tied embeddings are the same
-tensor); config ``logit_scale`` (Cohere: logits · s), ``logits_scaling`` (Granite: logits / s) and
+head (after the final norm), and the fused statistics then run as the output head's forward, so
+every engine has the head's weight whole for them (and again for the backward) and reduces its
+gradient as usual. The head is ``get_output_embeddings()`` (tied embeddings are the same tensor);
+config ``logit_scale`` (Cohere: logits · s), ``logits_scaling`` (Granite: logits / s) and
 ``final_logit_softcapping`` (Gemma-2) are honoured. On the first call per model the last-position
 logits the model returned are compared with the head applied to ``hidden_states[-1]``; a model
-whose head cannot be separated this way (no output embedding, unknown post-processing) falls
-back, with a warning, to its own logits, run in row chunks and fed to ``ops.token_stats``.
+whose head cannot be separated this way (no output embedding, unknown post-processing) raises,
+unless ``allow_unfused`` (the config's ``allow_unfused_head``): then its own logits run in row
+chunks, fed to ``ops.token_stats``, with a warning.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from . import engines
 
 
 @dataclass
@@ -30,12 +35,6 @@ class HeadSpec:
     bias: Optional[Tensor]
     scale: float = 1.0          # logits = scale · (h W^T + b)
     softcap: Optional[float] = None
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
 
 
 class HeadNotFusable(Exception):
@@ -71,15 +70,21 @@ def _lora_head(head):
 
 
 def output_head(model) -> Optional[HeadSpec]:
-    """The output head as ``logits = scale · (h W^T + b)`` (+ softcap), or None. A PEFT LoRA
-    layer on the head is folded in (:func:`_lora_head`, may raise :class:`HeadNotFusable`); a
-    ``modules_to_save`` head resolves to the trained copy, or to the original one when it is read
-    inside ``disable_adapter()`` (read the reference's head inside its context)."""
-    m = _unwrap(model)
+    """The output head of a causal LM (wrappers removed) as a :class:`HeadSpec`, or None when
+    it has no 2-D output embedding here (e.g. a sharded weight outside the model's forward). A
+    PEFT LoRA layer on the head is folded in (:func:`_lora_head`, may raise
+    :class:`HeadNotFusable`); a ``modules_to_save`` head resolves to the trained copy, or to the
+    original one when it is read inside ``disable_adapter()`` (the reference's head is read inside
+    its context)."""
+    m = engines.inner_module(model)
     try:
         head = m.get_output_embeddings()
     except Exception:  # noqa: BLE001
         return None
+    return _head_spec(m, head)
+
+
+def _head_spec(m, head) -> Optional[HeadSpec]:
     if hasattr(head, "lora_A") and hasattr(head, "get_base_layer"):
         w, bias = _lora_head(head)
     else:
@@ -111,7 +116,7 @@ def _run_body(model, input_ids, attention_mask):
               output_hidden_states=True, use_cache=False)
     try:
         out = model(**kw, logits_to_keep=1)
-    except TypeError:  # no logits_to_keep: the check below then fails -> chunked fallback
+    except TypeError:  # no logits_to_keep: the check below then fails -> not separable
         out = model(**kw)
     return out.hidden_states[-1], out.logits
 
@@ -129,8 +134,9 @@ def _logits_tolerance(logits: Tensor):
     return 1e-3, 1e-3
 
 
-def _separable(model, spec, hidden, logits) -> bool:
-    m = _unwrap(model)
+def _separable(m, spec, hidden, logits) -> bool:
+    """Whether ``logits`` are the head applied to ``hidden`` (checked on the last position, once
+    per model; ``m`` the inner model)."""
     if getattr(m, "_nashkern_separable", None) is None:
         ok = spec is not None and logits is not None and logits.shape[-1] == spec.weight.shape[0]
         if ok:
@@ -139,12 +145,61 @@ def _separable(model, spec, hidden, logits) -> bool:
                 want = logits[:, -1].detach().float()
                 rtol, atol = _logits_tolerance(want)
                 ok = got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol)
-        if not ok:
-            warnings.warn(f"{type(_unwrap(model)).__name__}: the output head could not be "
-                          "separated from the model body; falling back to chunked logits "
-                          "(materialises [rows, T, V] per chunk)", RuntimeWarning)
-        m._nashkern_separable = ok  # decided once per model
+        object.__setattr__(m, "_nashkern_separable", ok)  # decided once per model
     return m._nashkern_separable
+
+
+def _through_head(inner, forward, input_ids, attention_mask, head_fn, *args):
+    """Inside the (redirected) forward of ``inner``: the body (final hidden states and the
+    last-position logits), then ``head_fn(inner, spec, hidden, logits, *args)`` run as the output
+    head's forward, so an engine that gathers weights per module (ZeRO-3) has the head's weight
+    whole while it runs (and again for its backward)."""
+    hidden, logits = _run_body(forward, input_ids, attention_mask)
+    head = inner.get_output_embeddings()
+    if head is None:
+        return None
+
+    def head_forward(h, z):
+        return head_fn(inner, _head_spec(inner, head), h, z, *args)
+
+    with engines.patched_forward(head, head_forward):
+        return head(hidden, logits)
+
+
+def _reference_head(inner, spec, hidden, logits, ctx, owned):
+    """The reference's ``(hidden [B, C, Dr], weight, bias, scale, softcap)`` (no grad), or None
+    when its head is not separable. A weight the engine only gathered for this forward is
+    copied (the head only: ``V × D``)."""
+    if not _separable(inner, spec, hidden, logits):
+        return None
+    w, b = spec.weight.detach(), None if spec.bias is None else spec.bias.detach()
+    if owned:
+        w, b = w.clone(), None if b is None else b.clone()
+    return hidden[:, ctx - 1:-1].detach(), w, b, spec.scale, spec.softcap
+
+
+def _policy_head(inner, spec, hidden, logits, ctx, targets, ref):
+    """The fused statistics ``(logprobs, ref_logprobs, kl, entropy)`` of the completion tokens,
+    or None when the head is not separable or differs in kind from the reference's."""
+    rh, rw, rb, rscale, rsoftcap = ref
+    if not _separable(inner, spec, hidden, logits) or spec.softcap != rsoftcap:
+        return None
+    h = hidden[:, ctx - 1:-1]
+    w, b = spec.weight, spec.bias
+    if spec.scale != 1.0:
+        h = h * spec.scale
+        b = None if b is None else b * spec.scale
+    rb = None if rb is None else rb * rscale
+    rh = rh * rscale if rscale != 1.0 else rh
+    if rh.dtype != h.dtype:
+        rh = rh.to(h.dtype)
+    if rw.dtype != rh.dtype:
+        rw = rw.to(rh.dtype)
+    if rb is not None:
+        rb = rb.to(rh.dtype)
+    st = ops.linear_token_stats(h, w, targets, bias=b, ref_hidden=rh, ref_weight=rw,
+                                ref_bias=rb, softcap=spec.softcap)
+    return st.logprobs, st.ref_logprobs.detach(), st.kl, st.entropy
 
 
 @dataclass
@@ -157,47 +212,48 @@ class CompletionStats:
 
 def completion_stats(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, *,
                      ref_model, ref_context: Optional[Callable[[], ContextManager]] = None,
-                     chunk_rows: int = 4) -> CompletionStats:
-    """Token statistics of ``input_ids[:, context_length:]`` (masked by ``attention_mask``)."""
+                     chunk_rows: int = 4, allow_unfused: bool = False) -> CompletionStats:
+    """Token statistics of ``input_ids[:, context_length:]`` (masked by ``attention_mask``).
+
+    ``model`` is the policy as the engine wrapped it (DDP, FSDP1, FSDP2, a DeepSpeed engine, or
+    the bare model); ``ref_model`` the reference (a prepared one answers for its wrapper; the
+    policy's own inner model under ``ref_context`` for a PEFT base). Each runs once through its
+    wrapper's forward (:func:`~nashkern.rl.engines.redirect`) with the fused head statistics as
+    its output head's forward. A head that cannot be separated from the model raises, unless
+    ``allow_unfused``: then the models' own logits run in row chunks (with a warning)."""
     ref_ctx = ref_context or contextlib.nullcontext
     targets = input_ids[:, context_length:].masked_fill(
         attention_mask[:, context_length:] == 0, -100)
-    hidden, logits = _run_body(model, input_ids, attention_mask)
-    try:
-        spec = output_head(model)
+    ref_wrapper = engines.wrapper_of(ref_model)
+    if engines.inner_module(ref_wrapper) is engines.inner_module(model):
+        ref_wrapper = model  # the PEFT base: the policy's wrapper, adapters disabled
+    owned = engines.head_weight_owned_by_engine(ref_wrapper)
+    out, why = None, ("the output head could not be separated from the model body (no 2-D "
+                      "output embedding, unknown logit post-processing, or policy and reference "
+                      "heads of different kinds)")
+    try:  # the head is read at every call: adapters on it change while training
         with torch.no_grad(), ref_ctx():
-            ref_hidden, ref_logits = _run_body(ref_model, input_ids, attention_mask)
-            # inside the context: under PEFT the reference's head is the ORIGINAL one (a
-            # modules_to_save head resolves to its trained copy outside disable_adapter())
-            ref_spec = output_head(ref_model)
-    except HeadNotFusable as e:  # decided at every call: the adapters change while training
-        warnings.warn(f"{type(_unwrap(model)).__name__}: {e}; the fused path cannot include it, "
-                      "falling back to chunked logits (materialises [rows, T, V] per chunk)",
-                      RuntimeWarning)
-        return _chunked_logits_stats(model, ref_model, ref_ctx, input_ids, attention_mask,
-                                     context_length, targets, chunk_rows)
-    if (_separable(model, spec, hidden, logits) and ref_spec is not None
-            and _separable(ref_model, ref_spec, ref_hidden, ref_logits)
-            and spec.softcap == ref_spec.softcap):
-        h = hidden[:, context_length - 1:-1]
-        rh = ref_hidden[:, context_length - 1:-1].detach()
-        w, b = spec.weight, spec.bias
-        if spec.scale != 1.0:
-            h = h * spec.scale
-            b = None if b is None else b * spec.scale
-        rb = None if ref_spec.bias is None else ref_spec.bias.detach() * ref_spec.scale
-        rh = rh * ref_spec.scale if ref_spec.scale != 1.0 else rh
-        rw = ref_spec.weight.detach()
-        if rh.dtype != h.dtype:
-            rh = rh.to(h.dtype)
-        if rw.dtype != rh.dtype:
-            rw = rw.to(rh.dtype)
-        if rb is not None:
-            rb = rb.to(rh.dtype)
-        st = ops.linear_token_stats(h, w, targets, bias=b, ref_hidden=rh, ref_weight=rw,
-                                    ref_bias=rb, softcap=spec.softcap)
-        return CompletionStats(st.logprobs, st.ref_logprobs.detach(), st.kl, st.entropy)
-    return _chunked_logits_stats(model, ref_model, ref_ctx, input_ids, attention_mask,
+            ref = engines.redirect(ref_wrapper, _through_head, input_ids, attention_mask,
+                                   _reference_head, context_length, owned)
+        if ref is not None:
+            out = engines.redirect(model, _through_head, input_ids, attention_mask, _policy_head,
+                                   context_length, targets, ref)
+    except HeadNotFusable as e:
+        why = f"the fused path cannot include the output head this step: {e}"
+    if out is not None:
+        return CompletionStats(*out)
+    names = f"{type(engines.inner_module(model)).__name__} / " \
+            f"{type(engines.inner_module(ref_wrapper)).__name__}"
+    if not allow_unfused:
+        raise ValueError(
+            f"{names} (engine: {engines.engine_of(model)}): {why}, so the fused statistics "
+            "cannot run. Fix the model's head (get_output_embeddings(); for a LoRA head: no "
+            "dropout, plain LoRA), or opt in to the model's own logits in row chunks "
+            "(materialises [rows, T, V] per chunk): allow_unfused_head=True in the config "
+            "(allow_unfused=True here)")
+    warnings.warn(f"{names}: {why}; allow_unfused_head is set: chunked logits (materialises "
+                  "[rows, T, V] per chunk)", RuntimeWarning)
+    return _chunked_logits_stats(model, ref_wrapper, ref_ctx, input_ids, attention_mask,
                                  context_length, targets, chunk_rows)
 
 

@@ -23,9 +23,9 @@ processed, and sampled by ``mixture_sample`` with ``coef=0``.
 
 Prompts are left-padded; a prompt longer than ``max_length − max_new_tokens`` is truncated from
 the left. Each row stops at its first EOS (the EOS is kept, then padding follows); the loop ends
-when every row has stopped. Models run in eval mode under ``torch.no_grad`` (dropout off, and
-gradient checkpointing, which is only active in training mode, does not turn the cache off),
-and their previous mode is restored afterwards.
+when every row has stopped (on every rank, with ``synced_gpus``). Models run in eval mode under
+``torch.no_grad`` (dropout off, and gradient checkpointing, which is only active in training
+mode, does not turn the cache off), and their previous mode is restored afterwards.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .. import ops
 from .checks import check_fields
+from .engines import all_ranks_done
 
 
 @dataclass
@@ -210,7 +211,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
              pad_token_id: int, params: SamplingParams, ref_model=None, coef: float = 0.0,
              max_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
              ref_context: Optional[Callable[[], ContextManager]] = None,
-             cache_implementation: Optional[str] = None) -> GenerationOutput:
+             cache_implementation: Optional[str] = None, synced_gpus: bool = False,
+             gather_context: Optional[Callable[[], ContextManager]] = None) -> GenerationOutput:
     """Sample completions of left-padded prompts from the policy (``ref_model`` None or
     ``coef == 0``), from the geometric mixture of ``model`` and ``ref_model``, or from the
     reference alone (``coef == 1``: ``model`` is then not run at all).
@@ -218,6 +220,12 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
     ``ref_context``: a context-manager factory entered around every reference forward (e.g.
     ``model.disable_adapter`` when the reference is the PEFT base, then ``ref_model is model``).
     ``cache_implementation``: the KV cache of each model (see :func:`_new_cache`).
+
+    Under a sharded engine (FSDP, ZeRO-3) every forward is a collective: ``synced_gpus`` keeps
+    this rank stepping (on padding) until every rank has finished (an all-reduce of the finished
+    flag per token, as ``transformers``' ``synced_gpus``), and ``gather_context`` (a
+    context-manager factory, e.g. :func:`~nashkern.rl.engines.generation_context`) is held over
+    the whole loop to gather what the engine needs gathered.
     """
     if not 0 <= coef <= 1:
         raise ValueError(f"coef (mixture_coef) must be in [0, 1], got {coef}")
@@ -229,7 +237,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
         with (ref_context or contextlib.nullcontext)():
             return generate(ref_model, input_ids, attention_mask, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, params=params, max_length=max_length,
-                            generator=generator, cache_implementation=cache_implementation)
+                            generator=generator, cache_implementation=cache_implementation,
+                            synced_gpus=synced_gpus, gather_context=gather_context)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if max_length is not None:
@@ -240,7 +249,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
     ref_ctx = ref_context or contextlib.nullcontext
     B, device = input_ids.shape[0], input_ids.device
     vocab = None
-    with _eval_mode(model, ref_model if use_ref else None):
+    with _eval_mode(model, ref_model if use_ref else None), \
+            (gather_context or contextlib.nullcontext)():
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         slots = input_ids.shape[1] + params.max_new_tokens
         cache = _new_cache(model, cache_implementation, slots)
@@ -269,7 +279,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
             finished = finished | (tok == eos_token_id)
             if seen is not None:
                 seen[torch.arange(B, device=device), tok] = True
-            if step == params.max_new_tokens - 1 or bool(finished.all()):
+            if step == params.max_new_tokens - 1 or all_ranks_done(
+                    bool(finished.all()), synced_gpus, device):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
             next_pos = next_pos + 1

@@ -112,7 +112,7 @@ class NashMDTrainer(OnlinePreferenceTrainer):
                                inputs["prompts"])
         ctx = pol.prompt_ids.shape[1]
         st = completion_stats(model, pol.input_ids, pol.attention_mask, ctx, ref_model=ref,
-                              ref_context=ref_ctx)
+                              ref_context=ref_ctx, allow_unfused=self.args.allow_unfused_head)
         cmask = pol.completion_mask
         loss, score, kl_term = nash_md_loss(
             st.logprobs, st.ref_logprobs, torch.where(keep, probability, 0.5),

@@ -20,7 +20,6 @@ logits) → its loss (:mod:`nashkern.rl.losses`) → ``self._record_metrics``.
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import warnings
 from collections import defaultdict
@@ -34,6 +33,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, PreTrainedTokenizerBase, Trainer,
                           TrainingArguments)
 
+from . import engines
 from .checks import (check_fields, check_finite_loss, check_prompt_dataset, check_prompts,
                      finite_rows, is_conversational, judge_choices, kept_mean,
                      nonfinite_parameters, scorer_name)
@@ -87,6 +87,10 @@ class OnlinePreferenceConfig(TrainingArguments):
         "help": "A NaN/inf reward, reward-model score or judge probability: 'raise' (an error "
                 "naming the scorer and the rows, before any weight changes) or 'skip' (those "
                 "prompts are dropped from the loss and counted in scores/nonfinite_count)."})
+    allow_unfused_head: bool = field(default=False, metadata={
+        "help": "When the output head cannot be separated from the model (so the fused "
+                "log-probs cannot run): False raises; True runs the model's own logits in row "
+                "chunks, with a warning."})
     warmup_ratio: Optional[float] = field(default=None, metadata={
         "help": "Linear warmup over this fraction of the steps (sets warmup_steps; the "
                 "original script's argument)."})
@@ -389,8 +393,7 @@ class OnlinePreferenceTrainer(Trainer):
                          processing_class=tok, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
-        if self.ref_model is not None:
-            self.ref_model.to(self.accelerator.device)
+        self._prepare_reference()
         if self.reward_model is not None:
             self.reward_model.to(self.accelerator.device)
         for f in self.reward_funcs or []:
@@ -603,11 +606,18 @@ class OnlinePreferenceTrainer(Trainer):
         """The frozen reference: ``ref_model``, else None under PEFT (the base with adapters
         disabled), else a frozen copy of the policy."""
         if ref_model is None and not self.is_peft:
-            ref_model = copy.deepcopy(model)
+            ref_model = engines.copy_reference(model)  # a ZeRO-3-initialised one shard by shard
         if ref_model is not None:
             ref_model.eval()
             ref_model.requires_grad_(False)
         return ref_model
+
+    def _prepare_reference(self):
+        """(After ``Trainer.__init__``, which made the accelerator.) The reference prepared by
+        the training engine: sharded under FSDP1 / FSDP2 / ZeRO-3 (frozen, no optimizer), never
+        a full copy per rank; on the device otherwise."""
+        if self.ref_model is not None:
+            self.ref_model = engines.prepare_reference(self.accelerator, self.ref_model)
 
     @staticmethod
     def _load_reward_model(reward_model, reward_processing_class, args=None):
@@ -707,7 +717,17 @@ class OnlinePreferenceTrainer(Trainer):
         return dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                     params=params, max_length=max_length, generator=generator,
                     cache_implementation=getattr(self.generation_config,
-                                                 "cache_implementation", None))
+                                                 "cache_implementation", None),
+                    **self._engine_generation_kwargs())
+
+    def _engine_generation_kwargs(self) -> Dict[str, Any]:
+        """Rank-synchronised stepping and the gathering the training engine needs
+        (:mod:`nashkern.rl.engines`)."""
+        policy, ref = self.model_wrapped, self.ref_model
+        gather = self.args.ds3_gather_for_generation
+        return dict(synced_gpus=engines.needs_synced_generation(policy, ref),
+                    gather_context=lambda: engines.generation_context(policy, ref,
+                                                                      gather_zero3=gather))
 
     def _ref(self, unwrapped):
         """``(reference model, context factory)``: the given / copied reference, or the PEFT

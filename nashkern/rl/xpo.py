@@ -81,7 +81,8 @@ class XPOTrainer(OnlinePreferenceTrainer):
         policy_chosen, scores = self._preference(inputs, samples, texts)
         pairs = chosen_rejected_from_preference(samples, policy_chosen)
         st = completion_stats(model, pairs.input_ids, pairs.attention_mask,
-                              pairs.context_length, ref_model=ref, ref_context=ref_ctx)
+                              pairs.context_length, ref_model=ref, ref_context=ref_ctx,
+                              allow_unfused=self.args.allow_unfused_head)
         lp = sequence_logps(st.logprobs, pairs.completion_mask)
         rlp = sequence_logps(st.ref_logprobs, pairs.completion_mask)
         (pc, pr), (rc, rr) = pairs.split(lp), pairs.split(rlp)

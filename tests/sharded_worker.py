@@ -1,0 +1,247 @@
+"""Run by tests/test_sharded.py under `accelerate launch` (2 CPU processes, gloo), one launch per
+engine: ``python sharded_worker.py ENGINE OUT_DIR`` with ENGINE in fsdp1, fsdp2, zero3.
+
+One launch does all the checks of its engine (a launch costs ~15-25 s of start-up):
+  1. one Nash-MD step with an explicit reference, greedy generation (top_k=1: the samples do not
+     depend on the per-rank generator) and SGD, ranks holding different prompts: the loss, the
+     updated parameters and completion_stats after the step are written for the test to compare
+     with one process on the same data;
+  2. the regression: different prompts per rank, long sampled generations (ranks finish at
+     different steps; FSDP1 here with use_orig_params=True), the default reference (a copy of the policy: under ZeRO-3 of a
+     zero.Init-ialised policy), 1 Nash-MD step and 1 XPO step; the reference must be sharded;
+  3. no fallback warning, the fused head used (``_nashkern_separable``) in every run.
+"""
+import faulthandler
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+
+sys.path.insert(0, os.path.dirname(__file__))
+from nashkern import NashMDConfig, NashMDTrainer, XPOConfig, XPOTrainer  # noqa: E402
+from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm  # noqa: E402
+from nashkern.rl import engines  # noqa: E402
+
+PROMPTS = ["hi", "the quick brown fox", "a", "one two three four five"]
+
+
+def reward(prompts, completions, completion_ids=None, **kw):
+    return [float(sum(map(ord, c)) % 13) for c in completions]
+
+
+# the equivalence step: greedy (top_k=1), SGD at lr 1 (the update is the gradient), no clipping
+EQUIVALENCE = dict(max_steps=1, max_new_tokens=6, top_k=1, mixture_coef=0.9, optim="sgd",
+                   learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+STATS_TEXTS, STATS_CONTEXT = ["hello world", "ab cd ef"], 3
+
+
+def stats_inputs(tok):
+    ids = tok(STATS_TEXTS, return_tensors="pt", padding=True).input_ids
+    return ids, torch.ones_like(ids)
+
+
+def engine_args(engine, orig_params=False):
+    """TrainingArguments fields selecting ``engine`` (None: one process, no engine); FSDP1 with
+    flat parameters, or with ``orig_params`` (use_orig_params=True: outside the forward the head
+    is a 1-D shard)."""
+    if engine is None:
+        return {}
+    if engine == "zero3":
+        return dict(deepspeed={
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  "stage3_gather_16bit_weights_on_model_save": True},
+            "zero_allow_untested_optimizer": True, "gradient_clipping": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto"})
+    # reshard_after_forward=True on every unit, the root included: the head is gathered only
+    # inside the root's forward (FSDP1: FULL_SHARD; flat parameters, use_orig_params=False).
+    version = 2 if engine == "fsdp2" else 1
+    cfg = {"version": version, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+           "reshard_after_forward": True if version == 2 else "FULL_SHARD"}
+    if version == 1:
+        # sync_module_states needs an accelerator device in accelerate's plugin (the ranks
+        # build the same seeded weights here anyway)
+        cfg.update(use_orig_params=orig_params, sync_module_states=False)
+    return dict(fsdp="full_shard auto_wrap", fsdp_config=cfg)
+
+
+def force_engine():
+    """accelerate 1.15 on the CPU does not set the engine up: with an FSDP plugin the state stays
+    MULTI_CPU (the plugin is dropped and the model wrapped in DDP), and DeepSpeed is only taken
+    when not ``cpu`` (and then reports num_processes=1). The engine is forced after
+    AcceleratorState's own set-up: the distributed type and the plugin it was given."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def forced(self, *a, fsdp_plugin=None, deepspeed_plugin=None, **kw):
+        init(self, *a, fsdp_plugin=fsdp_plugin, deepspeed_plugin=deepspeed_plugin, **kw)
+        if self.distributed_type != DistributedType.MULTI_CPU:
+            return
+        if fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            # FSDP1 compares its compute device "cpu" with accelerate's indexed "cpu:0"
+            self.device = PartialState().device = torch.device("cpu")
+        elif deepspeed_plugin is not None:
+            self.distributed_type = DistributedType.DEEPSPEED
+            deepspeed_plugin.set_mixed_precision("no")
+            deepspeed_plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = deepspeed_plugin
+
+    AcceleratorState.__init__ = forced
+
+
+def make_trainer(cls, engine, out, *, ref=None, orig_params=False, **kw):
+    """With ``ref``: the models are built before the config (full weights, the same as one
+    process: under ZeRO-3 the engine partitions them), untied heads (a tied tiny model greedily
+    repeats its last token, policy and reference alike) and a distinct reference. Without: the
+    default reference, and the policy built after the config (under ZeRO-3 by zero.Init, with
+    empty placeholder parameters)."""
+    config_cls = XPOConfig if cls is XPOTrainer else NashMDConfig
+    if ref:
+        policy = tiny_causal_lm(seed=0, tie_word_embeddings=False)
+        ref_model = tiny_causal_lm(seed=1, tie_word_embeddings=False)
+    args = config_cls(output_dir=out, report_to="none", save_strategy="no", use_cpu=True,
+                      disable_tqdm=True, seed=0, logging_steps=1,
+                      **({} if engine is None else {"ddp_backend": "gloo"}),
+                      **engine_args(engine, orig_params), **kw)
+    if not ref:
+        policy, ref_model = tiny_causal_lm(seed=0), None
+
+    class Sequential(cls):
+        def _get_train_sampler(self, *a, **k):  # rank r gets prompts [2r, 2r + 1]
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    return Sequential(model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
+                       processing_class=make_tokenizer(),
+                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def local_numel(model):
+    """Elements of the model's parameters this rank holds."""
+    wrapper = engines.wrapper_of(model)
+    if isinstance(wrapper, torch.distributed.fsdp.FullyShardedDataParallel):
+        return sum(p.numel() for p in wrapper.parameters())
+    total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):
+            total += p.to_local().numel()
+        else:
+            total += p.numel()
+    return total
+
+
+def full_params(tr):
+    """The full parameters after the step (a collective; every rank calls it)."""
+    wrapper = tr.model_wrapped
+    FSDP = torch.distributed.fsdp.FullyShardedDataParallel
+    if isinstance(wrapper, FSDP):
+        with FSDP.summon_full_params(wrapper, writeback=False):
+            return {k.replace("_fsdp_wrapped_module.", ""): v.detach().float().clone()
+                    for k, v in wrapper.named_parameters()}
+    sd = tr.accelerator.get_state_dict(wrapper)
+    if sd is None:  # not the main process
+        return None
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
+    return {k: v.detach().float().cpu().clone() for k, v in full.items()}
+
+
+def main(engine, out):
+    # A deadlock prints every thread's stack and exits instead of waiting for the test timeout.
+    faulthandler.dump_traceback_later(float(os.environ.get("NASHKERN_WORKER_TIMEOUT", 360)),
+                                      exit=True)
+    torch.set_num_threads(1)
+    force_engine()
+    if engine == "zero3":
+        # zero.Init (models built after a ZeRO-3 config) needs deepspeed.comm up; accelerate
+        # starts it only on its non-CPU DeepSpeed path
+        # (without DeepSpeed's shared-memory CPU all-reduce: a C++ op JIT-compiled at start-up,
+        # minutes on a CI core; gloo does the collectives)
+        import deepspeed
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo")
+    rank = int(os.environ.get("RANK", 0))
+    result = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # 1. equivalence with one process
+        tr = make_trainer(NashMDTrainer, engine, out, ref=True, per_device_train_batch_size=2,
+                          **EQUIVALENCE)
+        tr.train()
+        result["engine"] = engines.engine_of(tr.model_wrapped)
+        result["ref_engine"] = engines.engine_of(tr.ref_model)
+        result["world"] = dist.get_world_size()
+        result["logs"] = [h for h in tr.state.log_history if "loss/kl" in h]
+        with torch.no_grad():
+            from nashkern.rl.completion_stats import completion_stats
+
+            st = completion_stats(tr.model_wrapped, *stats_inputs(tr.processing_class),
+                                  STATS_CONTEXT, ref_model=tr.ref_model)
+        result["stats"] = {k: getattr(st, k).tolist() for k in ("logprobs", "ref_logprobs",
+                                                                  "kl", "entropy")}
+        result["fused"] = bool(getattr(engines.inner_module(tr.model_wrapped),
+                                       "_nashkern_separable", False))
+        params = full_params(tr)
+        # 2. the regression: different prompts per rank, long sampled generations, the
+        # default reference (a copy of the policy), Nash-MD then XPO
+        import nashkern.rl.generation as generation
+        lengths = []
+        real_generate = generation.generate
+
+        def recording_generate(*a, **k):
+            o = real_generate(*a, **k)
+            lengths.append(int(o.completion_mask.sum(1).max()))  # this rank's own length
+            return o
+
+        import nashkern.rl.nash_md as nash_md
+        import nashkern.rl.xpo as xpo
+        nash_md.generate = xpo.generate = recording_generate
+        steps = {}
+        for cls, n in ((NashMDTrainer, 1), (XPOTrainer, 1)):
+            t2 = make_trainer(cls, engine, out, per_device_train_batch_size=1, max_steps=n,
+                              max_new_tokens=32, temperature=2.0, learning_rate=1e-2,
+                              orig_params=True)
+            t2.train()
+            result["fused"] = result["fused"] and bool(getattr(
+                engines.inner_module(t2.model_wrapped), "_nashkern_separable", False))
+            steps[cls.__name__] = t2.state.global_step
+            # the default reference is the policy's copy (under ZeRO-3 copied shard by shard)
+            if cls is NashMDTrainer:
+                result["first_kl"] = [h for h in t2.state.log_history
+                                      if "loss/kl" in h][0]["loss/kl"]
+            result.setdefault("ref_local_numel", local_numel(t2.ref_model))
+        result["steps"] = steps
+        result["full_numel"] = sum(getattr(p, "ds_numel", p.numel())
+                                   for p in tiny_causal_lm().parameters())
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, lengths)
+        result["lengths"] = gathered
+    result["fallback_warnings"] = [str(w.message) for w in caught
+                                   if "chunked logits" in str(w.message)
+                                   or "separated" in str(w.message)]
+    stats = [None] * dist.get_world_size()
+    dist.all_gather_object(stats, result["stats"])
+    result["stats"] = stats
+    if rank == 0:
+        torch.save(params, os.path.join(out, "params.pt"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+    # Leave without running destructors: torch 2.13's gloo teardown race (see ddp_worker.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
