@@ -41,9 +41,10 @@ def test_custom_ops_pass_opcheck():
     z = torch.randn(2, 3, 17, requires_grad=True)
     r = torch.randn(2, 3, 17)
     t = torch.randint(0, 17, (6,))
-    from nashkern import _library
-    torch.library.opcheck(_library.token_stats, (z, t, r, 0.5, 1.0, None, -100, "torch"))
+    from nashkern.ops.linear_stats import linear_token_stats_op
+    from nashkern.ops.stats import token_stats_op
+    torch.library.opcheck(token_stats_op, (z, t, r, 0.5, 1.0, None, -100, "torch"))
     h = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(17, 8, requires_grad=True)
-    torch.library.opcheck(_library.linear_token_stats,
+    torch.library.opcheck(linear_token_stats_op,
                           (h, w, t, None, None, None, None, None, 1.0, None, -100, "torch"))

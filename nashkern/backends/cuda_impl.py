@@ -27,7 +27,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..types import NUM_LSE, NUM_STATS
+from ..kernels import layout
+from ..kernels.layout import NUM_LSE, NUM_STATS
 
 #: ``csrc/nashkern_cuda.h``: NASHKERN_CUDA_ABI_VERSION.
 ABI_VERSION = 1
@@ -42,6 +43,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: optional thread / split overrides (0 = planned). Tests change these to reach the split paths.
 EMULATED_NUM_SMS = 4
 PLAN_OVERRIDES = {"threads": 0, "splits": 0}
+#: Tests set this: ``backend="cuda"`` then accepts CPU tensors and runs the host emulation
+#: (``nashkern.ops.registry.resolve_backend``); False in normal use.
+EMULATE_ON_CPU = False
 
 _c_int, _c_ll, _c_ull, _c_double, _c_void_p = (
     ctypes.c_int, ctypes.c_longlong, ctypes.c_ulonglong, ctypes.c_double, ctypes.c_void_p)
@@ -223,15 +227,10 @@ class _Launch:
         return getattr(_library(), f"nashkern_emu_{name}" if self.emulate else f"nashkern_{name}")
 
     def guard(self):
-        return torch.cuda.device(self.index) if not self.emulate else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        """The launch's device guard (``kernels/layout.py: device_guard``): the C launcher
+        also sets the device, this keeps torch's current device in step with it."""
+        return layout.device_guard(self.device if self.emulate
+                                   else torch.device("cuda", self.index))
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,8 +19,9 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from ..naive import mix_logits as _mix  # the coef end-point rule (kernels/layout.py)
 from ..tuning import TORCH
-from ..types import (
+from ..kernels.layout import (
     ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
     REF_LOGPROBS,
 )
@@ -47,13 +48,6 @@ def _scale_grad(g: torch.Tensor, z: torch.Tensor, temperature: float, softcap: O
     return torch.where(z == NEG_INF, torch.zeros_like(g), g * (1.0 - t * t))
 
 
-def _mix(a: torch.Tensor, b: torch.Tensor, coef: float) -> torch.Tensor:
-    """Geometric mixture in log space, exact at coef 0 and 1."""
-    if coef == 0:
-        return a
-    if coef == 1:
-        return b
-    return (1.0 - coef) * a + coef * b
 
 
 # On CPU tiles ``torch.where`` costs ~25x a multiply (3.5 ms vs 0.13 ms for a 512 x 2048 fp32
