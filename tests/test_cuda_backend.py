@@ -404,3 +404,14 @@ def test_every_cuda_launch_runs_under_the_inputs_device_guard(cuda_library, monk
     ops.token_stats(z, t, r, coef=0.5, backend="cuda").mixture_logprobs.sum().backward()
     ops.mixture_sample(z.detach()[0], r[0], coef=0.3, backend="cuda")
     assert seen == [torch.device("cpu")] * 3
+
+
+def test_mixture_sample_with_an_infinite_logit_stays_in_the_vocabulary(device):
+    """Issue 13's reproducer on the CUDA kernels: a +inf mixture logit is the sample; a tiny
+    temperature still gives an id in [0, V)."""
+    z = torch.randn(2, 100, generator=torch.Generator().manual_seed(0)).to(device)
+    z[0, 17] = float("inf")
+    out = ops.mixture_sample(z, z, coef=0.0, backend="cuda")
+    assert out[0] == 17 and 0 <= out[1] < 100
+    out = ops.mixture_sample(z[1:], z[1:], coef=0.4, temperature=1e-40, backend="cuda")
+    assert bool(((out >= 0) & (out < 100)).all())

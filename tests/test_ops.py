@@ -369,3 +369,20 @@ def test_mixture_sample_never_picks_masked_entries_at_the_row_ends(backend, devi
     out = ops.mixture_sample(z, z.clone(), coef=0.5, generator=g, backend=backend)
     assert set(out.unique().tolist()) <= {3, 5}
     assert (out == 3).sum() >= 2990
+
+
+def test_mixture_sample_never_returns_ids_past_the_vocabulary(backend, device):
+    """Issue 13's reproducer: a +inf mixture logit takes all the mass (it used to give id 200
+    = V + 100 on the torch backend); a temperature so small that m / T overflows gives the
+    T -> 0 limit, the argmax of the mixture (torch), and a valid id on every backend."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 100, generator=gen).to(device)
+    z[0, 17] = float("inf")
+    for coef in (0.0, 0.4):
+        out = ops.mixture_sample(z, z, coef=coef, backend=backend)
+        assert out[0] == 17 and 0 <= out[1] < 100
+    z = torch.randn(4, 100, generator=gen).to(device)
+    out = ops.mixture_sample(z, z, coef=0.0, temperature=1e-40, backend=backend)
+    assert bool(((out >= 0) & (out < 100)).all()), out
+    if backend == "torch":
+        assert torch.equal(out, z.argmax(1))

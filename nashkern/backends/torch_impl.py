@@ -431,10 +431,16 @@ def mixture_sample(logits, ref_logits, *, coef, temperature, generator):
     for n0 in range(0, B, rows):
         n1 = min(B, n0 + rows)
         # mix, then temper: only the operand(s) with nonzero weight are touched
-        m = _temper(_mix(logits[n0:n1].float(), ref_logits[n0:n1].float(), coef), temperature)
+        mixed = _mix(logits[n0:n1].float(), ref_logits[n0:n1].float(), coef)
+        m = _temper(mixed, temperature)
         top = m.amax(dim=1, keepdim=True)  # NaN if the row has a NaN
         valid = (top > NEG_INF) & ~torch.isnan(top)
         w = torch.exp(m - torch.where(valid, top, torch.zeros_like(top)))
+        # A +inf tempered logit (a +inf mixture logit, or m / T overflowing at a tiny T) takes
+        # all the mass: the limit distribution is uniform over the maxima of the untempered
+        # mixture (exp(inf - inf) would be NaN and send the search past V).
+        saturated = top == float("inf")
+        w = torch.where(saturated, (mixed == mixed.amax(dim=1, keepdim=True)).float(), w)
         sums = w[:, :full].view(n1 - n0, -1, block).sum(2)
         if full < V:
             sums = torch.cat([sums, w[:, full:].sum(1, keepdim=True)], 1)

@@ -35,6 +35,12 @@ def _is_number(x) -> bool:
     return isinstance(x, _NUMBER) and not isinstance(x, bool)
 
 
+def _shown(x):
+    """``x`` for an error message; under ``torch.compile`` a constant (dynamo cannot format a
+    SymFloat into a string; the compile error then carries the message)."""
+    return "a value traced by torch.compile" if torch.compiler.is_compiling() else x
+
+
 def _finite_positive(x) -> bool:
     """``0 < x < inf`` (False for NaN); plain comparisons, so that it traces under
     ``torch.compile(dynamic=True)`` where ``x`` is a SymFloat (``math.isfinite`` is not)."""
@@ -63,16 +69,16 @@ class Scalars:
             if not _is_number(coef):
                 raise TypeError(f"coef must be a Python float in [0, 1], got {type(coef).__name__}")
             if not (bool(coef >= 0) and bool(coef <= 1)):  # False for NaN
-                raise ValueError(f"coef must be in [0, 1] (0 = policy, 1 = reference), got {coef}")
+                raise ValueError(f"coef must be in [0, 1] (0 = policy, 1 = reference), got {_shown(coef)}")
         if not _is_number(temperature):
             raise TypeError(f"temperature must be a Python float > 0, got {type(temperature).__name__}")
         if not _finite_positive(temperature):
-            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+            raise ValueError(f"temperature must be a finite float > 0, got {_shown(temperature)}")
         if softcap is not None:
             if not _is_number(softcap):
                 raise TypeError(f"softcap must be None or a Python float > 0, got {type(softcap).__name__}")
             if not _finite_positive(softcap):
-                raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
+                raise ValueError(f"softcap must be None or a finite float > 0, got {_shown(softcap)}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         return cls(None if coef is None else _as_float(coef), _as_float(temperature),

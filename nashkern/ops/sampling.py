@@ -64,8 +64,9 @@ def mixture_sample(logits: Tensor, ref_logits: Tensor, *, coef: float, temperatu
 
     logits, ref_logits: ``[..., V]`` (typically the last position, ``[B, V]``) -> int64 ``[...]``
     in ``[0, V)``, or -1 for a row with no finite mixture logit or with a NaN. A ``+inf`` mixture
-    logit (or a temperature so small that one overflows) takes all the mass: the sample is that
-    entry (the first such). Gumbel-max on GPU backends, inverse CDF on the torch backend;
+    logit takes all the mass: the sample is that entry (one of them if several); at a
+    temperature so small that ``m / T`` overflows, the torch backend samples among the
+    maxima of the mixture (the T -> 0 limit). Gumbel-max on GPU backends, inverse CDF on the torch backend;
     reproducible for a given ``generator`` state (GPU backends draw one seed from it per call,
     on the device).
     """
