@@ -77,3 +77,33 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def check_logits_view(name: str, x: torch.Tensor, dims: int) -> None:
+    """Launch contract of a logits operand: a ``dims``-D view (``[G, R, V]`` or ``[B, V]``)
+    with V >= 1, unit stride over the vocabulary and a dtype of :data:`FLOAT_DTYPES`."""
+    if x.dim() != dims or x.shape[-1] < 1:
+        raise ValueError(f"{name} must be a {dims}-D view with V >= 1, got shape {tuple(x.shape)}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride over the vocabulary, got {x.stride()}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def check_token_stats_inputs(logits: torch.Tensor, targets: Optional[torch.Tensor],
+                             ref_logits: Optional[torch.Tensor], coef: Optional[float]) -> None:
+    """Launch contract of the token_stats kernels (Triton and CUDA): ``[G, R, V]`` views, int64
+    contiguous ``[N]`` targets, everything on one device. The scalars were validated once, by
+    the op (``nashkern.ops``' ``Scalars``)."""
+    check_logits_view("logits", logits, 3)
+    n_rows = logits.shape[0] * logits.shape[1]
+    if ref_logits is not None:
+        check_logits_view("ref_logits", ref_logits, 3)
+        if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
+            raise ValueError("ref_logits must match logits in shape and device")
+    elif coef is not None:
+        raise ValueError("coef needs ref_logits")
+    if targets is not None and (targets.shape != (n_rows,) or targets.dtype != torch.int64
+                                or not targets.is_contiguous()
+                                or targets.device != logits.device):
+        raise ValueError("targets must be a contiguous int64 [N] tensor on the logits' device")

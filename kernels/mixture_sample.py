@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import layout
-from .layout import FLOAT_DTYPES, plan_vocab_splits
+from .layout import plan_vocab_splits
 
 #: Smallest normal float32: ``u`` from ``tl.rand`` lies in ``[0, 1)``; clamping it here keeps
 #: the Gumbel noise finite (same clamp as the torch backend).
@@ -161,16 +161,12 @@ def mixture_sample(
     ``config``: a ``nashkern.tuning.MixtureSampleTriton`` (``tuning.config_for``). The scalars
     were validated once, by the op.
     """
-    for name, x in (("logits", logits), ("ref_logits", ref_logits)):
-        if x.dim() != 2 or x.stride(-1) != 1 or x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a [B, V] {FLOAT_DTYPES} tensor with unit "
-                             f"stride over V, got {tuple(x.shape)} {x.dtype}")
+    layout.check_logits_view("logits", logits, 2)
+    layout.check_logits_view("ref_logits", ref_logits, 2)
     if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
         raise ValueError("ref_logits must match logits in shape and device")
     B, V = logits.shape
     device = logits.device
-    if V < 1:
-        raise ValueError("logits must have at least one column")
     if seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device,
                              generator=generator)

@@ -54,7 +54,9 @@ from .common import (
     finite_shift, mix, shift_step, softcap_temper,
 )
 from . import layout
-from .layout import FLOAT_DTYPES, NUM_LSE, NUM_STATS, plan_vocab_splits, split_workspace
+from .layout import (
+    NUM_LSE, NUM_STATS, check_token_stats_inputs, plan_vocab_splits, split_workspace,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,32 +396,6 @@ def _token_stats_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Host wrappers
 # --------------------------------------------------------------------------------------------
-def _check_logits(x: torch.Tensor, name: str) -> None:
-    if x.dim() != 3 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must be a [G, R, V] view with V >= 1, got {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride over the vocabulary")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} dtype {x.dtype} not in {FLOAT_DTYPES}")
-
-
-def _check_inputs(logits, targets, ref_logits, coef) -> None:
-    """The launch contract (shapes, strides, dtypes, devices). The scalars were validated once,
-    by the op (``nashkern.ops``' ``Scalars``)."""
-    _check_logits(logits, "logits")
-    n_rows = logits.shape[0] * logits.shape[1]
-    if ref_logits is not None:
-        _check_logits(ref_logits, "ref_logits")
-        if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
-            raise ValueError("ref_logits must match logits in shape and device")
-    elif coef is not None:
-        raise ValueError("coef needs ref_logits")
-    if targets is not None and (targets.shape != (n_rows,) or targets.dtype != torch.int64
-                                or not targets.is_contiguous()
-                                or targets.device != logits.device):
-        raise ValueError("targets must be a contiguous int64 [N] tensor on the logits' device")
-
-
 def _ref_args(ref_logits: Optional[torch.Tensor]) -> Tuple:
     if ref_logits is None:
         return None, 0, 0
@@ -439,7 +415,7 @@ def token_stats_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed float32 ``stats [5, N]`` and ``lse [3, N]`` of ``[G, R, V]`` logits (DESIGN.md).
     ``config``: a ``nashkern.tuning.TokenStatsTriton`` (``tuning.config_for``)."""
-    _check_inputs(logits, targets, ref_logits, coef)
+    check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
     device = logits.device
@@ -498,7 +474,7 @@ def token_stats_backward(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients w.r.t. ``logits`` and ``ref_logits`` (``[G, R, V]``, contiguous, input dtype)
     from the upstream ``grad_stats [5, N]`` and the forward's ``stats`` and ``lse``."""
-    _check_inputs(logits, targets, ref_logits, coef)
+    check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
     for name, x, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
