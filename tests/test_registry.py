@@ -114,3 +114,28 @@ def test_device_guard_selects_the_inputs_cuda_device():
     guard = layout.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(layout.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def _imports(path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((a.name, 0) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or "", node.level
+
+
+def test_layers_import_downwards_only():
+    """kernels/ is the bottom layer (it imports only itself, triton and torch); the ops layer
+    reaches its backends through normal imports, never importlib strings."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for path in (root / "kernels").glob("*.py"):
+        for module, level in _imports(path):
+            assert level == 1 or not module.startswith("nashkern"), (path.name, module)
+    for path in (root / "nashkern" / "ops").glob("*.py"):
+        for module, level in _imports(path):
+            assert module != "importlib" and not module.startswith(("rl", "nashkern.rl")), (
+                path.name, module)
