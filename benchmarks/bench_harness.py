@@ -94,10 +94,14 @@ class Case:
         return self.workload in cfg.REFERENCE_WORKLOADS
 
 
-def nashkern_providers(build: Callable[[str], Callable]) -> Tuple[Provider, ...]:
-    """``nashkern-torch`` / ``-triton`` / ``-cuda``: ``build(backend)`` -> a provider's build."""
+def nashkern_providers(family: str, build: Callable[[str], Callable]) -> Tuple[Provider, ...]:
+    """``nashkern-<backend>`` for every backend the op registry declares for ``family``
+    (``nashkern.ops.FAMILIES``): ``build(backend)`` -> a provider's build."""
+    from nashkern.ops import FAMILIES
+
+    declared = {f.name: f for f in FAMILIES}[family].backends
     return tuple(Provider(f"nashkern-{b}", build(b), backend=b)
-                 for b in ("torch", "triton", "cuda"))
+                 for b in ("torch", "triton", "cuda") if b in declared)
 
 
 def skip_reason(case: Case, device: str) -> Optional[str]:
@@ -116,9 +120,10 @@ def skip_reason(case: Case, device: str) -> Optional[str]:
         if device != "cuda":
             return "needs CUDA (the Triton CPU interpreter is for the tests, not for timing)"
     if p.backend == "cuda":
-        from nashkern import _library
-        if _library._cuda_extension() is None:
-            return f"CUDA backend unavailable: {_library._cuda_unavailable_reason()}"
+        from nashkern.backends import cuda_impl
+        reason = cuda_impl.unavailable_reason()
+        if reason is not None:
+            return f"CUDA backend unavailable: {reason}"
     if p.needs_cuda and device != "cuda":
         return "needs CUDA"
     return None

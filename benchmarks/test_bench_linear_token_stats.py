@@ -123,7 +123,7 @@ def build_cce(case: Case):
 
 SPEC = OpSpec(
     name="linear_token_stats",
-    providers=nashkern_providers(build_nashkern) + (
+    providers=nashkern_providers("linear_token_stats", build_nashkern) + (
         Provider("eager", build_eager),
         Provider("torch-compile", build_compiled),
         Provider("liger-flce", build_liger_flce, package="liger_kernel", pip="liger-kernel",

@@ -67,7 +67,7 @@ def build_compiled(case: Case):
 
 SPEC = OpSpec(
     name="mixture_sample",
-    providers=nashkern_providers(build_nashkern) + (
+    providers=nashkern_providers("mixture_sample", build_nashkern) + (
         Provider("eager", build_eager),
         Provider("torch-compile", build_compiled),
     ),

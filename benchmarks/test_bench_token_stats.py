@@ -87,7 +87,7 @@ def build_liger_ce(case: Case):
 
 SPEC = OpSpec(
     name="token_stats",
-    providers=nashkern_providers(build_nashkern) + (
+    providers=nashkern_providers("token_stats", build_nashkern) + (
         Provider("eager", build_eager),
         Provider("torch-compile", build_compiled),
         Provider("liger-ce", build_liger_ce, package="liger_kernel", pip="liger-kernel",

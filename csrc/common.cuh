@@ -28,7 +28,8 @@ namespace nk {
 // =============================================================================================
 // Launch configuration: the one place for every tuning constant of the CUDA kernels.
 // None is tuned yet (written without a GPU); "measured-later" notes say what to sweep
-// (benchmarks/bench_token_stats_cuda.py). Python does not need any of them: the host code here
+// (the nashkern-cuda rows of benchmarks/test_bench_token_stats.py and test_bench_mixture_sample.py).
+// Python does not need any of them: the host code here
 // plans launches and reports workspace sizes through the C interface.
 // =============================================================================================
 namespace cfg {
@@ -80,7 +81,9 @@ constexpr int kNumLse = 3;
 
 // How the geometric mixture m = (1 - c) a + c b is formed. The end points are the policy / the
 // reference themselves (never (1 - c) a + c b, which turns a column masked in the model of weight
-// 0 into 0 * -inf = NaN).
+// 0 into 0 * -inf = NaN): nashkern's one coef end-point rule (kernels/layout.py), here chosen
+// once per launch; Triton applies it in-kernel (kernels/common.py: mix), PyTorch in
+// nashkern/naive.py: mix_logits.
 enum MixMode : int { kMixNone = 0, kMixBlend = 1, kMixPolicy = 2, kMixRef = 3 };
 
 constexpr float kLog2e = 1.4426950408889634f;

@@ -21,7 +21,7 @@ Forward (``_fwd_kernel``, grid ``(cdiv(N, BLOCK_N), splits)``)
     ``entropy = log(sum_a) - ent_a / sum_a`` and ``kl = kl / sum_a - L_a + L_b``.
     When ``cdiv(N, BLOCK_N)`` programs alone would leave SMs idle, the vocabulary is split across
     ``splits`` programs per row block (chosen on the host, ``programs_per_sm``); each writes its
-    partial statistics to a ``[_NUM_PARTIALS, splits, N]`` buffer and ``_merge_kernel`` combines
+    partial statistics to a ``[NUM_PARTIALS, splits, N] (``layout.split_workspace``)`` buffer and ``_merge_kernel`` combines
     them with the same associative merge and writes ``stats [5, N]`` and ``lse [3, N]`` (the only
     state saved for the backward).
 
@@ -51,11 +51,11 @@ Cost (D = hidden size of a model, Dr = the reference's)
 Numerics: fp32 logits and statistics; bf16/fp16 operands go to the tensor cores as they are, fp32
 ones as tf32 if ``torch.get_float32_matmul_precision() != "highest"`` (PyTorch's TF32 switch),
 else as 3xTF32 (about fp32 accuracy, still on tensor cores: IEEE fp32 ``tl.dot`` runs on the FMA
-units and ptxas spills it heavily). The fp32 logit gradient ``dz`` of a bf16/fp16 model enters
-its products with ``W`` and ``H`` as ``hi + lo``, both in the model's dtype (``split_grad_operand``,
-two dots each), which keeps ~16 mantissa bits: gradients agree with float32 math (the torch
-backend) up to their final rounding. With ``split_grad_operand=False`` dz is rounded once, as in
-Cut Cross-Entropy and Liger (errors of ~eps(dtype) times the largest gradient entry).
+units and ptxas spills it heavily). The fp32 logit gradient ``dz`` of a bf16/fp16 model is rounded
+once to the model's dtype before its products with ``W`` and ``H``, as in Cut Cross-Entropy and
+Liger (errors of ~eps(dtype) times the largest gradient entry); the backward's
+``split_grad_operand=True`` feeds it as ``hi + lo`` instead (two dots each, ~16 mantissa bits:
+gradients agree with float32 math up to their final rounding).
 """
 from __future__ import annotations
 
@@ -65,35 +65,13 @@ import torch
 import triton
 import triton.language as tl
 
-from nashkern import tuning
-from nashkern.types import (
-    ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
-    REF_LOGPROBS,
+from . import layout
+from .common import (
+    ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, PART_ENT_A,
+    PART_KL_A, PART_MAX_A, PART_MAX_B, PART_MAX_M, PART_SUM_A, PART_SUM_B, PART_SUM_M, PART_TGT_A,
+    PART_TGT_B, PART_TGT_M, REF_LOGPROBS, merge_entropy, merge_lse, mix, softcap_temper,
 )
-
-# Rows of the packed outputs, as compile-time constants for the kernels.
-_LOGPROBS = tl.constexpr(LOGPROBS)
-_ENTROPY = tl.constexpr(ENTROPY)
-_REF_LOGPROBS = tl.constexpr(REF_LOGPROBS)
-_KL = tl.constexpr(KL)
-_MIXTURE_LOGPROBS = tl.constexpr(MIXTURE_LOGPROBS)
-_LSE_POLICY = tl.constexpr(LSE_POLICY)
-_LSE_REF = tl.constexpr(LSE_REF)
-_LSE_MIXTURE = tl.constexpr(LSE_MIXTURE)
-
-# Rows of the forward's partial statistics ``[_NUM_PARTIALS, splits, N]`` (see the docstring).
-_MAX_A = tl.constexpr(0)
-_SUM_A = tl.constexpr(1)
-_ENT_A = tl.constexpr(2)
-_KL_A = tl.constexpr(3)
-_TGT_A = tl.constexpr(4)
-_MAX_B = tl.constexpr(5)
-_SUM_B = tl.constexpr(6)
-_TGT_B = tl.constexpr(7)
-_MAX_M = tl.constexpr(8)
-_SUM_M = tl.constexpr(9)
-_TGT_M = tl.constexpr(10)
-_NUM_PARTIALS = 11
+from .layout import FLOAT_DTYPES, NUM_LSE, NUM_STATS, plan_vocab_splits, split_workspace
 
 # Read by @triton.jit at decoration, as here: whether these kernels run in the CPU interpreter.
 _INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
@@ -103,38 +81,11 @@ _INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 # Device helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _tanh(x):
-    """``(tanh(x), 1 - tanh(x)**2)`` to fp32 accuracy (Cephes ``tanhf``): an odd polynomial for
-    ``|x| < 0.625``, else ``1 - u`` with ``u = 2 / (exp(2|x|) + 1)``, which also gives
-    ``1 - tanh**2 = u * (2 - u)`` without cancellation. NaN propagates; +-inf give +-1 and 0."""
-    ax = tl.abs(x)
-    x2 = x * x
-    poly = ((((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
-             + 1.33314422036e-1) * x2 - 3.33332819422e-1) * x2 * x + x
-    u = 2.0 / (tl.exp(2.0 * ax) + 1.0)
-    small = ax < 0.625
-    t = tl.where(small, poly, tl.where(x < 0, u - 1.0, 1.0 - u))
-    sech2 = tl.where(small, 1.0 - poly * poly, u * (2.0 - u))
-    return t, sech2
-
-
-@triton.jit
 def _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
     """``(cap(z) / T, cap'(z) / T)`` of an fp32 tile; columns outside the vocabulary get -inf
     (so they drop out of every sum). ``cap(-inf) = -inf`` with ``cap'(-inf) = 0``."""
-    if HAS_SOFTCAP:
-        t, sech2 = _tanh(z / softcap)
-        z = tl.where(z == float("-inf"), z, softcap * t)
-        dz = sech2 * inv_temperature
-    else:
-        dz = inv_temperature
-    return tl.where(col_mask[None, :], z * inv_temperature, float("-inf")), dz
-
-
-@triton.jit
-def _mix(a, b, coef):
-    """Geometric mixture ``(1 - coef) * a + coef * b``, exactly ``a`` / ``b`` at coef 0 / 1."""
-    return tl.where(coef == 0, a, tl.where(coef == 1, b, (1 - coef) * a + coef * b))
+    z, dz = softcap_temper(z, softcap, inv_temperature, HAS_SOFTCAP)
+    return tl.where(col_mask[None, :], z, float("-inf")), dz
 
 
 @triton.jit
@@ -179,34 +130,6 @@ def _logits_tile(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
-
-
-@triton.jit
-def _rescale(old_max, new_max):
-    """``exp(old_max - new_max)``; 0 while every logit so far is -inf (nothing accumulated)."""
-    return tl.exp(old_max - tl.where(new_max == float("-inf"), 0.0, new_max))
-
-
-@triton.jit
-def _merge_lse(max1, sum1, max2, sum2):
-    """Merge two partial ``(max, sum exp(x - max))`` into one."""
-    new_max = tl.maximum(max1, max2)
-    return new_max, _rescale(max1, new_max) * sum1 + _rescale(max2, new_max) * sum2
-
-
-@triton.jit
-def _merge_entropy(max1, sum1, ent1, kl1, max2, sum2, ent2, kl2):
-    """Merge two partial ``(max, sum e, sum e * (a - max), sum e * (a - b))`` with
-    ``e = exp(a - max)``. A part whose weight underflows to 0 contributes exactly 0 (it may hold
-    an infinite KL sum); NaN propagates through ``sum``."""
-    new_max = tl.maximum(max1, max2)
-    w1 = _rescale(max1, new_max)
-    w2 = _rescale(max2, new_max)
-    sum_ = w1 * sum1 + w2 * sum2
-    ent = (tl.where(w1 > 0, w1 * (ent1 + (max1 - new_max) * sum1), 0.0)
-           + tl.where(w2 > 0, w2 * (ent2 + (max2 - new_max) * sum2), 0.0))
-    kl = tl.where(w1 > 0, w1 * kl1, 0.0) + tl.where(w2 > 0, w2 * kl2, 0.0)
-    return new_max, sum_, ent, kl
 
 
 @triton.jit
@@ -295,7 +218,7 @@ def _fwd_kernel(
     ref_weight_ptr,  # [V, DR] reference lm_head (read only if HAS_REF)
     ref_bias_ptr,  # [V] reference bias (read only if HAS_REF_BIAS)
     targets_ptr,  # [N] int64 targets (read only if HAS_TARGETS)
-    partials_ptr,  # [_NUM_PARTIALS, num_splits, N] fp32 output: this split's online statistics
+    partials_ptr,  # [NUM_PARTIALS, num_splits, N] fp32 output: this split's online statistics
     N,  # rows
     V,  # vocabulary size
     D,  # policy hidden size
@@ -356,42 +279,42 @@ def _fwd_kernel(
             tile_kl = tl.sum(tl.where(e > 0, e * (a - b), 0.0), 1)
         else:
             tile_kl = zero
-        max_a, sum_a, ent_a, kl_a = _merge_entropy(max_a, sum_a, ent_a, kl_a,
+        max_a, sum_a, ent_a, kl_a = merge_entropy(max_a, sum_a, ent_a, kl_a,
                                                    tile_max, tile_sum, tile_ent, tile_kl)
         if HAS_REF:
             tile_max, _, _, tile_sum = _tile_lse(b)
-            max_b, sum_b = _merge_lse(max_b, sum_b, tile_max, tile_sum)
+            max_b, sum_b = merge_lse(max_b, sum_b, tile_max, tile_sum)
         if HAS_TARGETS:
             is_target = cols[None, :] == target[:, None]
             tgt_a += tl.sum(tl.where(is_target, a, 0.0), 1)
             if HAS_REF:
                 tgt_b += tl.sum(tl.where(is_target, b, 0.0), 1)
             if HAS_MIX:
-                m = _mix(a, b, coef)
+                m = mix(a, b, coef)
                 tile_max, _, _, tile_sum = _tile_lse(m)
-                max_m, sum_m = _merge_lse(max_m, sum_m, tile_max, tile_sum)
+                max_m, sum_m = merge_lse(max_m, sum_m, tile_max, tile_sum)
                 tgt_m += tl.sum(tl.where(is_target, m, 0.0), 1)
 
     out = partials_ptr + pid_s * N + rows
     split_stride = num_splits * N
-    tl.store(out + _MAX_A * split_stride, max_a, mask=row_mask)
-    tl.store(out + _SUM_A * split_stride, sum_a, mask=row_mask)
-    tl.store(out + _ENT_A * split_stride, ent_a, mask=row_mask)
-    tl.store(out + _KL_A * split_stride, kl_a, mask=row_mask)
-    tl.store(out + _TGT_A * split_stride, tgt_a, mask=row_mask)
+    tl.store(out + PART_MAX_A * split_stride, max_a, mask=row_mask)
+    tl.store(out + PART_SUM_A * split_stride, sum_a, mask=row_mask)
+    tl.store(out + PART_ENT_A * split_stride, ent_a, mask=row_mask)
+    tl.store(out + PART_KL_A * split_stride, kl_a, mask=row_mask)
+    tl.store(out + PART_TGT_A * split_stride, tgt_a, mask=row_mask)
     if HAS_REF:
-        tl.store(out + _MAX_B * split_stride, max_b, mask=row_mask)
-        tl.store(out + _SUM_B * split_stride, sum_b, mask=row_mask)
-        tl.store(out + _TGT_B * split_stride, tgt_b, mask=row_mask)
+        tl.store(out + PART_MAX_B * split_stride, max_b, mask=row_mask)
+        tl.store(out + PART_SUM_B * split_stride, sum_b, mask=row_mask)
+        tl.store(out + PART_TGT_B * split_stride, tgt_b, mask=row_mask)
     if HAS_MIX:
-        tl.store(out + _MAX_M * split_stride, max_m, mask=row_mask)
-        tl.store(out + _SUM_M * split_stride, sum_m, mask=row_mask)
-        tl.store(out + _TGT_M * split_stride, tgt_m, mask=row_mask)
+        tl.store(out + PART_MAX_M * split_stride, max_m, mask=row_mask)
+        tl.store(out + PART_SUM_M * split_stride, sum_m, mask=row_mask)
+        tl.store(out + PART_TGT_M * split_stride, tgt_m, mask=row_mask)
 
 
 @triton.jit
 def _merge_kernel(
-    partials_ptr,  # [_NUM_PARTIALS, num_splits, N] fp32 online statistics of every split
+    partials_ptr,  # [NUM_PARTIALS, num_splits, N] fp32 online statistics of every split
     targets_ptr,  # [N] int64 targets (read only if HAS_TARGETS)
     stats_ptr,  # [5, N] fp32 output statistics (every entry written)
     lse_ptr,  # [3, N] fp32 output log-sum-exps L_a, L_b, L_m (every entry written)
@@ -420,25 +343,25 @@ def _merge_kernel(
     split_stride = num_splits * N
     for split in range(num_splits):
         part = partials_ptr + split * N + rows
-        max_a, sum_a, ent_a, kl_a = _merge_entropy(
+        max_a, sum_a, ent_a, kl_a = merge_entropy(
             max_a, sum_a, ent_a, kl_a,
-            tl.load(part + _MAX_A * split_stride, mask=row_mask, other=0.0),
-            tl.load(part + _SUM_A * split_stride, mask=row_mask, other=0.0),
-            tl.load(part + _ENT_A * split_stride, mask=row_mask, other=0.0),
-            tl.load(part + _KL_A * split_stride, mask=row_mask, other=0.0))
-        tgt_a += tl.load(part + _TGT_A * split_stride, mask=row_mask, other=0.0)
+            tl.load(part + PART_MAX_A * split_stride, mask=row_mask, other=0.0),
+            tl.load(part + PART_SUM_A * split_stride, mask=row_mask, other=0.0),
+            tl.load(part + PART_ENT_A * split_stride, mask=row_mask, other=0.0),
+            tl.load(part + PART_KL_A * split_stride, mask=row_mask, other=0.0))
+        tgt_a += tl.load(part + PART_TGT_A * split_stride, mask=row_mask, other=0.0)
         if HAS_REF:
-            max_b, sum_b = _merge_lse(
+            max_b, sum_b = merge_lse(
                 max_b, sum_b,
-                tl.load(part + _MAX_B * split_stride, mask=row_mask, other=0.0),
-                tl.load(part + _SUM_B * split_stride, mask=row_mask, other=0.0))
-            tgt_b += tl.load(part + _TGT_B * split_stride, mask=row_mask, other=0.0)
+                tl.load(part + PART_MAX_B * split_stride, mask=row_mask, other=0.0),
+                tl.load(part + PART_SUM_B * split_stride, mask=row_mask, other=0.0))
+            tgt_b += tl.load(part + PART_TGT_B * split_stride, mask=row_mask, other=0.0)
         if HAS_MIX:
-            max_m, sum_m = _merge_lse(
+            max_m, sum_m = merge_lse(
                 max_m, sum_m,
-                tl.load(part + _MAX_M * split_stride, mask=row_mask, other=0.0),
-                tl.load(part + _SUM_M * split_stride, mask=row_mask, other=0.0))
-            tgt_m += tl.load(part + _TGT_M * split_stride, mask=row_mask, other=0.0)
+                tl.load(part + PART_MAX_M * split_stride, mask=row_mask, other=0.0),
+                tl.load(part + PART_SUM_M * split_stride, mask=row_mask, other=0.0))
+            tgt_m += tl.load(part + PART_TGT_M * split_stride, mask=row_mask, other=0.0)
 
     log_sum_a = tl.log(sum_a)
     lse_a = max_a + log_sum_a
@@ -464,14 +387,14 @@ def _merge_kernel(
         ref_logprobs = zero
         mixture_logprobs = zero
 
-    tl.store(stats_ptr + _LOGPROBS * N + rows, logprobs, mask=row_mask)
-    tl.store(stats_ptr + _ENTROPY * N + rows, entropy, mask=row_mask)
-    tl.store(stats_ptr + _REF_LOGPROBS * N + rows, ref_logprobs, mask=row_mask)
-    tl.store(stats_ptr + _KL * N + rows, kl, mask=row_mask)
-    tl.store(stats_ptr + _MIXTURE_LOGPROBS * N + rows, mixture_logprobs, mask=row_mask)
-    tl.store(lse_ptr + _LSE_POLICY * N + rows, lse_a, mask=row_mask)
-    tl.store(lse_ptr + _LSE_REF * N + rows, lse_b, mask=row_mask)
-    tl.store(lse_ptr + _LSE_MIXTURE * N + rows, lse_m, mask=row_mask)
+    tl.store(stats_ptr + LOGPROBS * N + rows, logprobs, mask=row_mask)
+    tl.store(stats_ptr + ENTROPY * N + rows, entropy, mask=row_mask)
+    tl.store(stats_ptr + REF_LOGPROBS * N + rows, ref_logprobs, mask=row_mask)
+    tl.store(stats_ptr + KL * N + rows, kl, mask=row_mask)
+    tl.store(stats_ptr + MIXTURE_LOGPROBS * N + rows, mixture_logprobs, mask=row_mask)
+    tl.store(lse_ptr + LSE_POLICY * N + rows, lse_a, mask=row_mask)
+    tl.store(lse_ptr + LSE_REF * N + rows, lse_b, mask=row_mask)
+    tl.store(lse_ptr + LSE_MIXTURE * N + rows, lse_m, mask=row_mask)
 
 
 @triton.jit
@@ -525,24 +448,24 @@ def _bwd_kernel(
     col_mask = cols < V
 
     # Row data: L_a, L_b, L_m from the forward, entropy H and KL, upstream grads g_*.
-    lse_a = tl.load(lse_ptr + _LSE_POLICY * N + rows, mask=row_mask, other=0.0)
-    entropy = tl.load(stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
-    g_ent = tl.load(grad_stats_ptr + _ENTROPY * N + rows, mask=row_mask, other=0.0)
+    lse_a = tl.load(lse_ptr + LSE_POLICY * N + rows, mask=row_mask, other=0.0)
+    entropy = tl.load(stats_ptr + ENTROPY * N + rows, mask=row_mask, other=0.0)
+    g_ent = tl.load(grad_stats_ptr + ENTROPY * N + rows, mask=row_mask, other=0.0)
     keep = row_mask  # rows that receive a gradient
     if HAS_TARGETS:
         target = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
         keep &= target != ignore_index
         is_target = cols[None, :] == target[:, None]  # delta_j of DESIGN.md
-        g_lp = tl.load(grad_stats_ptr + _LOGPROBS * N + rows, mask=row_mask, other=0.0)
+        g_lp = tl.load(grad_stats_ptr + LOGPROBS * N + rows, mask=row_mask, other=0.0)
     if HAS_REF:
-        lse_b = tl.load(lse_ptr + _LSE_REF * N + rows, mask=row_mask, other=0.0)
-        kl = tl.load(stats_ptr + _KL * N + rows, mask=row_mask, other=0.0)
-        g_kl = tl.load(grad_stats_ptr + _KL * N + rows, mask=row_mask, other=0.0)
+        lse_b = tl.load(lse_ptr + LSE_REF * N + rows, mask=row_mask, other=0.0)
+        kl = tl.load(stats_ptr + KL * N + rows, mask=row_mask, other=0.0)
+        g_kl = tl.load(grad_stats_ptr + KL * N + rows, mask=row_mask, other=0.0)
         if HAS_TARGETS:
-            g_rlp = tl.load(grad_stats_ptr + _REF_LOGPROBS * N + rows, mask=row_mask, other=0.0)
+            g_rlp = tl.load(grad_stats_ptr + REF_LOGPROBS * N + rows, mask=row_mask, other=0.0)
     if HAS_MIX:
-        lse_m = tl.load(lse_ptr + _LSE_MIXTURE * N + rows, mask=row_mask, other=0.0)
-        g_mix = tl.load(grad_stats_ptr + _MIXTURE_LOGPROBS * N + rows, mask=row_mask, other=0.0)
+        lse_m = tl.load(lse_ptr + LSE_MIXTURE * N + rows, mask=row_mask, other=0.0)
+        g_mix = tl.load(grad_stats_ptr + MIXTURE_LOGPROBS * N + rows, mask=row_mask, other=0.0)
 
     # Both models' logits first: only one tile is live across the other's tl.dot loop.
     a = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
@@ -568,7 +491,7 @@ def _bwd_kernel(
         if HAS_TARGETS:
             gb += _guarded(g_rlp, tl.where(is_target, 1.0 - q, -q))
         if HAS_MIX:
-            pi = tl.exp(_mix(a, b, coef) - lse_m[:, None])
+            pi = tl.exp(mix(a, b, coef) - lse_m[:, None])
             delta_pi = tl.where(is_target, 1.0 - pi, -pi)
             ga += _guarded(g_mix * (1 - coef), delta_pi)
             gb += _guarded(g_mix * coef, delta_pi)
@@ -595,17 +518,15 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host wrappers
 # ----------------------------------------------------------------------------------------------
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
-                  temperature, softcap):
+def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef):
+    """The launch contract (shapes, dtypes, contiguity, devices). The scalars were validated
+    once, by the op (``nashkern.ops``' ``Scalars``)."""
     def check_model(name, h, w, b):
         if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
             raise ValueError(f"{name}: expected hidden [N, D] and weight [V, D], got "
                              f"{tuple(h.shape)} and {tuple(w.shape)}")
-        if h.dtype not in _FLOAT_DTYPES or w.dtype != h.dtype:
-            raise ValueError(f"{name}: hidden and weight must share a dtype among {_FLOAT_DTYPES},"
+        if h.dtype not in FLOAT_DTYPES or w.dtype != h.dtype:
+            raise ValueError(f"{name}: hidden and weight must share a dtype among {FLOAT_DTYPES},"
                              f" got {h.dtype} and {w.dtype}")
         if b is not None and (b.shape != (w.shape[0],) or not b.is_floating_point()):
             raise ValueError(f"{name}: expected a floating bias [{w.shape[0]}], got "
@@ -629,28 +550,11 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
         raise ValueError("targets must be a contiguous int64 [N] tensor")
     if hidden.shape[0] == 0:
         raise ValueError("N == 0 is handled by the caller")
-    if coef is not None and not 0.0 <= coef <= 1.0:
-        raise ValueError(f"coef must lie in [0, 1], got {coef}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0, got {softcap}")
 
 
 def _is_tf32() -> bool:
     """fp32 operands may be rounded to tf32 exactly when PyTorch's matmuls may."""
     return torch.get_float32_matmul_precision() != "highest"
-
-
-def _vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device,
-                  cfg: tuning.LinearTokenStatsTriton) -> Tuple[int, int]:
-    """``(splits, tiles_per_split)``: split the vocabulary until the forward grid holds
-    ``programs_per_sm`` programs per SM (the interpreter counts as one SM)."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 1)
-    splits = min(n_tiles, max(1, triton.cdiv(cfg.programs_per_sm * sms, n_row_blocks)))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
 def linear_token_stats_forward(
@@ -666,21 +570,20 @@ def linear_token_stats_forward(
     temperature: float,
     softcap: Optional[float],
     ignore_index: int,
-    config: Optional[tuning.LinearTokenStatsTriton] = None,
+    config,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed statistics ``[5, N]`` and log-sum-exps ``[3, N]`` (float32) of the logits
     ``hidden @ weight.T + bias`` (and the reference's), streamed over vocabulary tiles.
-    ``config`` overrides ``tuning.LINEAR_TOKEN_STATS``."""
-    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
-                  temperature, softcap)
-    cfg = config or tuning.LINEAR_TOKEN_STATS
+    ``config``: a ``nashkern.tuning.LinearTokenStatsTriton`` (``tuning.config_for``)."""
+    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
+    cfg = config
     (n, d), v = hidden.shape, weight.shape[0]
     has_ref = ref_hidden is not None
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
-    splits, tiles_per_split = _vocab_splits(n_row_blocks, triton.cdiv(v, cfg.BLOCK_V_FWD),
-                                            hidden.device, cfg)
+    splits, tiles_per_split = plan_vocab_splits(n_row_blocks, triton.cdiv(v, cfg.BLOCK_V_FWD),
+                                                hidden.device, cfg.programs_per_sm)
 
-    partials = torch.empty((_NUM_PARTIALS, splits, n), dtype=torch.float32, device=hidden.device)
+    partials = split_workspace(splits, n, hidden.device)
     stats = torch.empty((NUM_STATS, n), dtype=torch.float32, device=hidden.device)
     lse = torch.empty((NUM_LSE, n), dtype=torch.float32, device=hidden.device)
 
@@ -689,18 +592,19 @@ def linear_token_stats_forward(
         HAS_TARGETS=targets is not None,
         HAS_MIX=coef is not None and targets is not None,  # only mixture log-probs need it
     )
-    _fwd_kernel[(n_row_blocks, splits)](
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, partials,
-        n, v, d, ref_hidden.shape[1] if has_ref else 0, splits, tiles_per_split,
-        1.0 / temperature, softcap or 0.0, coef or 0.0,
-        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-        HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_FWD, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    _merge_kernel[(n_row_blocks,)](
-        partials, targets, stats, lse, n, splits, ignore_index, **flags, BLOCK_N=cfg.BLOCK_N,
-    )
+    with layout.device_guard(hidden.device):
+        _fwd_kernel[(n_row_blocks, splits)](
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, partials,
+            n, v, d, ref_hidden.shape[1] if has_ref else 0, splits, tiles_per_split,
+            1.0 / temperature, softcap or 0.0, coef or 0.0,
+            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+            HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
+            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_FWD, BLOCK_D=cfg.BLOCK_D,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _merge_kernel[(n_row_blocks,)](
+            partials, targets, stats, lse, n, splits, ignore_index, **flags, BLOCK_N=cfg.BLOCK_N,
+        )
     return stats, lse
 
 
@@ -721,13 +625,20 @@ def linear_token_stats_backward(
     softcap: Optional[float],
     ignore_index: int,
     needs_input_grad: Tuple[bool, bool, bool, bool, bool, bool],
-    config: Optional[tuning.LinearTokenStatsTriton] = None,
+    config,
+    split_grad_operand: bool = False,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """Gradients ``(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)`` of
     ``sum(grad_stats * stats)``, None where ``needs_input_grad`` is False or the input is None.
-    ``config`` overrides ``tuning.LINEAR_TOKEN_STATS``."""
-    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
-                  temperature, softcap)
+    ``config``: a ``nashkern.tuning.LinearTokenStatsTriton`` (``tuning.config_for``).
+
+    ``split_grad_operand`` (a numerics option, not a tuning value; internal: the ops use the
+    default): for bf16/fp16 models, False rounds the fp32 logit gradient once to the model's
+    dtype before its two tensor-core products (as eager PyTorch, Cut Cross-Entropy and Liger:
+    6 N*D*V backward FLOPs per model, error ~eps(dtype) relative to the largest gradient entry);
+    True feeds it as hi + lo in the model's dtype (two dots each, 10 N*D*V FLOPs), so gradients
+    match float32 math up to the output rounding."""
+    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
     n, d = hidden.shape
     for name, t, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
                           ("lse", lse, NUM_LSE)):
@@ -736,7 +647,7 @@ def linear_token_stats_backward(
                              f"{t.dtype}")
     if len(needs_input_grad) != 6:
         raise ValueError("needs_input_grad must hold 6 flags")
-    cfg = config or tuning.LINEAR_TOKEN_STATS
+    cfg = config
     v = weight.shape[0]
     inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     needed = [need and t is not None for need, t in zip(needs_input_grad, inputs)]
@@ -747,21 +658,22 @@ def linear_token_stats_backward(
              for need, t in zip(needed, inputs)]
     has_ref = ref_hidden is not None
     grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(v, cfg.BLOCK_V_BWD))
-    _bwd_kernel[grid](
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-        grad_stats.contiguous(), stats.contiguous(), lse.contiguous(), *grads,
-        n, v, d, ref_hidden.shape[1] if has_ref else 0, ignore_index,
-        1.0 / temperature, softcap or 0.0, coef or 0.0,
-        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
-        HAS_TARGETS=targets is not None, HAS_MIX=coef is not None and targets is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_GRAD_HIDDEN=needed[0], HAS_GRAD_WEIGHT=needed[1], HAS_GRAD_BIAS=needed[2],
-        HAS_GRAD_REF_HIDDEN=needed[3], HAS_GRAD_REF_WEIGHT=needed[4],
-        HAS_GRAD_REF_BIAS=needed[5],
-        IS_SPLIT_DZ=cfg.split_grad_operand and weight.dtype != torch.float32,
-        IS_SPLIT_DR=has_ref and cfg.split_grad_operand and ref_weight.dtype != torch.float32,
-        IS_TF32=_is_tf32(),
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_BWD, BLOCK_D=cfg.BLOCK_D,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with layout.device_guard(hidden.device):
+        _bwd_kernel[grid](
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+            grad_stats.contiguous(), stats.contiguous(), lse.contiguous(), *grads,
+            n, v, d, ref_hidden.shape[1] if has_ref else 0, ignore_index,
+            1.0 / temperature, softcap or 0.0, coef or 0.0,
+            HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
+            HAS_TARGETS=targets is not None, HAS_MIX=coef is not None and targets is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_GRAD_HIDDEN=needed[0], HAS_GRAD_WEIGHT=needed[1], HAS_GRAD_BIAS=needed[2],
+            HAS_GRAD_REF_HIDDEN=needed[3], HAS_GRAD_REF_WEIGHT=needed[4],
+            HAS_GRAD_REF_BIAS=needed[5],
+            IS_SPLIT_DZ=split_grad_operand and weight.dtype != torch.float32,
+            IS_SPLIT_DR=has_ref and split_grad_operand and ref_weight.dtype != torch.float32,
+            IS_TF32=_is_tf32(),
+            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_BWD, BLOCK_D=cfg.BLOCK_D,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))

@@ -35,10 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nashkern import tuning
-from nashkern.kernels._launch import num_vocab_splits
+from . import layout
+from .layout import plan_vocab_splits
 
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Smallest normal float32: ``u`` from ``tl.rand`` lies in ``[0, 1)``; clamping it here keeps
 #: the Gumbel noise finite (same clamp as the torch backend).
 _U_MIN = tl.constexpr(torch.finfo(torch.float32).tiny)
@@ -143,10 +142,6 @@ def _mixture_sample_merge_kernel(
     tl.store(out_ptr + row, tl.where(is_invalid, -1, col.to(tl.int64)))
 
 
-def _num_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
-    return num_vocab_splits(n_rows, n_tiles, device, tuning.MIXTURE_SAMPLE.programs_per_sm)
-
-
 def mixture_sample(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -155,6 +150,7 @@ def mixture_sample(
     coef: float,
     temperature: float,
     generator: Optional[torch.Generator] = None,
+    config,
 ) -> torch.Tensor:
     """One Gumbel-max sample per row from ``mix(logits / T, ref_logits / T, coef)``.
 
@@ -162,21 +158,15 @@ def mixture_sample(
     seed: optional int64 ``[1]`` tensor on the logits' device; by default one is drawn from
     ``generator`` (the device's default generator when None) on the device, without a sync.
     Returns int64 ``[B]``: the sampled column, or -1 for a row with a NaN or no finite entry.
+    ``config``: a ``nashkern.tuning.MixtureSampleTriton`` (``tuning.config_for``). The scalars
+    were validated once, by the op.
     """
-    for name, x in (("logits", logits), ("ref_logits", ref_logits)):
-        if x.dim() != 2 or x.stride(-1) != 1 or x.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"{name} must be a [B, V] {_SUPPORTED_DTYPES} tensor with unit "
-                             f"stride over V, got {tuple(x.shape)} {x.dtype}")
+    layout.check_logits_view("logits", logits, 2)
+    layout.check_logits_view("ref_logits", ref_logits, 2)
     if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
         raise ValueError("ref_logits must match logits in shape and device")
-    if not 0.0 <= coef <= 1.0:
-        raise ValueError(f"coef must lie in [0, 1], got {coef}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     B, V = logits.shape
     device = logits.device
-    if V < 1:
-        raise ValueError("logits must have at least one column")
     if seed is None:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device,
                              generator=generator)
@@ -186,27 +176,27 @@ def mixture_sample(
     if B == 0:
         return out
 
-    cfg = tuning.MIXTURE_SAMPLE
+    cfg = config
     n_counters = triton.cdiv(V, 4)
     block_k = min(cfg.BLOCK_V // 4, triton.next_power_of_2(n_counters))
-    n_tiles = triton.cdiv(n_counters, block_k)
-    tiles_per_split = triton.cdiv(n_tiles, _num_splits(B, n_tiles, device))
-    num_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty chunk
+    num_splits, tiles_per_split = plan_vocab_splits(B, triton.cdiv(n_counters, block_k), device,
+                                                    cfg.programs_per_sm)
     is_split = num_splits > 1
     part_score = part_col = None
     if is_split:
         part_score = torch.empty((B, num_splits), dtype=torch.float32, device=device)
         part_col = torch.empty((B, num_splits), dtype=torch.int32, device=device)
 
-    _mixture_sample_kernel[(B, num_splits)](
-        logits, logits.stride(0), ref_logits, ref_logits.stride(0), seed, out, part_score,
-        part_col, V, n_counters, tiles_per_split * block_k, num_splits, float(coef),
-        1.0 / temperature, HAS_POLICY=coef < 1.0, HAS_REF=coef > 0.0, IS_SPLIT=is_split,
-        BLOCK_K=block_k, num_warps=cfg.num_warps,
-    )
-    if is_split:
-        _mixture_sample_merge_kernel[(B,)](
-            part_score, part_col, out, num_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=1,
+    with layout.device_guard(device):
+        _mixture_sample_kernel[(B, num_splits)](
+            logits, logits.stride(0), ref_logits, ref_logits.stride(0), seed, out, part_score,
+            part_col, V, n_counters, tiles_per_split * block_k, num_splits, float(coef),
+            1.0 / temperature, HAS_POLICY=coef < 1.0, HAS_REF=coef > 0.0, IS_SPLIT=is_split,
+            BLOCK_K=block_k, num_warps=cfg.num_warps,
         )
+        if is_split:
+            _mixture_sample_merge_kernel[(B,)](
+                part_score, part_col, out, num_splits,
+                BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=1,
+            )
     return out

@@ -36,9 +36,9 @@ infinite KL with a zero upstream grad cannot poison the log-prob gradient.
 
 Rows whose target is ``ignore_index`` run no vocabulary iteration (forward) and read nothing
 (backward): all-zero statistics and gradient. A NaN only reaches the outputs of its own row.
-The mixture end points ``coef == 0`` / ``coef == 1`` are the policy / reference themselves: the
-host copies (forward) or folds (backward) those statistics instead of forming ``(1 - c) a + c b``,
-which would turn a column masked only in the unused model into ``0 * -inf``.
+The mixture end points ``coef == 0`` / ``coef == 1`` are the policy / reference themselves
+(``common.mix``, the one end-point rule), so a column masked only in the unused model never
+becomes ``0 * -inf``.
 """
 from __future__ import annotations
 
@@ -48,72 +48,20 @@ import torch
 import triton
 import triton.language as tl
 
-from nashkern import tuning
-from nashkern.kernels._launch import num_vocab_splits
-from nashkern.types import (
-    ENTROPY,
-    KL,
-    LOGPROBS,
-    LSE_MIXTURE,
-    LSE_POLICY,
-    LSE_REF,
-    MIXTURE_LOGPROBS,
-    NUM_LSE,
-    NUM_STATS,
-    REF_LOGPROBS,
+from .common import (
+    ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, PART_ENT_A,
+    PART_KL_A, PART_MAX_A, PART_MAX_B, PART_MAX_M, PART_SUM_A, PART_SUM_B, PART_SUM_M, REF_LOGPROBS,
+    finite_shift, mix, shift_step, softcap_temper,
 )
-
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Row indices of the packed stats / lse, as constexprs for the kernels.
-_LOGPROBS = tl.constexpr(LOGPROBS)
-_ENTROPY = tl.constexpr(ENTROPY)
-_REF_LOGPROBS = tl.constexpr(REF_LOGPROBS)
-_KL = tl.constexpr(KL)
-_MIXTURE_LOGPROBS = tl.constexpr(MIXTURE_LOGPROBS)
-_LSE_POLICY = tl.constexpr(LSE_POLICY)
-_LSE_REF = tl.constexpr(LSE_REF)
-_LSE_MIXTURE = tl.constexpr(LSE_MIXTURE)
-#: Partial accumulators a split program hands to the merge kernel, in workspace order:
-#: max_a, sum_a, ent_a, kl_a, max_b, sum_b, max_m, sum_m.
-_NUM_PARTIALS = 8
+from . import layout
+from .layout import (
+    NUM_LSE, NUM_STATS, check_token_stats_inputs, plan_vocab_splits, split_workspace,
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh_sech2(x):
-    """``tanh(x)`` and ``1 - tanh(x)^2`` in fp32 (a few ulp), NaN-propagating, exact at +-inf.
-
-    ``tl`` has no portable tanh (libdevice is not available in the interpreter), and
-    ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` loses relative accuracy as ``x -> 0``, so
-    ``|x| < 0.625`` uses the Cephes ``tanhf`` polynomial (relative error < 1e-7 there).
-    """
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)  # in [0, 1]; 0 at |x| = inf
-    tanh_big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    tanh_small = (
-        (((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
-         + 1.33314422036e-1) * x2 - 3.33332819422e-1
-    ) * x2 * x + x
-    tanh = tl.where(ax < 0.625, tanh_small, tl.where(x < 0, -tanh_big, tanh_big))
-    sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))  # = 1 - tanh^2 without cancellation
-    return tanh, sech2
-
-
-@triton.jit
-def _scale_logits(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
-    """``cap(x) / T`` and its derivative ``cap'(x) / T`` for fp32 ``x`` (``-inf`` stays ``-inf``,
-    with derivative 0). The forward only uses the first result; the second is then eliminated."""
-    if HAS_SOFTCAP:
-        tanh, sech2 = _tanh_sech2(x / softcap)
-        capped = tl.where(x == float("-inf"), x, softcap * tanh)
-        return capped * inv_temperature, sech2 * inv_temperature
-    else:
-        return x * inv_temperature, inv_temperature
-
-
 @triton.jit
 def _row_ptr(base_ptr, row, R, stride_g, stride_r):
     """Pointer to the start of row ``row`` (int64) of a ``[G, R, V]`` view."""
@@ -121,32 +69,19 @@ def _row_ptr(base_ptr, row, R, stride_g, stride_r):
 
 
 @triton.jit
-def _finite_shift(running_max):
-    """The shift accumulators are taken relative to: the running max, or 0 while it is -inf."""
-    return tl.where(running_max == float("-inf"), 0.0, running_max)
-
-
-@triton.jit
-def _shift_step(old_max, new_shift):
-    """``log`` of the factor rescaling accumulators from ``old_max`` to ``new_shift`` (<= 0).
-    0 while ``old_max`` is -inf: those accumulators are exactly 0 and must not meet exp(+big)."""
-    return tl.where(old_max == float("-inf"), 0.0, old_max - new_shift)
-
-
-@triton.jit
 def _target_logits(z_row_ptr, r_row_ptr, target, is_valid, coef, inv_temperature, softcap,
                    HAS_REF: tl.constexpr, HAS_MIX: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """``(a[t], b[t], m[t])`` from one scalar load per model (0 for models not present)."""
     safe_target = tl.where(is_valid, target, 0)
-    a_t, _ = _scale_logits(tl.load(z_row_ptr + safe_target).to(tl.float32), softcap,
+    a_t, _ = softcap_temper(tl.load(z_row_ptr + safe_target).to(tl.float32), softcap,
                            inv_temperature, HAS_SOFTCAP)
     b_t = 0.0
     m_t = 0.0
     if HAS_REF:
-        b_t, _ = _scale_logits(tl.load(r_row_ptr + safe_target).to(tl.float32), softcap,
+        b_t, _ = softcap_temper(tl.load(r_row_ptr + safe_target).to(tl.float32), softcap,
                                inv_temperature, HAS_SOFTCAP)
         if HAS_MIX:
-            m_t = (1.0 - coef) * a_t + coef * b_t
+            m_t = mix(a_t, b_t, coef)
     return a_t, b_t, m_t
 
 
@@ -157,7 +92,7 @@ def _store_row_stats(stats_ptr, lse_ptr, row, N, is_valid, a_t, b_t, m_t,
     """Finalise one row from its reduced accumulators and store ``stats[:, row]``, ``lse[:, row]``
     (fields not computed and ignored rows get 0)."""
     log_sum_a = tl.log(sum_a)
-    lse_a = _finite_shift(max_a) + log_sum_a
+    lse_a = finite_shift(max_a) + log_sum_a
     entropy = log_sum_a - ent_a / sum_a
     logprobs = 0.0
     ref_logprobs = 0.0
@@ -168,21 +103,21 @@ def _store_row_stats(stats_ptr, lse_ptr, row, N, is_valid, a_t, b_t, m_t,
     if HAS_TARGETS:
         logprobs = a_t - lse_a
     if HAS_REF:
-        lse_b = _finite_shift(max_b) + tl.log(sum_b)
+        lse_b = finite_shift(max_b) + tl.log(sum_b)
         kl = kl_a / sum_a - (lse_a - lse_b)
         if HAS_TARGETS:
             ref_logprobs = b_t - lse_b
         if HAS_MIX:
-            lse_m = _finite_shift(max_m) + tl.log(sum_m)
+            lse_m = finite_shift(max_m) + tl.log(sum_m)
             mixture_logprobs = m_t - lse_m
-    tl.store(stats_ptr + _LOGPROBS * N + row, tl.where(is_valid, logprobs, 0.0))
-    tl.store(stats_ptr + _ENTROPY * N + row, tl.where(is_valid, entropy, 0.0))
-    tl.store(stats_ptr + _REF_LOGPROBS * N + row, tl.where(is_valid, ref_logprobs, 0.0))
-    tl.store(stats_ptr + _KL * N + row, tl.where(is_valid, kl, 0.0))
-    tl.store(stats_ptr + _MIXTURE_LOGPROBS * N + row, tl.where(is_valid, mixture_logprobs, 0.0))
-    tl.store(lse_ptr + _LSE_POLICY * N + row, tl.where(is_valid, lse_a, 0.0))
-    tl.store(lse_ptr + _LSE_REF * N + row, tl.where(is_valid, lse_b, 0.0))
-    tl.store(lse_ptr + _LSE_MIXTURE * N + row, tl.where(is_valid, lse_m, 0.0))
+    tl.store(stats_ptr + LOGPROBS * N + row, tl.where(is_valid, logprobs, 0.0))
+    tl.store(stats_ptr + ENTROPY * N + row, tl.where(is_valid, entropy, 0.0))
+    tl.store(stats_ptr + REF_LOGPROBS * N + row, tl.where(is_valid, ref_logprobs, 0.0))
+    tl.store(stats_ptr + KL * N + row, tl.where(is_valid, kl, 0.0))
+    tl.store(stats_ptr + MIXTURE_LOGPROBS * N + row, tl.where(is_valid, mixture_logprobs, 0.0))
+    tl.store(lse_ptr + LSE_POLICY * N + row, tl.where(is_valid, lse_a, 0.0))
+    tl.store(lse_ptr + LSE_REF * N + row, tl.where(is_valid, lse_b, 0.0))
+    tl.store(lse_ptr + LSE_MIXTURE * N + row, tl.where(is_valid, lse_m, 0.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,19 +134,19 @@ def _token_stats_fwd_kernel(
     targets_ptr,         # [N] int64 targets (HAS_TARGETS)
     stats_ptr,           # [5, N] fp32 out: statistics (not IS_SPLIT)
     lse_ptr,             # [3, N] fp32 out: L_a, L_b, L_m (not IS_SPLIT)
-    partial_ptr,         # [8, N, num_splits] fp32 out: partial accumulators (IS_SPLIT)
+    partial_ptr,         # [NUM_PARTIALS, num_splits, N] fp32 out: layout.split_workspace (IS_SPLIT)
     N,                   # rows, G * R
     R,                   # rows per group (dim 1 of the views)
     V,                   # vocabulary size
     chunk_size,          # vocabulary columns per split, a multiple of BLOCK_V
     num_splits,          # programs per row (grid dim 1)
-    coef,                # mixture weight of the reference, in (0, 1) (HAS_MIX)
+    coef,                # mixture weight of the reference in [0, 1] (HAS_MIX; common.mix)
     inv_temperature,     # 1 / T
     softcap,             # s > 0 (HAS_SOFTCAP)
     ignore_index,        # target value of rows that get no statistics
     HAS_TARGETS: tl.constexpr,  # targets given: log-prob fields and ignore_index rows
     HAS_REF: tl.constexpr,      # reference given: ref log-probs and KL
-    HAS_MIX: tl.constexpr,      # mixture log-probs with 0 < coef < 1 (needs HAS_REF, HAS_TARGETS)
+    HAS_MIX: tl.constexpr,      # mixture log-probs (needs HAS_REF, HAS_TARGETS)
     HAS_SOFTCAP: tl.constexpr,  # apply s * tanh(x / s)
     IS_SPLIT: tl.constexpr,     # several programs per row: write partials for the merge kernel
     BLOCK_V: tl.constexpr,      # vocabulary tile width
@@ -245,10 +180,10 @@ def _token_stats_fwd_kernel(
         cols = v_tile + cols_in_tile
         mask = cols < v_end
         z = tl.load(z_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        a, _ = _scale_logits(z, softcap, inv_temperature, HAS_SOFTCAP)
+        a, _ = softcap_temper(z, softcap, inv_temperature, HAS_SOFTCAP)
         new_max_a = tl.maximum(max_a, tl.max(a, axis=0))
-        shift_a = _finite_shift(new_max_a)
-        step_a = _shift_step(max_a, shift_a)
+        shift_a = finite_shift(new_max_a)
+        step_a = shift_step(max_a, shift_a)
         alpha_a = tl.exp(step_a)
         exp_a = tl.exp(a - shift_a)
         has_p = exp_a > 0.0  # select, never multiply, the p == 0 terms (a = -inf gives NaN)
@@ -257,17 +192,17 @@ def _token_stats_fwd_kernel(
         max_a = new_max_a
         if HAS_REF:
             r = tl.load(r_row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            b, _ = _scale_logits(r, softcap, inv_temperature, HAS_SOFTCAP)
+            b, _ = softcap_temper(r, softcap, inv_temperature, HAS_SOFTCAP)
             kl_a = kl_a * alpha_a + tl.where(has_p, exp_a * (a - b), 0.0)
             new_max_b = tl.maximum(max_b, tl.max(b, axis=0))
-            shift_b = _finite_shift(new_max_b)
-            sum_b = sum_b * tl.exp(_shift_step(max_b, shift_b)) + tl.exp(b - shift_b)
+            shift_b = finite_shift(new_max_b)
+            sum_b = sum_b * tl.exp(shift_step(max_b, shift_b)) + tl.exp(b - shift_b)
             max_b = new_max_b
             if HAS_MIX:
-                m = (1.0 - coef) * a + coef * b
+                m = mix(a, b, coef)
                 new_max_m = tl.maximum(max_m, tl.max(m, axis=0))
-                shift_m = _finite_shift(new_max_m)
-                sum_m = sum_m * tl.exp(_shift_step(max_m, shift_m)) + tl.exp(m - shift_m)
+                shift_m = finite_shift(new_max_m)
+                sum_m = sum_m * tl.exp(shift_step(max_m, shift_m)) + tl.exp(m - shift_m)
                 max_m = new_max_m
 
     sum_a = tl.sum(sum_a, axis=0)
@@ -276,16 +211,16 @@ def _token_stats_fwd_kernel(
     sum_b = tl.sum(sum_b, axis=0)
     sum_m = tl.sum(sum_m, axis=0)
     if IS_SPLIT:
-        partial_row_ptr = partial_ptr + row * num_splits + split
-        plane = N * num_splits
-        tl.store(partial_row_ptr + 0 * plane, max_a)
-        tl.store(partial_row_ptr + 1 * plane, sum_a)
-        tl.store(partial_row_ptr + 2 * plane, ent_a)
-        tl.store(partial_row_ptr + 3 * plane, kl_a)
-        tl.store(partial_row_ptr + 4 * plane, max_b)
-        tl.store(partial_row_ptr + 5 * plane, sum_b)
-        tl.store(partial_row_ptr + 6 * plane, max_m)
-        tl.store(partial_row_ptr + 7 * plane, sum_m)
+        partial_row_ptr = partial_ptr + split * N + row  # layout.split_workspace
+        plane = num_splits * N
+        tl.store(partial_row_ptr + PART_MAX_A * plane, max_a)
+        tl.store(partial_row_ptr + PART_SUM_A * plane, sum_a)
+        tl.store(partial_row_ptr + PART_ENT_A * plane, ent_a)
+        tl.store(partial_row_ptr + PART_KL_A * plane, kl_a)
+        tl.store(partial_row_ptr + PART_MAX_B * plane, max_b)
+        tl.store(partial_row_ptr + PART_SUM_B * plane, sum_b)
+        tl.store(partial_row_ptr + PART_MAX_M * plane, max_m)
+        tl.store(partial_row_ptr + PART_SUM_M * plane, sum_m)
     else:
         a_t = 0.0
         b_t = 0.0
@@ -301,7 +236,7 @@ def _token_stats_fwd_kernel(
 
 @triton.jit
 def _token_stats_merge_kernel(
-    partial_ptr,         # [8, N, num_splits] fp32 partial accumulators from the forward kernel
+    partial_ptr,         # [NUM_PARTIALS, num_splits, N] fp32 partials of the forward kernel
     logits_ptr,          # [G, R, V] policy logits (target logit loads)
     logits_stride_g,     # element stride of logits over G
     logits_stride_r,     # element stride of logits over R
@@ -314,7 +249,7 @@ def _token_stats_merge_kernel(
     N,                   # rows
     R,                   # rows per group
     num_splits,          # partials per row
-    coef,                # mixture weight of the reference, in (0, 1) (HAS_MIX)
+    coef,                # mixture weight of the reference in [0, 1] (HAS_MIX; common.mix)
     inv_temperature,     # 1 / T
     softcap,             # s > 0 (HAS_SOFTCAP)
     ignore_index,        # target value of rows that get no statistics
@@ -327,15 +262,15 @@ def _token_stats_merge_kernel(
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_SPLITS)
     mask = splits < num_splits
-    partial_row_ptr = partial_ptr + row * num_splits + splits
-    plane = N * num_splits
-    part_max_a = tl.load(partial_row_ptr + 0 * plane, mask=mask, other=float("-inf"))
-    part_sum_a = tl.load(partial_row_ptr + 1 * plane, mask=mask, other=0.0)
-    part_ent_a = tl.load(partial_row_ptr + 2 * plane, mask=mask, other=0.0)
-    part_kl_a = tl.load(partial_row_ptr + 3 * plane, mask=mask, other=0.0)
+    partial_row_ptr = partial_ptr + splits * N + row  # layout.split_workspace
+    plane = num_splits * N
+    part_max_a = tl.load(partial_row_ptr + PART_MAX_A * plane, mask=mask, other=float("-inf"))
+    part_sum_a = tl.load(partial_row_ptr + PART_SUM_A * plane, mask=mask, other=0.0)
+    part_ent_a = tl.load(partial_row_ptr + PART_ENT_A * plane, mask=mask, other=0.0)
+    part_kl_a = tl.load(partial_row_ptr + PART_KL_A * plane, mask=mask, other=0.0)
 
     max_a = tl.max(part_max_a, axis=0)
-    step_a = _shift_step(part_max_a, _finite_shift(max_a))
+    step_a = shift_step(part_max_a, finite_shift(max_a))
     alpha_a = tl.exp(step_a)
     sum_a = tl.sum(alpha_a * part_sum_a, axis=0)
     ent_a = tl.sum(alpha_a * (part_ent_a + step_a * part_sum_a), axis=0)
@@ -345,15 +280,15 @@ def _token_stats_merge_kernel(
     sum_b = 0.0
     sum_m = 0.0
     if HAS_REF:
-        part_max_b = tl.load(partial_row_ptr + 4 * plane, mask=mask, other=float("-inf"))
-        part_sum_b = tl.load(partial_row_ptr + 5 * plane, mask=mask, other=0.0)
+        part_max_b = tl.load(partial_row_ptr + PART_MAX_B * plane, mask=mask, other=float("-inf"))
+        part_sum_b = tl.load(partial_row_ptr + PART_SUM_B * plane, mask=mask, other=0.0)
         max_b = tl.max(part_max_b, axis=0)
-        sum_b = tl.sum(tl.exp(_shift_step(part_max_b, _finite_shift(max_b))) * part_sum_b, axis=0)
+        sum_b = tl.sum(tl.exp(shift_step(part_max_b, finite_shift(max_b))) * part_sum_b, axis=0)
         if HAS_MIX:
-            part_max_m = tl.load(partial_row_ptr + 6 * plane, mask=mask, other=float("-inf"))
-            part_sum_m = tl.load(partial_row_ptr + 7 * plane, mask=mask, other=0.0)
+            part_max_m = tl.load(partial_row_ptr + PART_MAX_M * plane, mask=mask, other=float("-inf"))
+            part_sum_m = tl.load(partial_row_ptr + PART_SUM_M * plane, mask=mask, other=0.0)
             max_m = tl.max(part_max_m, axis=0)
-            sum_m = tl.sum(tl.exp(_shift_step(part_max_m, _finite_shift(max_m))) * part_sum_m,
+            sum_m = tl.sum(tl.exp(shift_step(part_max_m, finite_shift(max_m))) * part_sum_m,
                            axis=0)
 
     a_t = 0.0
@@ -391,13 +326,13 @@ def _token_stats_bwd_kernel(
     N,                   # rows
     R,                   # rows per group
     V,                   # vocabulary size
-    coef,                # mixture weight of the reference, in (0, 1) (HAS_MIX)
+    coef,                # mixture weight of the reference in [0, 1] (HAS_MIX; common.mix)
     inv_temperature,     # 1 / T
     softcap,             # s > 0 (HAS_SOFTCAP)
     ignore_index,        # target value of rows that get no gradient
     HAS_TARGETS: tl.constexpr,      # log-prob terms (delta_t) and ignore_index rows
     HAS_REF: tl.constexpr,          # KL and ref log-prob terms
-    HAS_MIX: tl.constexpr,          # mixture log-prob terms with 0 < coef < 1
+    HAS_MIX: tl.constexpr,          # mixture log-prob terms
     HAS_SOFTCAP: tl.constexpr,      # chain rule through s * tanh(x / s)
     HAS_GRAD_LOGITS: tl.constexpr,  # write dz
     HAS_GRAD_REF: tl.constexpr,     # write dr (needs HAS_REF)
@@ -408,45 +343,45 @@ def _token_stats_bwd_kernel(
     col_mask = cols < V
 
     is_valid = True
-    g_ent = tl.load(grad_stats_ptr + _ENTROPY * N + row)
+    g_ent = tl.load(grad_stats_ptr + ENTROPY * N + row)
     if HAS_TARGETS:
         target = tl.load(targets_ptr + row)
         is_valid = target != ignore_index
         delta = (cols == target).to(tl.float32)
         g_ent = tl.where(is_valid, g_ent, 0.0)
     load_mask = cols < tl.where(is_valid, V, 0)  # ignored rows read nothing, write zeros
-    entropy = tl.load(stats_ptr + _ENTROPY * N + row)
-    lse_a = tl.load(lse_ptr + _LSE_POLICY * N + row)
+    entropy = tl.load(stats_ptr + ENTROPY * N + row)
+    lse_a = tl.load(lse_ptr + LSE_POLICY * N + row)
     z = tl.load(_row_ptr(logits_ptr, row, R, logits_stride_g, logits_stride_r) + cols,
                 mask=load_mask, other=float("-inf")).to(tl.float32)
-    a, da_dz = _scale_logits(z, softcap, inv_temperature, HAS_SOFTCAP)
+    a, da_dz = softcap_temper(z, softcap, inv_temperature, HAS_SOFTCAP)
     log_p = a - lse_a
     p = tl.exp(log_p)
     has_p = p > 0.0  # p == 0 terms contribute exactly 0 (log p = -inf there)
 
     grad_a = tl.where(g_ent != 0.0, -g_ent * tl.where(has_p, p * (log_p + entropy), 0.0), 0.0)
     if HAS_TARGETS:
-        g_lp = tl.where(is_valid, tl.load(grad_stats_ptr + _LOGPROBS * N + row), 0.0)
+        g_lp = tl.where(is_valid, tl.load(grad_stats_ptr + LOGPROBS * N + row), 0.0)
         grad_a += tl.where(g_lp != 0.0, g_lp * (delta - p), 0.0)
     if HAS_REF:
-        g_kl = tl.where(is_valid, tl.load(grad_stats_ptr + _KL * N + row), 0.0)
-        kl = tl.load(stats_ptr + _KL * N + row)
-        lse_b = tl.load(lse_ptr + _LSE_REF * N + row)
+        g_kl = tl.where(is_valid, tl.load(grad_stats_ptr + KL * N + row), 0.0)
+        kl = tl.load(stats_ptr + KL * N + row)
+        lse_b = tl.load(lse_ptr + LSE_REF * N + row)
         r = tl.load(_row_ptr(ref_ptr, row, R, ref_stride_g, ref_stride_r) + cols,
                     mask=load_mask, other=float("-inf")).to(tl.float32)
-        b, db_dr = _scale_logits(r, softcap, inv_temperature, HAS_SOFTCAP)
+        b, db_dr = softcap_temper(r, softcap, inv_temperature, HAS_SOFTCAP)
         log_q = b - lse_b
         q = tl.exp(log_q)
         grad_a += tl.where(g_kl != 0.0,
                            g_kl * tl.where(has_p, p * (log_p - log_q - kl), 0.0), 0.0)
         grad_b = tl.where(g_kl != 0.0, g_kl * (q - p), 0.0)
         if HAS_TARGETS:
-            g_rlp = tl.where(is_valid, tl.load(grad_stats_ptr + _REF_LOGPROBS * N + row), 0.0)
+            g_rlp = tl.where(is_valid, tl.load(grad_stats_ptr + REF_LOGPROBS * N + row), 0.0)
             grad_b += tl.where(g_rlp != 0.0, g_rlp * (delta - q), 0.0)
         if HAS_MIX:
-            g_mix = tl.where(is_valid, tl.load(grad_stats_ptr + _MIXTURE_LOGPROBS * N + row), 0.0)
-            lse_m = tl.load(lse_ptr + _LSE_MIXTURE * N + row)
-            pi = tl.exp((1.0 - coef) * a + coef * b - lse_m)
+            g_mix = tl.where(is_valid, tl.load(grad_stats_ptr + MIXTURE_LOGPROBS * N + row), 0.0)
+            lse_m = tl.load(lse_ptr + LSE_MIXTURE * N + row)
+            pi = tl.exp(mix(a, b, coef) - lse_m)
             grad_m = tl.where(g_mix != 0.0, g_mix * (delta - pi), 0.0)
             grad_a += (1.0 - coef) * grad_m
             grad_b += coef * grad_m
@@ -461,49 +396,10 @@ def _token_stats_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Host wrappers
 # --------------------------------------------------------------------------------------------
-def _num_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
-    return num_vocab_splits(n_rows, n_tiles, device, tuning.TOKEN_STATS.programs_per_sm)
-
-
-def _check_logits(x: torch.Tensor, name: str) -> None:
-    if x.dim() != 3 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must be a [G, R, V] view with V >= 1, got {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride over the vocabulary")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name} dtype {x.dtype} not in {_SUPPORTED_DTYPES}")
-
-
-def _check_inputs(logits, targets, ref_logits, coef, temperature, softcap) -> None:
-    _check_logits(logits, "logits")
-    n_rows = logits.shape[0] * logits.shape[1]
-    if ref_logits is not None:
-        _check_logits(ref_logits, "ref_logits")
-        if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
-            raise ValueError("ref_logits must match logits in shape and device")
-    elif coef is not None:
-        raise ValueError("coef needs ref_logits")
-    if targets is not None and (targets.shape != (n_rows,) or targets.dtype != torch.int64
-                                or not targets.is_contiguous()
-                                or targets.device != logits.device):
-        raise ValueError("targets must be a contiguous int64 [N] tensor on the logits' device")
-    if coef is not None and not 0.0 <= coef <= 1.0:
-        raise ValueError(f"coef must lie in [0, 1], got {coef}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"softcap must be > 0, got {softcap}")
-
-
 def _ref_args(ref_logits: Optional[torch.Tensor]) -> Tuple:
     if ref_logits is None:
         return None, 0, 0
     return ref_logits, ref_logits.stride(0), ref_logits.stride(1)
-
-
-def _has_blended_mixture(targets, coef) -> bool:
-    """Mixture log-probs needing ``(1 - c) a + c b`` in the kernels (end points are copies)."""
-    return targets is not None and coef is not None and 0.0 < coef < 1.0
 
 
 def token_stats_forward(
@@ -515,29 +411,26 @@ def token_stats_forward(
     temperature: float,
     softcap: Optional[float],
     ignore_index: int,
+    config,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packed float32 ``stats [5, N]`` and ``lse [3, N]`` of ``[G, R, V]`` logits (DESIGN.md)."""
-    _check_inputs(logits, targets, ref_logits, coef, temperature, softcap)
+    """Packed float32 ``stats [5, N]`` and ``lse [3, N]`` of ``[G, R, V]`` logits (DESIGN.md).
+    ``config``: a ``nashkern.tuning.TokenStatsTriton`` (``tuning.config_for``)."""
+    check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
     device = logits.device
-    cfg = tuning.TOKEN_STATS
-    has_mix = _has_blended_mixture(targets, coef)
-
-    block_v = min(cfg.BLOCK_V_FWD, triton.next_power_of_2(V))
-    n_tiles = triton.cdiv(V, block_v)
-    tiles_per_split = triton.cdiv(n_tiles, _num_splits(N, n_tiles, device))
-    num_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty chunk
+    block_v = min(config.BLOCK_V_FWD, triton.next_power_of_2(V))
+    num_splits, tiles_per_split = plan_vocab_splits(N, triton.cdiv(V, block_v), device,
+                                                    config.programs_per_sm)
     is_split = num_splits > 1
 
     stats = torch.empty((NUM_STATS, N), dtype=torch.float32, device=device)
     lse = torch.empty((NUM_LSE, N), dtype=torch.float32, device=device)
-    partials = (torch.empty((_NUM_PARTIALS, N, num_splits), dtype=torch.float32, device=device)
-                if is_split else None)
+    partials = split_workspace(num_splits, N, device) if is_split else None
 
     ref, ref_stride_g, ref_stride_r = _ref_args(ref_logits)
     scalars = dict(
-        coef=float(coef) if has_mix else 0.0,
+        coef=float(coef) if coef is not None else 0.0,
         inv_temperature=1.0 / temperature,
         softcap=float(softcap) if softcap is not None else 0.0,
         ignore_index=ignore_index,
@@ -545,25 +438,21 @@ def token_stats_forward(
     flags = dict(
         HAS_TARGETS=targets is not None,
         HAS_REF=ref_logits is not None,
-        HAS_MIX=has_mix,
+        HAS_MIX=targets is not None and coef is not None,
         HAS_SOFTCAP=softcap is not None,
     )
-    _token_stats_fwd_kernel[(N, num_splits)](
-        logits, logits.stride(0), logits.stride(1), ref, ref_stride_g, ref_stride_r, targets,
-        stats, lse, partials, N, R, V, tiles_per_split * block_v, num_splits,
-        **scalars, **flags, IS_SPLIT=is_split, BLOCK_V=block_v, num_warps=cfg.num_warps,
-    )
-    if is_split:
-        _token_stats_merge_kernel[(N,)](
-            partials, logits, logits.stride(0), logits.stride(1), ref, ref_stride_g,
-            ref_stride_r, targets, stats, lse, N, R, num_splits,
-            **scalars, **flags, BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=1,
+    with layout.device_guard(device):
+        _token_stats_fwd_kernel[(N, num_splits)](
+            logits, logits.stride(0), logits.stride(1), ref, ref_stride_g, ref_stride_r, targets,
+            stats, lse, partials, N, R, V, tiles_per_split * block_v, num_splits,
+            **scalars, **flags, IS_SPLIT=is_split, BLOCK_V=block_v, num_warps=config.num_warps,
         )
-    if targets is not None and coef is not None and not has_mix:
-        # coef 0 / 1: the mixture is exactly the policy / the reference.
-        src_stat, src_lse = (LOGPROBS, LSE_POLICY) if coef == 0 else (REF_LOGPROBS, LSE_REF)
-        stats[MIXTURE_LOGPROBS].copy_(stats[src_stat])
-        lse[LSE_MIXTURE].copy_(lse[src_lse])
+        if is_split:
+            _token_stats_merge_kernel[(N,)](
+                partials, logits, logits.stride(0), logits.stride(1), ref, ref_stride_g,
+                ref_stride_r, targets, stats, lse, N, R, num_splits, **scalars, **flags,
+                BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=1,
+            )
     return stats, lse
 
 
@@ -581,10 +470,11 @@ def token_stats_backward(
     ignore_index: int,
     needs_grad_logits: bool,
     needs_grad_ref: bool,
+    config,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients w.r.t. ``logits`` and ``ref_logits`` (``[G, R, V]``, contiguous, input dtype)
     from the upstream ``grad_stats [5, N]`` and the forward's ``stats`` and ``lse``."""
-    _check_inputs(logits, targets, ref_logits, coef, temperature, softcap)
+    check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
     for name, x, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
@@ -594,35 +484,29 @@ def token_stats_backward(
     needs_grad_ref = needs_grad_ref and ref_logits is not None
     if not (needs_grad_logits or needs_grad_ref):
         return None, None
-    cfg = tuning.TOKEN_STATS
-    has_mix = _has_blended_mixture(targets, coef)
-
-    grad_stats = grad_stats.contiguous()
-    if targets is not None and coef is not None and not has_mix:
-        # coef 0 / 1: d(mixture log-prob) = d(policy / reference log-prob), folded in.
-        grad_stats = grad_stats.clone()
-        grad_stats[LOGPROBS if coef == 0 else REF_LOGPROBS] += grad_stats[MIXTURE_LOGPROBS]
     grad_logits = (torch.empty((G, R, V), dtype=logits.dtype, device=logits.device)
                    if needs_grad_logits else None)
     grad_ref = (torch.empty((G, R, V), dtype=ref_logits.dtype, device=logits.device)
                 if needs_grad_ref else None)
 
-    block_v = min(cfg.BLOCK_V_BWD, triton.next_power_of_2(V))
+    block_v = min(config.BLOCK_V_BWD, triton.next_power_of_2(V))
     ref, ref_stride_g, ref_stride_r = _ref_args(ref_logits)
-    _token_stats_bwd_kernel[(N, triton.cdiv(V, block_v))](
-        grad_stats, logits, logits.stride(0), logits.stride(1), ref, ref_stride_g, ref_stride_r,
-        targets, stats.contiguous(), lse.contiguous(), grad_logits, grad_ref, N, R, V,
-        coef=float(coef) if has_mix else 0.0,
-        inv_temperature=1.0 / temperature,
-        softcap=float(softcap) if softcap is not None else 0.0,
-        ignore_index=ignore_index,
-        HAS_TARGETS=targets is not None,
-        HAS_REF=ref_logits is not None,
-        HAS_MIX=has_mix,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_GRAD_LOGITS=needs_grad_logits,
-        HAS_GRAD_REF=needs_grad_ref,
-        BLOCK_V=block_v,
-        num_warps=cfg.num_warps,
-    )
+    with layout.device_guard(logits.device):
+        _token_stats_bwd_kernel[(N, triton.cdiv(V, block_v))](
+            grad_stats.contiguous(), logits, logits.stride(0), logits.stride(1), ref,
+            ref_stride_g, ref_stride_r, targets, stats.contiguous(), lse.contiguous(),
+            grad_logits, grad_ref, N, R, V,
+            coef=float(coef) if coef is not None else 0.0,
+            inv_temperature=1.0 / temperature,
+            softcap=float(softcap) if softcap is not None else 0.0,
+            ignore_index=ignore_index,
+            HAS_TARGETS=targets is not None,
+            HAS_REF=ref_logits is not None,
+            HAS_MIX=targets is not None and coef is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_GRAD_LOGITS=needs_grad_logits,
+            HAS_GRAD_REF=needs_grad_ref,
+            BLOCK_V=block_v,
+            num_warps=config.num_warps,
+        )
     return grad_logits, grad_ref

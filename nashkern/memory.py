@@ -13,14 +13,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import _library
+from .ops import FAMILIES
 
-_CUSTOM_OPS = {
-    op._opoverload: op for op in (
-        _library.token_stats, _library.token_stats_backward, _library.linear_token_stats,
-        _library.linear_token_stats_backward, _library.mixture_sample,
-    )
-}
+_CUSTOM_OPS = {op._opoverload: op for family in FAMILIES for op in family.custom_ops}
 
 
 class AllocationRecorder(TorchDispatchMode):

@@ -1,16 +1,16 @@
 """Every tuning constant of nashkern, in one place.
 
-Each kernel reads a frozen default config from here; nothing else in the package hard-codes a
-block size. Autotuning is only done on request (``NASHKERN_AUTOTUNE=1``), never silently.
+Each kernel receives a frozen config from :func:`config_for` (the one lookup); nothing else in the package hard-codes a
+block size.
 Comments carry the reason for each choice; figures marked "untuned" still await a GPU run
 (see BENCHMARKS.md for the device each figure was measured on).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+from typing import Union
 
-AUTOTUNE = os.environ.get("NASHKERN_AUTOTUNE", "0") == "1"
+import torch
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,6 @@ class LinearTokenStatsTriton:
     #: many programs per SM (a program fills an SM's register file: two waves), so that a small
     #: N still fills all 132 SMs of an H100.
     programs_per_sm: int = 2
-    #: bf16/fp16 models: False (default) rounds the fp32 logit gradient once to the model's dtype
-    #: before its two tensor-core products (as PyTorch eager, Cut Cross-Entropy and Liger do:
-    #: 6 N*D*V backward FLOPs per model; error about eps(dtype) relative to the largest gradient
-    #: entry, the same as eager PyTorch in that dtype). True feeds it as hi + lo in the model's
-    #: dtype (two dots each, 10 N*D*V FLOPs per model), so gradients match float32 math up to the
-    #: output rounding: the precise mode, for when bf16 gradient noise matters more than 25% speed.
-    split_grad_operand: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,3 +91,22 @@ TORCH = TorchChunking()
 TOKEN_STATS = TokenStatsTriton()
 LINEAR_TOKEN_STATS = LinearTokenStatsTriton()
 MIXTURE_SAMPLE = MixtureSampleTriton()
+
+
+_CONFIGS = {
+    "torch": TORCH,
+    "token_stats": TOKEN_STATS,
+    "linear_token_stats": LINEAR_TOKEN_STATS,
+    "mixture_sample": MIXTURE_SAMPLE,
+}
+
+
+def config_for(kernel: str, device: Union[torch.device, str, None] = None):
+    """The frozen config a kernel launches with on ``device``: ``kernel`` is ``"torch"``,
+    ``"token_stats"``, ``"linear_token_stats"`` or ``"mixture_sample"``. The one entry point
+    the ops use (the kernels receive the result as their ``config`` argument). Today one config
+    per kernel for every device; per-architecture tables plug in here."""
+    try:
+        return _CONFIGS[kernel]
+    except KeyError:
+        raise ValueError(f"no tuning config for kernel {kernel!r}; known: {sorted(_CONFIGS)}") from None

@@ -5,12 +5,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-#: Row indices of the packed ``[5, N]`` float32 statistics tensor shared by every backend.
-LOGPROBS, ENTROPY, REF_LOGPROBS, KL, MIXTURE_LOGPROBS = range(5)
-NUM_STATS = 5
-#: Row indices of the packed ``[3, N]`` log-sum-exp tensor saved for the backward.
-LSE_POLICY, LSE_REF, LSE_MIXTURE = range(3)
-NUM_LSE = 3
+# The packed-output rows are declared once, at the bottom layer (kernels/layout.py).
+from .kernels.layout import (  # noqa: F401  (re-exported)
+    ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
+    REF_LOGPROBS,
+)
 
 
 class TokenStats(NamedTuple):

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nashkern import _library, ops
+from nashkern import ops
+from nashkern.ops.stats import token_stats_op
 from nashkern.backends import cuda_impl
 from nashkern.memory import AllocationRecorder
 from nashkern.naive import naive_mixture_logits, naive_token_stats
@@ -63,10 +64,7 @@ def device(request, cuda_library, monkeypatch):
             pytest.skip(reason)
         return "cuda"
     # CPU tensors: let backend='cuda' through to cuda_impl, which runs the emulation.
-    resolve = _library.resolve_backend
-    monkeypatch.setattr(_library, "_cuda_extension", lambda: cuda_impl)
-    monkeypatch.setattr(_library, "resolve_backend",
-                        lambda backend, dev: "cuda" if backend == "cuda" else resolve(backend, dev))
+    monkeypatch.setattr(cuda_impl, "EMULATE_ON_CPU", True)
     return "cpu"
 
 
@@ -283,7 +281,7 @@ def test_opcheck(device):
     z = torch.randn(2, 3, 17, device=device, requires_grad=True)
     r = torch.randn(2, 3, 17, device=device)
     t = torch.randint(0, 17, (6,), device=device)
-    torch.library.opcheck(_library.token_stats, (z, t, r, 0.5, 1.0, None, -100, "cuda"))
+    torch.library.opcheck(token_stats_op, (z, t, r, 0.5, 1.0, None, -100, "cuda"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,3 +385,33 @@ def test_gpu_samples_match_the_emulation(cuda_library):
                                    coef=0.3, temperature=0.9).cpu()
     emu = cuda_impl.mixture_sample(z.bfloat16(), r.bfloat16(), seed, coef=0.3, temperature=0.9)
     assert (gpu == emu).double().mean().item() >= 0.95, (gpu, emu)
+
+
+def test_every_cuda_launch_runs_under_the_inputs_device_guard(cuda_library, monkeypatch):
+    """cuda_impl enters kernels/layout.py's device_guard with the inputs' device around each
+    launch (recorded on the host emulation; on a GPU it is torch.cuda.device(index))."""
+    import contextlib
+
+    from nashkern.kernels import layout
+
+    seen = []
+    monkeypatch.setattr(layout, "device_guard",
+                        lambda device: seen.append(device) or contextlib.nullcontext())
+    monkeypatch.setattr(cuda_impl, "EMULATE_ON_CPU", True)
+    z = torch.randn(2, 3, 37, requires_grad=True)
+    r = torch.randn(2, 3, 37)
+    t = torch.randint(0, 37, (2, 3))
+    ops.token_stats(z, t, r, coef=0.5, backend="cuda").mixture_logprobs.sum().backward()
+    ops.mixture_sample(z.detach()[0], r[0], coef=0.3, backend="cuda")
+    assert seen == [torch.device("cpu")] * 3
+
+
+def test_mixture_sample_with_an_infinite_logit_stays_in_the_vocabulary(device):
+    """Issue 13's reproducer on the CUDA kernels: a +inf mixture logit is the sample; a tiny
+    temperature still gives an id in [0, V)."""
+    z = torch.randn(2, 100, generator=torch.Generator().manual_seed(0)).to(device)
+    z[0, 17] = float("inf")
+    out = ops.mixture_sample(z, z, coef=0.0, backend="cuda")
+    assert out[0] == 17 and 0 <= out[1] < 100
+    out = ops.mixture_sample(z[1:], z[1:], coef=0.4, temperature=1e-40, backend="cuda")
+    assert bool(((out >= 0) & (out < 100)).all())

@@ -78,3 +78,17 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         ops.entropy(z(3), backend="triton")
+
+
+def test_targets_range_check_never_syncs_off_the_cpu(monkeypatch):
+    """Off the CPU (here: meta tensors, which cannot be read on the host at all) the range
+    check is one asynchronous device-side assert, no .item(): a CUDA step stays capturable."""
+    from nashkern.ops.checks import check_targets
+
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async",
+                        lambda cond, msg: asserted.append((cond.device.type, msg)))
+    targets = torch.zeros(2, 3, dtype=torch.int32, device="meta")
+    flat = check_targets(targets, torch.Size([2, 3]), V, -100, torch.device("meta"), "logits")
+    assert flat.shape == (6,) and flat.dtype == torch.long
+    assert asserted == [("meta", "nashkern: targets must be in [0, 11) or equal ignore_index=-100")]

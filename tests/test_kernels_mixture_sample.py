@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from nashkern import tuning  # noqa: E402
+from nashkern.kernels import layout  # noqa: E402
 from nashkern.kernels import mixture_sample as ms  # noqa: E402
 from nashkern.naive import naive_mixture_logits  # noqa: E402
 
@@ -21,9 +22,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEG_INF = float("-inf")
 
 
-def _sample(z, r, coef, temperature=1.0, seed=None):
+CFG = tuning.config_for("mixture_sample", torch.device(DEVICE))
+
+
+def _sample(z, r, coef, temperature=1.0, seed=None, config=CFG):
     gen = None if seed is None else torch.Generator(device=DEVICE).manual_seed(seed)
-    return ms.mixture_sample(z, r, coef=coef, temperature=temperature, generator=gen)
+    return ms.mixture_sample(z, r, coef=coef, temperature=temperature, generator=gen,
+                             config=config)
 
 
 def _randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
@@ -41,8 +46,8 @@ def test_reproducible_per_seed():
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     seed = torch.tensor([12345], device=DEVICE)  # the caller's own seed tensor
-    assert torch.equal(ms.mixture_sample(z, r, seed, coef=0.4, temperature=0.8),
-                       ms.mixture_sample(z, r, seed, coef=0.4, temperature=0.8))
+    assert torch.equal(ms.mixture_sample(z, r, seed, coef=0.4, temperature=0.8, config=CFG),
+                       ms.mixture_sample(z, r, seed, coef=0.4, temperature=0.8, config=CFG))
 
 
 def test_frequencies_match_mixture_softmax():
@@ -115,9 +120,7 @@ def test_tiling_and_splits_do_not_change_samples(monkeypatch, block_v, num_split
     z[2] = r[2] = NEG_INF
     z[2, 10] = r[2, 10] = 0.0
     expected = _sample(z, r, 0.6, 1.2, seed=21)
-    monkeypatch.setattr(tuning, "MIXTURE_SAMPLE",
-                        tuning.MixtureSampleTriton(BLOCK_V=block_v))
-    monkeypatch.setattr(ms, "_num_splits", lambda n_rows, n_tiles, device: num_splits)
-    out = _sample(z, r, 0.6, 1.2, seed=21)
+    monkeypatch.setattr(layout, "num_vocab_splits", lambda *args: num_splits)
+    out = _sample(z, r, 0.6, 1.2, seed=21, config=tuning.MixtureSampleTriton(BLOCK_V=block_v))
     assert out[1] == -1 and out[2] == 10
     assert torch.equal(out, expected)

@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from nashkern import tuning  # noqa: E402
+from nashkern.kernels import layout  # noqa: E402
 from nashkern.kernels import token_stats as ts  # noqa: E402
 from nashkern.naive import naive_token_stats  # noqa: E402
 from nashkern.types import (  # noqa: E402
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
                                         "ignore:divide by zero encountered:RuntimeWarning")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = tuning.config_for("token_stats", torch.device(DEVICE))
 IGNORE = -100
 NEG_INF = float("-inf")
 
@@ -105,7 +108,8 @@ def _check(z, t, r, *, coef, temperature=1.0, softcap=None, rows=None, weights=N
     if weights is None:
         weights = torch.randn(NUM_STATS, N, generator=torch.Generator().manual_seed(1))
     weights = weights.to(DEVICE)
-    kw = dict(coef=coef, temperature=temperature, softcap=softcap, ignore_index=IGNORE)
+    kw = dict(coef=coef, temperature=temperature, softcap=softcap, ignore_index=IGNORE,
+              config=CFG)
     stats, lse = ts.token_stats_forward(z, t, r, **kw)
     assert stats.shape == (NUM_STATS, N) and stats.dtype == torch.float32
     assert lse.shape == (3, N) and lse.dtype == torch.float32
@@ -165,7 +169,7 @@ def test_matches_reference(shape, dtype, ref_dtype, opts, kw):
 @pytest.mark.parametrize("num_splits", [1, 2, 3])
 def test_vocabulary_splits(monkeypatch, num_splits):
     """One program per row, 2 chunks of 2 and 1 tiles, 3 chunks of 1 tile: same results."""
-    monkeypatch.setattr(ts, "_num_splits", lambda n_rows, n_tiles, device: num_splits)
+    monkeypatch.setattr(layout, "num_vocab_splits", lambda *args: num_splits)
     z, t, r = _make_inputs(1, 2, 4099, torch.float32, torch.float32, masked_cols=[1, 4097])
     _check(z, t, r, coef=0.6, temperature=0.8, softcap=20.0)
 
@@ -215,7 +219,7 @@ def test_infinite_kl_keeps_logprob_grad_finite():
 
 def test_needs_grad_flags():
     z, t, r = _make_inputs(1, 2, 33, torch.float32, torch.float32)
-    kw = dict(coef=0.5, temperature=1.0, softcap=None, ignore_index=IGNORE)
+    kw = dict(coef=0.5, temperature=1.0, softcap=None, ignore_index=IGNORE, config=CFG)
     stats, lse = ts.token_stats_forward(z, t, r, **kw)
     g = torch.randn(NUM_STATS, 2, device=DEVICE)
     dz, dr = ts.token_stats_backward(g, z, t, r, stats, lse, **kw, needs_grad_logits=False,

@@ -1,6 +1,7 @@
 """Every public op and field, forward and every gradient, against the float64 reference, for
 every backend available here (``torch`` always; ``triton`` on a GPU or in the CPU interpreter).
 """
+import dataclasses
 from functools import partial
 
 import pytest
@@ -10,6 +11,7 @@ from nashkern import ops
 from nashkern.naive import naive_linear_token_stats, naive_token_stats
 
 from nashkern.backends import torch_impl
+from nashkern.ops import stats as stats_family
 from nashkern.tuning import TorchChunking
 
 from oracle import assert_close, compare, logit_inputs
@@ -76,10 +78,11 @@ def test_strided_leading_dims_without_copy(backend, device, monkeypatch):
             seen.append(logits.is_contiguous())
             return original(logits, *args, **kwargs)
 
-        monkeypatch.setattr(torch_impl, "token_stats_forward", spy)
-    stats = compare(partial(_run_token_stats, backend), naive_token_stats, inputs,
-                    ["logits", "ref_logits"])
-    assert stats.logprobs.shape == (3, 5)
+        monkeypatch.setitem(stats_family.FAMILY.backends, "torch", dataclasses.replace(
+            stats_family.FAMILY.backends["torch"], forward=spy))
+    out = compare(partial(_run_token_stats, backend), naive_token_stats, inputs,
+                  ["logits", "ref_logits"])
+    assert out.logprobs.shape == (3, 5)
     assert backend != "torch" or seen == [False]
 
 
@@ -366,3 +369,20 @@ def test_mixture_sample_never_picks_masked_entries_at_the_row_ends(backend, devi
     out = ops.mixture_sample(z, z.clone(), coef=0.5, generator=g, backend=backend)
     assert set(out.unique().tolist()) <= {3, 5}
     assert (out == 3).sum() >= 2990
+
+
+def test_mixture_sample_never_returns_ids_past_the_vocabulary(backend, device):
+    """Issue 13's reproducer: a +inf mixture logit takes all the mass (it used to give id 200
+    = V + 100 on the torch backend); a temperature so small that m / T overflows gives the
+    T -> 0 limit, the argmax of the mixture (torch), and a valid id on every backend."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 100, generator=gen).to(device)
+    z[0, 17] = float("inf")
+    for coef in (0.0, 0.4):
+        out = ops.mixture_sample(z, z, coef=coef, backend=backend)
+        assert out[0] == 17 and 0 <= out[1] < 100
+    z = torch.randn(4, 100, generator=gen).to(device)
+    out = ops.mixture_sample(z, z, coef=0.0, temperature=1e-40, backend=backend)
+    assert bool(((out >= 0) & (out < 100)).all()), out
+    if backend == "torch":
+        assert torch.equal(out, z.argmax(1))

@@ -27,7 +27,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..types import NUM_LSE, NUM_STATS
+from ..kernels import layout
+from ..kernels.layout import NUM_LSE, NUM_STATS
 
 #: ``csrc/nashkern_cuda.h``: NASHKERN_CUDA_ABI_VERSION.
 ABI_VERSION = 1
@@ -42,6 +43,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: optional thread / split overrides (0 = planned). Tests change these to reach the split paths.
 EMULATED_NUM_SMS = 4
 PLAN_OVERRIDES = {"threads": 0, "splits": 0}
+#: Tests set this: ``backend="cuda"`` then accepts CPU tensors and runs the host emulation
+#: (``nashkern.ops.registry.resolve_backend``); False in normal use.
+EMULATE_ON_CPU = False
 
 _c_int, _c_ll, _c_ull, _c_double, _c_void_p = (
     ctypes.c_int, ctypes.c_longlong, ctypes.c_ulonglong, ctypes.c_double, ctypes.c_void_p)
@@ -223,15 +227,10 @@ class _Launch:
         return getattr(_library(), f"nashkern_emu_{name}" if self.emulate else f"nashkern_{name}")
 
     def guard(self):
-        return torch.cuda.device(self.index) if not self.emulate else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        """The launch's device guard (``kernels/layout.py: device_guard``): the C launcher
+        also sets the device, this keeps torch's current device in step with it."""
+        return layout.device_guard(self.device if self.emulate
+                                   else torch.device("cuda", self.index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,21 +242,6 @@ def _ptr(x: Optional[torch.Tensor]) -> Optional[int]:
     return None if x is None else x.data_ptr()
 
 
-def _dtype_code(name: str, x: torch.Tensor) -> int:
-    try:
-        return _DTYPE_CODES[x.dtype]
-    except KeyError:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}") from None
-
-
-def _check_logits(name: str, x: torch.Tensor, dims: int) -> None:
-    if x.dim() != dims:
-        raise ValueError(f"{name} must be a {dims}-D view, got shape {tuple(x.shape)}")
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride over the vocabulary, got {x.stride()}")
-    _dtype_code(name, x)
-
-
 def _rows_3d(x: torch.Tensor) -> Tuple[int, int]:
     """(stride_g, stride_r) of a [G, R, V] view in elements."""
     return x.stride(0), x.stride(1)
@@ -266,21 +250,6 @@ def _rows_3d(x: torch.Tensor) -> Tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # Token statistics over logits (contract: DESIGN.md)
 # ----------------------------------------------------------------------------------------------
-def _check_token_inputs(logits, targets, ref_logits, coef) -> None:
-    _check_logits("logits", logits, 3)
-    N = logits.shape[0] * logits.shape[1]
-    if ref_logits is not None:
-        _check_logits("ref_logits", ref_logits, 3)
-        if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
-            raise ValueError("ref_logits must match logits in shape and device")
-    elif coef is not None:
-        raise ValueError("coef needs ref_logits")
-    if targets is not None and (targets.shape != (N,) or targets.dtype != torch.int64
-                                or not targets.is_contiguous()
-                                or targets.device != logits.device):
-        raise ValueError("targets must be a contiguous int64 [N] tensor on the logits' device")
-
-
 def _scalar_args(coef, temperature, softcap, ignore_index):
     return (int(coef is not None), float(coef or 0.0), float(temperature),
             int(softcap is not None), float(softcap or 0.0), int(ignore_index))
@@ -294,7 +263,7 @@ def _ref_args(ref_logits, logits):
 
 def token_stats_forward(logits, targets, ref_logits, *, coef, temperature, softcap, ignore_index):
     """stats ``[5, N]`` and lse ``[3, N]`` (float32) of ``[G, R, V]`` logits."""
-    _check_token_inputs(logits, targets, ref_logits, coef)
+    layout.check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
     launch = _Launch(logits.device)
@@ -318,7 +287,7 @@ def token_stats_forward(logits, targets, ref_logits, *, coef, temperature, softc
 def token_stats_backward(grad_stats, logits, targets, ref_logits, stats, lse, *, coef,
                          temperature, softcap, ignore_index, needs_grad_logits, needs_grad_ref):
     """(grad_logits, grad_ref_logits): contiguous ``[G, R, V]`` in the inputs' dtypes, or None."""
-    _check_token_inputs(logits, targets, ref_logits, coef)
+    layout.check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
     needs_grad_ref = bool(needs_grad_ref) and ref_logits is not None
@@ -354,8 +323,8 @@ def mixture_sample(logits, ref_logits, seed, *, coef, temperature):
     """Gumbel-max sample of each row of mix(z / T, r / T, coef): ``[B, V]`` -> int64 ``[B]``
     (-1 for rows with no finite mixture logit or with a NaN). ``seed``: int64 ``[1]`` on the
     logits' device, read by the kernel (no host synchronisation)."""
-    _check_logits("logits", logits, 2)
-    _check_logits("ref_logits", ref_logits, 2)
+    layout.check_logits_view("logits", logits, 2)
+    layout.check_logits_view("ref_logits", ref_logits, 2)
     if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
         raise ValueError("ref_logits must match logits in shape and device")
     if (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != logits.device):

@@ -19,8 +19,9 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from ..naive import mix_logits as _mix  # the coef end-point rule (kernels/layout.py)
 from ..tuning import TORCH
-from ..types import (
+from ..kernels.layout import (
     ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
     REF_LOGPROBS,
 )
@@ -47,13 +48,6 @@ def _scale_grad(g: torch.Tensor, z: torch.Tensor, temperature: float, softcap: O
     return torch.where(z == NEG_INF, torch.zeros_like(g), g * (1.0 - t * t))
 
 
-def _mix(a: torch.Tensor, b: torch.Tensor, coef: float) -> torch.Tensor:
-    """Geometric mixture in log space, exact at coef 0 and 1."""
-    if coef == 0:
-        return a
-    if coef == 1:
-        return b
-    return (1.0 - coef) * a + coef * b
 
 
 # On CPU tiles ``torch.where`` costs ~25x a multiply (3.5 ms vs 0.13 ms for a 512 x 2048 fp32
@@ -437,10 +431,16 @@ def mixture_sample(logits, ref_logits, *, coef, temperature, generator):
     for n0 in range(0, B, rows):
         n1 = min(B, n0 + rows)
         # mix, then temper: only the operand(s) with nonzero weight are touched
-        m = _temper(_mix(logits[n0:n1].float(), ref_logits[n0:n1].float(), coef), temperature)
+        mixed = _mix(logits[n0:n1].float(), ref_logits[n0:n1].float(), coef)
+        m = _temper(mixed, temperature)
         top = m.amax(dim=1, keepdim=True)  # NaN if the row has a NaN
         valid = (top > NEG_INF) & ~torch.isnan(top)
         w = torch.exp(m - torch.where(valid, top, torch.zeros_like(top)))
+        # A +inf tempered logit (a +inf mixture logit, or m / T overflowing at a tiny T) takes
+        # all the mass: the limit distribution is uniform over the maxima of the untempered
+        # mixture (exp(inf - inf) would be NaN and send the search past V).
+        saturated = top == float("inf")
+        w = torch.where(saturated, (mixed == mixed.amax(dim=1, keepdim=True)).float(), w)
         sums = w[:, :full].view(n1 - n0, -1, block).sum(2)
         if full < V:
             sums = torch.cat([sums, w[:, full:].sum(1, keepdim=True)], 1)

@@ -1,0 +1,209 @@
+"""Op family ``linear_token_stats``: the per-token statistics of ``hidden @ weight.T + bias``
+without ever materialising the ``[N, V]`` logits, forward or backward.
+
+Public op: :func:`linear_token_stats`, funnelled into the custom op
+``nashkern::linear_token_stats`` (hidden ``[N, D]``, weight ``[V, D]`` -> ``stats [5, N]``,
+``lse [3, N]``) and its backward op. :data:`FAMILY` declares the backends: the streaming torch
+path and the Triton kernels of ``kernels/linear_token_stats.py`` (the CUDA backend of ``csrc/``
+does not implement this op; ``"auto"`` on a GPU picks Triton).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..backends import torch_impl
+from ..kernels.layout import NUM_LSE, NUM_STATS
+from ..types import TokenStats
+from .checks import check_float, check_same_device, check_targets, unpack_stats
+from .registry import (
+    Family, Implementation, Scalars, double_backward_unsupported, empty_like_nothing,
+    resolve_backend, _no_context,
+)
+
+try:
+    from ..kernels import linear_token_stats as triton_linear_token_stats
+except ImportError:  # triton is optional
+    triton_linear_token_stats = None
+
+#: Positions of (hidden, weight, bias, ref_hidden, ref_weight, ref_bias) among the op's inputs.
+_GRAD_INPUTS = (0, 1, 3, 4, 5, 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: schema, fake implementation, autograd
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("nashkern::linear_token_stats", mutates_args=())
+def linear_token_stats_op(
+    hidden: Tensor, weight: Tensor, targets: Optional[Tensor], bias: Optional[Tensor],
+    ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
+    coef: Optional[float], temperature: float, softcap: Optional[float], ignore_index: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """hidden ``[N, D]``, weight ``[V, D]`` -> (stats ``[5, N]``, lse ``[3, N]``)."""
+    if hidden.shape[0] == 0:
+        backend = "torch"
+    impl = FAMILY.implementation(backend)
+    return impl.forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                        **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
+                        **impl.config_kwargs(hidden.device))
+
+
+@linear_token_stats_op.register_fake
+def _(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef, temperature, softcap,
+      ignore_index, backend):
+    n = hidden.shape[0]
+    return (hidden.new_empty((NUM_STATS, n), dtype=torch.float32),
+            hidden.new_empty((NUM_LSE, n), dtype=torch.float32))
+
+
+@torch.library.custom_op("nashkern::linear_token_stats_backward", mutates_args=())
+def linear_token_stats_backward_op(
+    grad_stats: Tensor, hidden: Tensor, weight: Tensor, targets: Optional[Tensor],
+    bias: Optional[Tensor], ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
+    ref_bias: Optional[Tensor], stats: Tensor, lse: Tensor, coef: Optional[float],
+    temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+    needs_input_grad: List[bool],
+) -> List[Tensor]:
+    """-> [d_hidden, d_weight, d_bias, d_ref_hidden, d_ref_weight, d_ref_bias] (empty if absent)."""
+    if hidden.shape[0] == 0:
+        backend = "torch"
+    impl = FAMILY.implementation(backend)
+    grads = impl.backward(
+        grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
+        **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
+        needs_input_grad=tuple(needs_input_grad), **impl.config_kwargs(hidden.device),
+    )
+    return [empty_like_nothing(hidden) if g is None else g for g in grads]
+
+
+@linear_token_stats_backward_op.register_fake
+def _(grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
+      coef, temperature, softcap, ignore_index, backend, needs_input_grad):
+    inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    return [x.new_empty(x.shape) if need and x is not None else empty_like_nothing(hidden)
+            for x, need in zip(inputs, needs_input_grad)]
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias = inputs[:7]
+    stats, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse)
+    ctx.params = inputs[7:]  # coef, temperature, softcap, ignore_index, backend
+
+
+def _backward(ctx, grad_stats, grad_lse):
+    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse = ctx.saved_tensors
+    inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    needs = [bool(ctx.needs_input_grad[i]) and x is not None
+             for i, x in zip(_GRAD_INPUTS, inputs)]
+    grads = linear_token_stats_backward_op(
+        grad_stats.contiguous(), hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+        stats, lse, *ctx.params, needs,
+    )
+    d = [g if need else None for g, need in zip(grads, needs)]
+    return (d[0], d[1], None, d[2], d[3], d[4], d[5], None, None, None, None, None)
+
+
+linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
+linear_token_stats_backward_op.register_autograd(
+    double_backward_unsupported("nashkern::linear_token_stats_backward"), setup_context=_no_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The declared backend table (no "cuda": csrc/ has no fused-linear kernels)
+# ----------------------------------------------------------------------------------------------
+_BACKENDS = {
+    "torch": Implementation(torch_impl.linear_token_stats_forward,
+                            torch_impl.linear_token_stats_backward),
+}
+if triton_linear_token_stats is not None:
+    _BACKENDS["triton"] = Implementation(triton_linear_token_stats.linear_token_stats_forward,
+                                         triton_linear_token_stats.linear_token_stats_backward,
+                                         tuning="linear_token_stats")
+
+FAMILY = Family("linear_token_stats", (linear_token_stats_op, linear_token_stats_backward_op),
+                _BACKENDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+def _check_head(prefix: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    check_float(f"{prefix}hidden", hidden)
+    check_float(f"{prefix}weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{prefix}hidden must have shape [..., D], got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must have shape [V, D], got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{prefix}weight must have V >= 1 rows, got {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{prefix}hidden's last dim ({hidden.shape[-1]}) must equal "
+                         f"{prefix}weight's D ({weight.shape[1]}); weight is [V, D] = "
+                         f"{tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{prefix}hidden ({hidden.dtype}) and {prefix}weight ({weight.dtype}) "
+                         "must have the same dtype")
+    check_same_device(f"{prefix}weight", weight, f"{prefix}hidden", hidden)
+    if bias is not None:
+        check_float(f"{prefix}bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias must have shape [V] = ({weight.shape[0]},), "
+                             f"got {tuple(bias.shape)}")
+        check_same_device(f"{prefix}bias", bias, f"{prefix}hidden", hidden)
+
+
+def linear_token_stats(
+    hidden: Tensor, weight: Tensor, targets: Optional[Tensor], *, bias: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None, coef: Optional[float] = None, temperature: float = 1.0,
+    softcap: Optional[float] = None, ignore_index: int = -100, backend: str = "auto",
+) -> TokenStats:
+    """:func:`token_stats` of ``logits = hidden @ weight.T + bias`` without ever materialising
+    the ``[N, V]`` logits, forward or backward.
+
+    hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]``; targets: ``[...]`` (or None);
+    ref_hidden: ``[..., Dr]`` (the reference model's final hidden states); ref_weight
+    ``[V, Dr]`` and ref_bias ``[V]`` default to the policy's head when ``ref_hidden`` is given
+    without them. Returns :class:`TokenStats` of float32 ``[...]`` tensors.
+    """
+    _check_head("", hidden, weight, bias)
+    scalars = Scalars.checked(coef, temperature, softcap, ignore_index)
+    lead, vocab = hidden.shape[:-1], weight.shape[0]
+    if ref_hidden is None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight / ref_bias were given but ref_hidden is None")
+        if coef is not None:
+            raise ValueError("coef was given but ref_hidden is None: the mixture needs both models")
+    else:
+        if ref_weight is None:
+            ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+        _check_head("ref_", ref_hidden, ref_weight, ref_bias)
+        if ref_hidden.shape[:-1] != lead:
+            raise ValueError(f"ref_hidden must have the leading shape of hidden, {tuple(lead)}, "
+                             f"got {tuple(ref_hidden.shape[:-1])}")
+        if ref_weight.shape[0] != vocab:
+            raise ValueError(f"ref_weight must have the vocabulary size of weight ({vocab}), "
+                             f"got {tuple(ref_weight.shape)}")
+        check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
+    flat_targets = None
+    if targets is not None:
+        flat_targets = check_targets(targets, lead, vocab, scalars.ignore_index, hidden.device,
+                                     "hidden")
+    backend = resolve_backend(FAMILY, backend, hidden.device)
+
+    def rows(x):
+        return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
+
+    def contig(x):
+        return None if x is None else x.contiguous()
+
+    stats, _ = linear_token_stats_op(
+        rows(hidden), contig(weight), flat_targets, contig(bias), rows(ref_hidden),
+        contig(ref_weight), contig(ref_bias), *scalars.as_args(), backend,
+    )
+    return unpack_stats(stats, lead, targets is not None, ref_hidden is not None, coef is not None)

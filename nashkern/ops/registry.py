@@ -1,0 +1,224 @@
+"""The op registry: the scalar schema every op shares, the declared backend tables, and the one
+rule that picks a backend.
+
+Each op family (``stats.py``, ``linear_stats.py``, ``sampling.py`` beside this file) declares a
+:class:`Family`: its ``torch.library`` custom ops and a table ``{backend: Implementation}`` of
+the functions that implement it, imported normally. Nothing is looked up by name: the import
+graph is the data path. ``"auto"`` picks, per op, the fastest backend that implements THAT op on
+the inputs' device (CUDA device: ``cuda`` > ``triton`` > ``torch``; elsewhere ``torch``); asking
+for a backend that lacks the op is a ``ValueError`` naming the backends that have it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import astuple, dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .. import tuning
+from ..backends import cuda_impl
+
+#: What ``backend=`` accepts.
+BACKENDS = ("auto", "torch", "triton", "cuda")
+#: ``"auto"`` on a CUDA device: the first of these that implements the op and can run here.
+AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
+
+_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scalar schema
+# ----------------------------------------------------------------------------------------------
+def _is_number(x) -> bool:
+    return isinstance(x, _NUMBER) and not isinstance(x, bool)
+
+
+def _shown(x):
+    """``x`` for an error message; under ``torch.compile`` a constant (dynamo cannot format a
+    SymFloat into a string; the compile error then carries the message)."""
+    return "a value traced by torch.compile" if torch.compiler.is_compiling() else x
+
+
+def _finite_positive(x) -> bool:
+    """``0 < x < inf`` (False for NaN); plain comparisons, so that it traces under
+    ``torch.compile(dynamic=True)`` where ``x`` is a SymFloat (``math.isfinite`` is not)."""
+    return bool(x > 0) and bool(x < math.inf)
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """The scalar parameters of every op, validated once per call (:meth:`checked`).
+
+    coef: weight of the reference in the geometric mixture ``(1 - coef) z + coef z_ref``, in
+    [0, 1] (0 = the policy exactly, 1 = the reference exactly), or None (no mixture);
+    temperature: T > 0; softcap: s > 0 or None; ignore_index: target value of skipped positions.
+    """
+
+    coef: Optional[float] = None
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    ignore_index: int = -100
+
+    @classmethod
+    def checked(cls, coef=None, temperature=1.0, softcap=None, ignore_index=-100) -> "Scalars":
+        """Validate the user's scalars (TypeError / ValueError naming the argument) and return
+        them as Python floats / int (SymFloats / SymInts under ``torch.compile`` stay symbolic)."""
+        if coef is not None:
+            if not _is_number(coef):
+                raise TypeError(f"coef must be a Python float in [0, 1], got {type(coef).__name__}")
+            if not (bool(coef >= 0) and bool(coef <= 1)):  # False for NaN
+                raise ValueError(f"coef must be in [0, 1] (0 = policy, 1 = reference), got {_shown(coef)}")
+        if not _is_number(temperature):
+            raise TypeError(f"temperature must be a Python float > 0, got {type(temperature).__name__}")
+        if not _finite_positive(temperature):
+            raise ValueError(f"temperature must be a finite float > 0, got {_shown(temperature)}")
+        if softcap is not None:
+            if not _is_number(softcap):
+                raise TypeError(f"softcap must be None or a Python float > 0, got {type(softcap).__name__}")
+            if not _finite_positive(softcap):
+                raise ValueError(f"softcap must be None or a finite float > 0, got {_shown(softcap)}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        return cls(None if coef is None else _as_float(coef), _as_float(temperature),
+                   None if softcap is None else _as_float(softcap), ignore_index)
+
+    def as_kwargs(self) -> Dict[str, object]:
+        """``coef=, temperature=, softcap=, ignore_index=``: how backends receive them."""
+        return dict(coef=self.coef, temperature=self.temperature, softcap=self.softcap,
+                    ignore_index=self.ignore_index)
+
+    def as_args(self) -> Tuple:
+        """``(coef, temperature, softcap, ignore_index)``: how the custom ops' schemas take them."""
+        return astuple(self)
+
+
+def _as_float(x):
+    return x if isinstance(x, torch.SymFloat) else float(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend tables
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Implementation:
+    """The functions one backend implements an op family with (DESIGN.md, backend contract).
+
+    ``tuning``: the kernel name whose config (``tuning.config_for(tuning, device)``) the
+    functions take as ``config=``; None for backends without one."""
+
+    forward: Callable
+    backward: Optional[Callable] = None
+    tuning: Optional[str] = None
+
+    def config_kwargs(self, device: torch.device) -> Dict[str, object]:
+        return {} if self.tuning is None else {"config": tuning.config_for(self.tuning, device)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One op family: its name, its custom ops (forward first) and its declared backend table."""
+
+    name: str
+    custom_ops: Tuple
+    backends: Mapping[str, Implementation] = field(default_factory=dict)
+
+    def implementation(self, backend: str) -> Implementation:
+        """The implementation of a resolved backend (see :func:`resolve_backend`)."""
+        return self.backends[backend]
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cuda_emulated(device: torch.device) -> bool:
+    """CPU tensors with ``backend="cuda"`` run the library's host emulation when the tests ask
+    for it (``cuda_impl.EMULATE_ON_CPU``)."""
+    return device.type == "cpu" and cuda_impl.EMULATE_ON_CPU
+
+
+def _cuda_backend_reason(device: torch.device) -> Optional[str]:
+    """None when the CUDA backend (csrc/, nashkern/_nashkern_cuda.so) runs here, else why not
+    (never raises: a broken build must not break `import nashkern` or the other backends)."""
+    try:
+        if _cuda_emulated(device):
+            return None if cuda_impl.load_library() is not None else cuda_impl.unavailable_reason()
+        return cuda_impl.unavailable_reason()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
+def _usable(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return True
+    if device.type != "cuda":
+        return False
+    if backend == "triton":
+        return triton_importable()
+    return _cuda_backend_reason(device) is None
+
+
+def resolve_backend(family: Family, backend: str, device: torch.device) -> str:
+    """Map the user's ``backend`` argument to the concrete backend that runs ``family`` on
+    ``device``; a clear ValueError if that backend cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in AUTO_ORDER_CUDA:
+                if name in family.backends and _usable(name, device):
+                    return name
+        return "torch"
+    if backend not in family.backends:
+        raise ValueError(f"backend={backend!r} does not implement {family.name}; backends that "
+                         f"do: {', '.join(sorted(family.backends))} (or backend='auto')")
+    if backend == "triton":
+        if not triton_importable():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not _interpreted():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); on the CPU set "
+                "TRITON_INTERPRET=1 before importing nashkern to run the Triton interpreter"
+            )
+    if backend == "cuda":
+        reason = _cuda_backend_reason(device)
+        if reason is not None:
+            raise ValueError(
+                "backend='cuda' needs the CUDA kernels of csrc/ (nashkern/_nashkern_cuda.so), "
+                f"which are not usable here: {reason}. Build it with nvcc and a CUDA-enabled "
+                "torch: NASHKERN_BUILD_CUDA=1 pip install -e . or make cuda "
+                "(or use backend='triton' / 'torch')"
+            )
+        if device.type != "cuda" and not _cuda_emulated(device):
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type}")
+    return backend
+
+
+def empty_like_nothing(like: torch.Tensor) -> torch.Tensor:
+    """Placeholder for an absent output (custom ops cannot return None)."""
+    return like.new_empty(0)
+
+
+def double_backward_unsupported(op_name: str):
+    """An autograd formula for a backward custom op that raises: nashkern's backward kernels
+    are not themselves differentiable (double backward is not supported, DESIGN.md)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"double backward is not supported by nashkern ops ({op_name}): the fused backward "
+            "kernels are not differentiable. Compute higher-order gradients with the eager "
+            "definitions in nashkern.naive instead.")
+    return backward
+
+
+def _no_context(ctx, inputs, output):
+    return None

@@ -1,0 +1,141 @@
+"""The op registry (nashkern/ops/registry.py): declared backend tables, the choice of "auto",
+clear errors for a backend lacking an op, the scalar schema, and the device guard of every
+launch."""
+import contextlib
+import types
+
+import pytest
+import torch
+
+from nashkern import ops
+from nashkern.backends import cuda_impl
+from nashkern.kernels import layout
+from nashkern.ops import registry
+
+HAS_TRITON = registry.triton_importable()
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_cuda_library(monkeypatch):
+    """A loaded CUDA library as far as nashkern can tell: a stand-in module for the ctypes
+    library, torch reporting a CUDA device, and the kernels loading on it."""
+    stand_in = types.ModuleType("_nashkern_cuda_stand_in")
+    monkeypatch.setattr(cuda_impl, "load_library", lambda path=None: stand_in)
+    monkeypatch.setattr(cuda_impl, "_device_reason", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cuda_impl.unavailable_reason() is None
+    return stand_in
+
+
+def test_every_family_is_declared_once():
+    names = [f.name for f in ops.FAMILIES]
+    assert names == ["token_stats", "linear_token_stats", "mixture_sample"]
+    custom = [op for f in ops.FAMILIES for op in f.custom_ops]
+    assert len({op._qualname for op in custom}) == len(custom) == 5
+    for family in ops.FAMILIES:
+        assert "torch" in family.backends  # the CPU path and the oracle's peer, always there
+        assert set(family.backends) <= set(registry.BACKENDS)
+
+
+def test_auto_with_a_loaded_cuda_library_resolves_every_op_to_an_implementation(
+        fake_cuda_library):
+    """The GPU crash of issue 9: "auto" used to pick "cuda" for linear_token_stats, which the
+    CUDA backend lacks. Every op must resolve to a backend that implements it."""
+    for family in ops.FAMILIES:
+        backend = registry.resolve_backend(family, "auto", CUDA0)
+        impl = family.implementation(backend)
+        assert callable(impl.forward), family.name
+        if len(family.custom_ops) > 1:  # differentiable: a backward op too
+            assert callable(impl.backward), family.name
+    expected = {"token_stats": "cuda", "mixture_sample": "cuda",
+                "linear_token_stats": "triton" if HAS_TRITON else "torch"}
+    assert {f.name: registry.resolve_backend(f, "auto", CUDA0) for f in ops.FAMILIES} == expected
+
+
+def test_auto_without_cuda_library_prefers_triton_on_gpu(monkeypatch):
+    monkeypatch.setattr(cuda_impl, "unavailable_reason", lambda: "not built")
+    for family in ops.FAMILIES:
+        assert registry.resolve_backend(family, "auto", CUDA0) == (
+            "triton" if HAS_TRITON else "torch")
+        assert registry.resolve_backend(family, "auto", torch.device("cpu")) == "torch"
+
+
+def test_explicit_backend_lacking_the_op_is_a_clear_error(fake_cuda_library):
+    with pytest.raises(ValueError, match=r"backend='cuda' does not implement linear_token_stats; "
+                                         r"backends that do: torch"):
+        ops.linear_token_stats(torch.randn(4, 8), torch.randn(11, 8), None, backend="cuda")
+
+
+def test_scalars_are_validated_once_and_traceable_types_pass():
+    s = registry.Scalars.checked(0.5, 2, None, -1)
+    assert s == registry.Scalars(0.5, 2.0, None, -1) and isinstance(s.temperature, float)
+    assert s.as_args() == (0.5, 2.0, None, -1)
+    for bad, match in ((dict(temperature=float("inf")), "temperature must be a finite"),
+                       (dict(temperature=float("nan")), "temperature must be a finite"),
+                       (dict(softcap=float("inf")), "softcap must be None or a finite"),
+                       (dict(coef=float("nan")), r"coef must be in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            registry.Scalars.checked(**bad)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        registry.Scalars.checked(ignore_index=1.0)
+
+
+def _run_every_op(backend):
+    g = torch.Generator().manual_seed(0)
+    z, r = torch.randn(2, 3, 37, generator=g), torch.randn(2, 3, 37, generator=g)
+    z.requires_grad_(True)
+    t = torch.randint(0, 37, (2, 3), generator=g)
+    ops.token_stats(z, t, r, coef=0.5, backend=backend).mixture_logprobs.sum().backward()
+    h = torch.randn(5, 16, generator=g, requires_grad=True)
+    w = torch.randn(37, 16, generator=g, requires_grad=True)
+    ops.linear_token_stats(h, w, t.reshape(-1)[:5], backend=backend).logprobs.sum().backward()
+    ops.mixture_sample(z.detach()[0], r[0], coef=0.3, backend=backend)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_every_triton_launch_runs_under_the_inputs_device_guard(monkeypatch):
+    """Each Triton launch (forward, merge, backward, sampler) enters layout.device_guard with
+    its inputs' device (recorded here on the CPU interpreter)."""
+    seen = []
+
+    def recording_guard(device):
+        seen.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(layout, "device_guard", recording_guard)
+    _run_every_op("triton")
+    # token_stats forward + backward, linear forward + backward, sampler: 5 guarded launches
+    assert len(seen) == 5 and all(d == torch.device("cpu") for d in seen)
+
+
+def test_device_guard_selects_the_inputs_cuda_device():
+    guard = layout.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(layout.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def _imports(path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((a.name, 0) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or "", node.level
+
+
+def test_layers_import_downwards_only():
+    """kernels/ is the bottom layer (it imports only itself, triton and torch); the ops layer
+    reaches its backends through normal imports, never importlib strings."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for path in (root / "kernels").glob("*.py"):
+        for module, level in _imports(path):
+            assert level == 1 or not module.startswith("nashkern"), (path.name, module)
+    for path in (root / "nashkern" / "ops").glob("*.py"):
+        for module, level in _imports(path):
+            assert module != "importlib" and not module.startswith(("rl", "nashkern.rl")), (
+                path.name, module)
