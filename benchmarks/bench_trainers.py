@@ -236,6 +236,10 @@ def common_config(args, out_dir: str) -> dict:
                 lr_scheduler_type="constant", logging_steps=1, max_new_tokens=args.max_new_tokens,
                 max_length=512, temperature=args.temperature, beta=args.beta,
                 report_to="none", save_strategy="no", use_cpu=True, seed=args.seed,
+                # Both libraries' configs default to bf16=True and gradient checkpointing on (TRL
+                # 1.13's defaults, which nashkern now shares): set both explicitly so that the two
+                # trainers run the same float32 math without recomputation.
+                bf16=False, gradient_checkpointing=False,
                 disable_tqdm=True, dataloader_num_workers=0, log_level="warning")
 
 
