@@ -16,6 +16,28 @@ def reward(prompts, completions, completion_ids=None, **kw):
     return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
 
 
+def nan_on_rank_1(prompts, completions, completion_ids=None, **kw):
+    """Finite scores, except one NaN on the second process."""
+    return [float("nan") if dist.get_rank() == 1 and i == 0 else 1.0
+            for i in range(len(completions))]
+
+
+def nan_on_one_rank_raises_everywhere(out, args):
+    """nonfinite_scores='raise' with a NaN seen by one process only: every process raises the
+    ValueError at the same check (none is left blocked in the step's next collective)."""
+    ds = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(4)]})
+    tr = NashMDTrainer(model=tiny_causal_lm(), reward_funcs=nan_on_rank_1, args=args,
+                       processing_class=make_tokenizer(), train_dataset=ds)
+    try:
+        tr.train()
+        message = ""
+    except ValueError as e:
+        message = str(e)
+    with open(os.path.join(out, f"nan_rank{dist.get_rank()}.txt"), "w") as f:
+        f.write(message)
+    dist.barrier()
+
+
 def main(out):
     torch.set_num_threads(1)
     args = NashMDConfig(output_dir=out, per_device_train_batch_size=2, max_steps=3,
@@ -36,6 +58,8 @@ def main(out):
                        "max_diff": max((g - flat).abs().max().item() for g in gathered),
                        "n_logs": len(logs), "keys": sorted(logs[0])}, f)
     dist.barrier()
+    args.max_steps = 1
+    nan_on_one_rank_raises_everywhere(out, args)
 
 
 if __name__ == "__main__":

@@ -275,7 +275,8 @@ def test_demo_smoke(tmp_path, capsys):
 
 
 def test_ddp_two_processes(tmp_path):
-    """`accelerate launch`, 2 CPU processes (gloo): parameters stay identical across ranks."""
+    """`accelerate launch`, 2 CPU processes (gloo): parameters stay identical across ranks; a NaN
+    score on one rank raises on both."""
     import os
     import socket
     import subprocess
@@ -295,6 +296,9 @@ def test_ddp_two_processes(tmp_path):
     info = json.loads((tmp_path / "ddp.json").read_text())
     assert info["world"] == 2 and info["max_diff"] == 0.0
     assert info["n_logs"] == 3 and METRICS <= set(info["keys"])
+    # a NaN score seen by one process only raises on both (checks.any_process), no hang
+    assert "gave non-finite scores: row 0 = nan" in (tmp_path / "nan_rank1.txt").read_text()
+    assert "non-finite scores on another process" in (tmp_path / "nan_rank0.txt").read_text()
 
 
 def test_checkpoint_resume_continues_without_lost_or_repeated_steps(tmp_path):

@@ -288,7 +288,10 @@ def finite_rows(values: Tensor, source: str, policy: str = "raise",
     ``N`` is a multiple of their number); with ``"skip"`` the mask is returned for the caller to
     drop those rows from the loss."""
     keep = torch.isfinite(values)
-    if policy == "raise" and not bool(keep.all()):
+    if policy == "raise" and any_process(not bool(keep.all())):
+        if bool(keep.all()):  # another process saw them: raise everywhere, not hang there
+            raise ValueError(f"{source} gave non-finite scores on another process. No weight "
+                             "was changed. Fix the scorer, or set nonfinite_scores='skip'")
         rows = (~keep).nonzero().flatten().tolist()
         shown = ", ".join(
             f"row {r} = {values[r].item()}"
@@ -299,6 +302,22 @@ def finite_rows(values: Tensor, source: str, policy: str = "raise",
                          "was changed. Fix the scorer, or set nonfinite_scores='skip' to drop "
                          "such rows from the loss (counted in scores/nonfinite_count)")
     return keep
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` on any process of the default process group (one all-reduce when several run,
+    the local flag otherwise). Every process reaches each check at the same point of a step, so
+    a check that raises on one process raises on all of them instead of leaving the others
+    blocked in the step's next collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def kept_mean(per_row: Tensor, keep: Tensor) -> Tensor:
