@@ -59,7 +59,7 @@ device-check-dry-run: install
 	$(PY) scripts/device_check.py --dry-run --phase all --out $(OUT)/dry-run
 
 # The wheels the runner's image lacks (scripts/device_wheels.txt), for CPython 3.12 manylinux
-# x86_64, into .whl/ (ignored; ~62 MiB, under the 64 MiB a carry may hold).
+# x86_64, into .whl/ (ignored; ~57 MiB, under the 64 MiB a carry may hold).
 WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 device-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \

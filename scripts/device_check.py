@@ -260,6 +260,22 @@ class Check:
         self.record("wheels", status,
                     time.perf_counter() - start, detail)
 
+    def probe_imports(self) -> None:
+        """Whether the peers, TRL and datasets import (a phase that needs a missing one fails or
+        skips those cases; this says why up front)."""
+        start = time.perf_counter()
+        code = ("import importlib, sys\nfor m in sys.argv[1:]:\n    try:\n"
+                "        importlib.import_module(m)\n        print(m, 'ok')\n"
+                "    except Exception as e:\n        print(m, 'FAILED', type(e).__name__, e)")
+        modules = ["datasets", "trl", "trl.experimental.nash_md", "liger_kernel.transformers",
+                   "cut_cross_entropy", "pytest_timeout"]
+        proc = subprocess.run([self.python, "-c", code, *modules], cwd=REPO, env=self.env,
+                              capture_output=True, text=True)
+        failed = [line for line in proc.stdout.splitlines() if "FAILED" in line]
+        (self.out / "imports.log").write_text(proc.stdout + proc.stderr)
+        self.record("imports", "warning" if failed or proc.returncode else "ok",
+                    time.perf_counter() - start, "; ".join(failed)[:600] or "all import")
+
     def link_nashkern(self) -> None:
         """``site/nashkern``: the package's entries and ``kernels`` as symlinks (the layout of
         setup.py's ``package_dir``), so that ``import nashkern.kernels`` works from PYTHONPATH."""
@@ -390,6 +406,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         check.install_wheels()
         check.link_nashkern()
+        if not args.dry_run:  # here the carried cp312 wheels may not match this python
+            check.probe_imports()
         check.build_cuda()
         check.device_facts()
         for phase in PHASES if args.phase == "all" else (args.phase,):
