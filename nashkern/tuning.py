@@ -41,10 +41,10 @@ class TokenStatsTriton:
     """Triton kernels over logits input (kernels/token_stats.py)."""
 
     #: Vocabulary tiles. The forward keeps 5 fp32 per-lane accumulators of the tile width (a
-    #: tile costs 3 max reductions; the sums are reduced once per row). Compile gate (ptxas of
-    #: Triton 3.9, 8 warps, every feature on, bf16): forward 100-108 registers on sm_90, 96-104
-    #: on sm_80; backward 106 / 80; no spills, no shared memory beyond the reductions' 0-4 KiB.
-    #: (Earlier ptxas -v at 4096: 204 / 211 registers, one CTA per SM.)
+    #: tile costs 3 max reductions; the sums are reduced once per row). Compile gate (8 warps,
+    #: every launch variant, Triton 3.9 / 3.6): forward at most 109 / 104 registers on sm_90,
+    #: 104 / 112 on sm_80; backward 106 / 74 and 91 / 95; no spills, at most 4 KiB of shared
+    #: memory (the reductions). (Earlier ptxas -v at 4096: 204 / 211 registers, one CTA per SM.)
     BLOCK_V_FWD: int = 2048
     BLOCK_V_BWD: int = 2048
     num_warps: int = 8
@@ -64,8 +64,9 @@ class LinearTokenStatsTriton:
     interpreter tests run; on GPUs it spills (compile gate, bf16, every feature on: forward 255
     registers and 16 B stack on sm_90, 176-224 B on sm_80), hence the per-architecture configs
     below. fp32 operands run as 3xTF32 (three tensor-core dots per product) and spill with a
-    reference at every config tried (up to 376 B in the sm_90 forward, 520 B in the sm_80
-    backward); as tf32 they do not: recorded, not gated (benchmarks/results/compile_gate.md).
+    reference at every config tried (Triton 3.9 / 3.6: up to 376 / 120 B in the sm_90 forward,
+    520 / 240 B in the sm_80 backward); as tf32 they do not: recorded, not gated
+    (benchmarks/results/compile_gate.md, compile_gate_triton-3.6.md).
     """
 
     BLOCK_N: int = 64
@@ -93,9 +94,9 @@ class MixtureSampleTriton:
     """Fused Gumbel-max mixture sampler (kernels/mixture_sample.py)."""
 
     #: Vocabulary columns per tile: 4 segments of BLOCK_V / 4 columns sharing one Philox call
-    #: per lane (4 columns per lane per segment at 8 warps). Compile gate, 8 warps: 64-76
-    #: registers on sm_90, 48-75 on sm_80, no spills, no shared memory (earlier ptxas -v on
-    #: sm_90: 40 at 2048, 169 at 8192).
+    #: per lane (4 columns per lane per segment at 8 warps). Compile gate, 8 warps, Triton 3.9 /
+    #: 3.6: at most 76 / 76 registers on sm_90, 75 / 80 on sm_80, no spills, no shared memory
+    #: (earlier ptxas -v on sm_90: 40 at 2048, 169 at 8192).
     BLOCK_V: int = 4096
     num_warps: int = 8
     #: As TokenStatsTriton.programs_per_sm: rows x vocabulary splits to aim for per SM.
@@ -133,23 +134,26 @@ _CONFIGS: Dict[str, Dict[str, object]] = {
     "token_stats": {
         "default": TOKEN_STATS,
         "sm_90": dataclasses.replace(TOKEN_STATS, reason=(
-            "estimated: compile gate sm_90, every variant <= 108 registers at 8 warps, no "
-            "spills: 2 CTAs per SM; 2048-wide tiles amortise the 3 row max reductions")),
+            "estimated: compile gate sm_90 (Triton 3.9 and 3.6), every variant <= 109 registers "
+            "at 8 warps, no spills: 2 CTAs per SM; 2048-wide tiles amortise the 3 row max "
+            "reductions")),
         "sm_80": dataclasses.replace(TOKEN_STATS, reason=(
-            "estimated: compile gate sm_80, every variant <= 104 registers at 8 warps, no "
-            "spills: 2 CTAs per SM")),
+            "estimated: compile gate sm_80 (Triton 3.9 and 3.6), every variant <= 112 registers "
+            "at 8 warps, no spills: 2 CTAs per SM")),
     },
     "linear_token_stats": {
         "default": LINEAR_TOKEN_STATS,
         "sm_90": dataclasses.replace(LINEAR_TOKEN_STATS, BLOCK_V_FWD=64, reason=(
             "estimated: compile gate sm_90, bf16/fp16: forward 64 x 64 x 64 at most 185 "
-            "registers (64 x 128 spilled 16 B at 255, 64 x 128 with 2 stages fit at 255 with no "
-            "margin), 48 KiB shared, HGMMA (wgmma); backward 64 x 64 x 64 3 stages no spills; "
-            "one 8-warp CTA per SM either way")),
+            "registers with Triton 3.9, 226 with 3.6 (64 x 128 spilled 16 B at 255; 64 x 128 "
+            "with 2 stages fit at 255, no margin), 48 KiB shared, HGMMA (wgmma); backward 64 x "
+            "64 x 64, 3 stages: at most 208 / 221 registers, 80 / 88 KiB, no spills; one 8-warp "
+            "CTA per SM either way")),
         "sm_80": dataclasses.replace(LINEAR_TOKEN_STATS, BLOCK_V_FWD=64, BLOCK_D=32, reason=(
-            "estimated: compile gate sm_80, bf16/fp16: forward 64 x 64 x 32 at most 225 "
-            "registers (BLOCK_D 64 spilled 176-224 B), 16 KiB shared, HMMA; backward 64 x 64 x "
-            "32 at most 235 registers (BLOCK_D 64: 96 B spilled), 32 KiB shared")),
+            "estimated: compile gate sm_80, bf16/fp16 (Triton 3.9 / 3.6): forward 64 x 64 x 32 "
+            "at most 225 / 228 registers (BLOCK_D 64 spilled 176-224 B), 16 KiB shared, HMMA; "
+            "backward 64 x 64 x 32 at most 235 / 234 registers (BLOCK_D 64: 96 B spilled), "
+            "32 / 40 KiB shared")),
     },
     "mixture_sample": {
         "default": MIXTURE_SAMPLE,
