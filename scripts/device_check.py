@@ -182,6 +182,24 @@ def install_wheel(wheel: Path, target: Path) -> None:
                 os.chmod(dest, mode)
 
 
+def find_sanitizer() -> Optional[str]:
+    """compute-sanitizer on PATH, else next to nvcc / under CUDA_HOME (the CUDA toolkit's
+    bin/ and compute-sanitizer/ folders)."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.insert(0, str(Path(nvcc).resolve().parent.parent))
+    for root in filter(None, roots):
+        for sub in ("bin", "compute-sanitizer"):
+            path = Path(root) / sub / "compute-sanitizer"
+            if path.is_file():
+                return str(path)
+    return None
+
+
 # ------------------------------------------------------------------------------------------
 # Set-up
 # ------------------------------------------------------------------------------------------
@@ -340,7 +358,7 @@ class Check:
         self.run("tests", base + ["-q", "-n", str(TEST_WORKERS), *per_test,
                                   f"--junitxml={self.out / 'tests.xml'}", "-o",
                                   "junit_family=xunit2"], PHASE_LIMIT_S["tests"])
-        sanitizer = shutil.which("compute-sanitizer")
+        sanitizer = find_sanitizer()
         if sanitizer is None or "NASHKERN_CUDA_LIB" not in self.env:
             self.record("sanitizer", "skipped", 0.0, "no compute-sanitizer or no CUDA library")
             return
