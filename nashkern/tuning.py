@@ -14,7 +14,10 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:  # torch is imported where a device is looked at, not at import
+    import torch
 
 
 @dataclass(frozen=True)

@@ -226,8 +226,8 @@ class Check:
     def record(self, step: str, status: str, seconds: float, detail: str = "") -> None:
         self.steps.append({"step": step, "status": status, "seconds": round(seconds, 1),
                            "detail": detail})
-        print(f"[device-check] {step}: {status} ({seconds:.0f} s){' - ' + detail if detail else ''}",
-              flush=True)
+        tail = f" - {detail}" if detail else ""
+        print(f"[device-check] {step}: {status} ({seconds:.0f} s){tail}", flush=True)
 
     def run(self, step: str, cmd: Sequence[str], limit_s: float, log: Optional[Path] = None,
             ok_codes: Sequence[int] = (0,)) -> int:

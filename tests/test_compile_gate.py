@@ -21,8 +21,9 @@ import compile_gate  # noqa: E402  (scripts/compile_gate.py)
 
 triton = pytest.importorskip("triton")
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = pytest.mark.skipif(not (_BIN / "cuobjdump").is_file() or not (_BIN / "ptxas").is_file(),
-                                reason="this Triton ships no NVIDIA ptxas / cuobjdump")
+pytestmark = pytest.mark.skipif(
+    not ((_BIN / "cuobjdump").is_file() and (_BIN / "ptxas").is_file()),
+    reason="this Triton ships no NVIDIA ptxas / cuobjdump")
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80_within_limits(tmp_path):
