@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo bench bench-gpu bench-peers gpu-check clean bench-trl
+.PHONY: install test demo bench bench-gpu bench-peers clean bench-trl device-check \
+	device-check-dry-run device-wheels compile-gate
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -47,12 +48,30 @@ BENCH_PEERS ?= liger-kernel cut-cross-entropy
 bench-peers: install
 	$(PY) -m pip install -q $(BENCH_PEERS)
 
-# On a GPU machine: the peers, the CUDA kernels (when nvcc is there), the test suite on the
-# device, then the benchmarks at the model shapes.
-gpu-check: bench-peers
-	if command -v nvcc >/dev/null; then $(MAKE) cuda; else echo "nvcc not found: backend='cuda' is skipped"; fi
-	$(PY) -m pytest tests -q -p no:cacheprovider
-	$(MAKE) bench
+# The lent GPU runner (no network, ~15 min of device time): the one command, with the machine's
+# own python3 and the wheels carried in .whl/ (scripts/device_check.py; README "On a lent GPU").
+# PHASE=tests|bench|trainer|all; logs, JUnit XML, CSV rows and a summary go to $(OUT).
+DEVICE_PYTHON ?= python3
+PHASE ?= all
+OUT ?= out
+device-check:
+	TRITON_INTERPRET= $(DEVICE_PYTHON) scripts/device_check.py --phase $(PHASE) --out $(OUT)
+
+# Here (no GPU): every step of device-check that needs none (CI runs it: tests/test_device_check.py).
+device-check-dry-run: install
+	$(PY) scripts/device_check.py --dry-run --phase all --out $(OUT)/dry-run
+
+# The wheels the runner's image lacks (scripts/device_wheels.txt), for CPython 3.12 manylinux
+# x86_64, into .whl/ (ignored; ~57 MiB, under the 64 MiB a carry may hold).
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+device-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --abi cp312 --abi none $(addprefix --platform ,$(WHEEL_PLATFORMS)) \
+		--platform any -d .whl -r scripts/device_wheels.txt
+
+# The compile gate alone (make test runs it too): every Triton kernel AOT for sm_90 and sm_80.
+compile-gate: install
+	env -u TRITON_INTERPRET $(PY) scripts/compile_gate.py --markdown benchmarks/results/compile_gate.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

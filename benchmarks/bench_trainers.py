@@ -104,14 +104,18 @@ def reset_peak_rss() -> bool:
 def model_dir_for(args) -> Path:
     root = Path(args.model_dir) if args.model_dir else DEFAULT_CACHE
     return root / (f"qwen2-v{args.vocab}-h{args.hidden}-l{args.layers}-a{args.heads}"
-                   f"-kv{args.kv_heads}-s{args.seed}")
+                   f"-kv{args.kv_heads}-i{intermediate_size(args)}-s{args.seed}")
+
+
+def intermediate_size(args) -> int:
+    return args.intermediate or 2 * args.hidden
 
 
 def qwen2_config(args, **kw):
     from transformers import Qwen2Config
 
     return Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden,
-                       intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+                       intermediate_size=intermediate_size(args), num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                        max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0,
                        eos_token_id=1, bos_token_id=None, **kw)
@@ -235,11 +239,11 @@ def common_config(args, out_dir: str) -> dict:
                 per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
                 lr_scheduler_type="constant", logging_steps=1, max_new_tokens=args.max_new_tokens,
                 max_length=512, temperature=args.temperature, beta=args.beta,
-                report_to="none", save_strategy="no", use_cpu=True, seed=args.seed,
+                report_to="none", save_strategy="no", use_cpu=args.device == "cpu",
                 # Both libraries' configs default to bf16=True and gradient checkpointing on (TRL
                 # 1.13's defaults, which nashkern now shares): set both explicitly so that the two
-                # trainers run the same float32 math without recomputation.
-                bf16=False, gradient_checkpointing=False,
+                # trainers run the same math (--dtype) without recomputation.
+                bf16=args.dtype == "bf16", gradient_checkpointing=False, seed=args.seed,
                 disable_tqdm=True, dataloader_num_workers=0, log_level="warning")
 
 
@@ -324,9 +328,9 @@ def run_worker(args) -> dict:
     if not (mdir / "done").exists():
         raise SystemExit(f"{mdir} is not prepared (run with --prepare)")
     tok = AutoTokenizer.from_pretrained(mdir / "policy")
-    model = AutoModelForCausalLM.from_pretrained(mdir / "policy", dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(mdir / "reward",
-                                                                dtype=torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(mdir / "policy", dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(mdir / "reward", dtype=dtype)
     n_steps = args.warmup + args.steps
     dataset = Dataset.from_dict({"prompt": make_prompts(args.batch_size * n_steps, args.seed)})
     phases, times, cpu_times = Phases(), [], []
@@ -386,8 +390,10 @@ def worker_argv(args, impl: str, prepare_dir: bool) -> List[str]:
     argv = [str(Path(__file__).resolve()), "--impl", impl]
     for k in ("method", "vocab", "hidden", "layers", "heads", "kv_heads", "batch_size",
               "max_new_tokens", "warmup", "steps", "threads", "learning_rate", "temperature",
-              "beta", "mixture_coef", "alpha", "seed"):
+              "beta", "mixture_coef", "alpha", "seed", "device", "dtype"):
         argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
+    if args.intermediate:
+        argv += ["--intermediate", str(args.intermediate)]
     if args.model_dir:
         argv += ["--model-dir", str(args.model_dir)]
     if prepare_dir:
@@ -580,6 +586,14 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 2 x hidden)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both trainers run (TrainingArguments.use_cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights as loaded; bf16 also sets TrainingArguments.bf16")
+    p.add_argument("--check-args", action="store_true",
+                   help="print the worker command lines and exit (scripts/device_check.py "
+                        "--dry-run)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -608,6 +622,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.check_args:
+        for impl in args.impls:
+            print(" ".join(worker_argv(args, impl, prepare_dir=False)))
+        return 0
     if args.compare:
         return run_compare(args)
     res = run_worker(args)
