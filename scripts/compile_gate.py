@@ -123,8 +123,9 @@ def _lts(block_v_field):
         consts = {"BLOCK_N": cfg.BLOCK_N, "BLOCK_V": getattr(cfg, block_v_field),
                   "BLOCK_D": cfg.BLOCK_D, "IS_TF32": False}
         if block_v_field == "BLOCK_V_BWD":
-            split = cfg.split_grad_operand and dtype != "fp32"
-            consts.update(IS_SPLIT_DZ=split, IS_SPLIT_DR=split)
+            # split_grad_operand (hi + lo gradient operands) is an internal numerics option of
+            # the host wrapper, off on every path the ops launch
+            consts.update(IS_SPLIT_DZ=False, IS_SPLIT_DR=False)
         return consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return config
 
