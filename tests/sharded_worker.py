@@ -107,7 +107,10 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, **kw):
     if ref:
         policy = tiny_causal_lm(seed=0, tie_word_embeddings=False)
         ref_model = tiny_causal_lm(seed=1, tie_word_embeddings=False)
+    # float32 without activation checkpointing (the configs default to TRL's bf16 + checkpointing):
+    # the comparison with one process is about the engines, at float32 reduction-order tolerance
     args = config_cls(output_dir=out, report_to="none", save_strategy="no", use_cpu=True,
+                      bf16=False, gradient_checkpointing=False,
                       disable_tqdm=True, seed=0, logging_steps=1,
                       **({} if engine is None else {"ddp_backend": "gloo"}),
                       **engine_args(engine, orig_params), **kw)
