@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from nashkern import tuning
+from nashkern.backends._outputs import grad_outputs
 from nashkern.kernels._launch import num_vocab_splits
 from nashkern.types import (
     ENTROPY,
@@ -581,9 +582,14 @@ def token_stats_backward(
     ignore_index: int,
     needs_grad_logits: bool,
     needs_grad_ref: bool,
+    out: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients w.r.t. ``logits`` and ``ref_logits`` (``[G, R, V]``, contiguous, input dtype)
-    from the upstream ``grad_stats [5, N]`` and the forward's ``stats`` and ``lse``."""
+    from the upstream ``grad_stats [5, N]`` and the forward's ``stats`` and ``lse``.
+
+    ``out``: optional (grad_logits, grad_ref) destinations, contiguous ``[G, R, V]`` in the
+    inputs' dtypes; they may be the inputs themselves (the chunked linear strategy turns its
+    logits buffer into gradients in place: each program reads its tile before writing it)."""
     _check_inputs(logits, targets, ref_logits, coef, temperature, softcap)
     G, R, V = logits.shape
     N = G * R
@@ -602,10 +608,8 @@ def token_stats_backward(
         # coef 0 / 1: d(mixture log-prob) = d(policy / reference log-prob), folded in.
         grad_stats = grad_stats.clone()
         grad_stats[LOGPROBS if coef == 0 else REF_LOGPROBS] += grad_stats[MIXTURE_LOGPROBS]
-    grad_logits = (torch.empty((G, R, V), dtype=logits.dtype, device=logits.device)
-                   if needs_grad_logits else None)
-    grad_ref = (torch.empty((G, R, V), dtype=ref_logits.dtype, device=logits.device)
-                if needs_grad_ref else None)
+    grad_logits, grad_ref = grad_outputs(logits, ref_logits, needs_grad_logits, needs_grad_ref,
+                                         out)
 
     block_v = min(cfg.BLOCK_V_BWD, triton.next_power_of_2(V))
     ref, ref_stride_g, ref_stride_r = _ref_args(ref_logits)

@@ -94,7 +94,23 @@ class MixtureSampleTriton:
     programs_per_sm: int = 4
 
 
+@dataclass(frozen=True)
+class ChunkedLinear:
+    """The chunked strategy of ``linear_token_stats`` (nashkern/backends/chunked.py): rows per
+    chunk from a memory budget. Estimated, not measured on a GPU."""
+
+    #: Bytes of the reusable ``[C, V]`` logits buffers (policy, plus the reference's when given,
+    #: in the models' dtypes). 256 MiB holds C = 1024 bf16 rows of a 128256-token vocabulary:
+    #: the GEMMs' M = 1024 keeps cuBLAS at its large-tile rate (estimated) while the buffer is
+    #: ~3% of an 8192-token batch's [N, V] logits.
+    max_chunk_bytes: int = 256 << 20
+    #: C is a multiple of this many rows (cuBLAS / CUTLASS tiles are 128 rows tall; the last
+    #: chunk takes the remainder), and at least one such block even when it exceeds the budget.
+    row_align: int = 128
+
+
 TORCH = TorchChunking()
 TOKEN_STATS = TokenStatsTriton()
 LINEAR_TOKEN_STATS = LinearTokenStatsTriton()
 MIXTURE_SAMPLE = MixtureSampleTriton()
+CHUNKED_LINEAR = ChunkedLinear()

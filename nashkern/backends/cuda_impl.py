@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..types import NUM_LSE, NUM_STATS
+from ._outputs import grad_outputs
 
 #: ``csrc/nashkern_cuda.h``: NASHKERN_CUDA_ABI_VERSION.
 ABI_VERSION = 1
@@ -316,8 +317,11 @@ def token_stats_forward(logits, targets, ref_logits, *, coef, temperature, softc
 
 
 def token_stats_backward(grad_stats, logits, targets, ref_logits, stats, lse, *, coef,
-                         temperature, softcap, ignore_index, needs_grad_logits, needs_grad_ref):
-    """(grad_logits, grad_ref_logits): contiguous ``[G, R, V]`` in the inputs' dtypes, or None."""
+                         temperature, softcap, ignore_index, needs_grad_logits, needs_grad_ref,
+                         out=None):
+    """(grad_logits, grad_ref_logits): contiguous ``[G, R, V]`` in the inputs' dtypes, or None.
+    ``out``: optional destinations, possibly the inputs themselves (each thread reads its
+    columns before writing their gradients)."""
     _check_token_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
@@ -331,10 +335,8 @@ def token_stats_backward(grad_stats, logits, targets, ref_logits, stats, lse, *,
     grad_stats = grad_stats.to(torch.float32).contiguous()
     stats = stats.to(torch.float32).contiguous()
     lse = lse.to(torch.float32).contiguous()
-    grad_logits = torch.empty((G, R, V), dtype=logits.dtype, device=logits.device) \
-        if needs_grad_logits else None
-    grad_ref = torch.empty((G, R, V), dtype=ref_logits.dtype, device=logits.device) \
-        if needs_grad_ref else None
+    grad_logits, grad_ref = grad_outputs(logits, ref_logits, needs_grad_logits, needs_grad_ref,
+                                         out)
     launch = _Launch(logits.device)
     with launch.guard():
         rc = launch.fn("token_stats_backward")(
