@@ -19,10 +19,15 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import torch_impl
+from .backends import chunked, torch_impl
 from .types import NUM_LSE, NUM_STATS
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+#: Strategies of ``linear_token_stats`` (DESIGN.md, "Cost model"): "fused" streams logit tiles
+#: through one kernel (the memory floor; the torch backend's own row-block x vocabulary-tile
+#: loop), "chunked" runs cuBLAS GEMMs into a budgeted [C, V] buffer plus the backend's
+#: logits-input kernels (nashkern/backends/chunked.py).
+STRATEGIES = ("auto", "chunked", "fused")
 _TRITON_MODULES = {
     "token_stats": "nashkern.kernels.token_stats",
     "linear_token_stats": "nashkern.kernels.linear_token_stats",
@@ -89,6 +94,30 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type}")
     return backend
+
+
+def resolve_strategy(strategy: str, backend: str, device: torch.device) -> str:
+    """Map a user's ``strategy`` for ``linear_token_stats`` to "chunked" or "fused" for the
+    concrete ``backend``. "auto": chunked on CUDA devices (tensor-core GEMMs by cuBLAS; the
+    CUDA backend has no fused kernel), fused elsewhere: on the CPU the torch backend's own
+    512-row x 2048-column tiles were faster than [C, V] chunks and hold less memory (measured,
+    1 thread, D=896, V=151936, fp32, N=512: 33.0 s vs 37.5 s, shared machine)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        return "chunked" if device.type == "cuda" or backend == "cuda" else "fused"
+    if strategy == "fused" and backend == "cuda":
+        raise ValueError("backend='cuda' implements linear_token_stats with strategy='chunked' "
+                         "only (cuBLAS GEMMs + its logits kernels); use strategy='chunked' or "
+                         "'auto', or backend='triton' for the fused kernel")
+    return strategy
+
+
+def _linear_impl(backend: str, strategy: str, name: str):
+    """The ``linear_token_stats`` backend function ``name`` of a strategy."""
+    if strategy == "chunked":
+        return getattr(chunked.implementation(backend), name)
+    return _impl(backend, "linear_token_stats", name)
 
 
 def _impl(backend: str, family: str, name: str):
@@ -191,19 +220,19 @@ def linear_token_stats(
     hidden: Tensor, weight: Tensor, targets: Optional[Tensor], bias: Optional[Tensor],
     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
     coef: Optional[float], temperature: float, softcap: Optional[float], ignore_index: int,
-    backend: str,
+    backend: str, strategy: str = "fused",
 ) -> Tuple[Tensor, Tensor]:
     """hidden ``[N, D]``, weight ``[V, D]`` -> (stats ``[5, N]``, lse ``[3, N]``)."""
     if hidden.shape[0] == 0:
-        backend = "torch"
-    fn = _impl(backend, "linear_token_stats", "linear_token_stats_forward")
+        backend, strategy = "torch", "fused"
+    fn = _linear_impl(backend, strategy, "linear_token_stats_forward")
     return fn(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef=coef,
               temperature=temperature, softcap=softcap, ignore_index=ignore_index)
 
 
 @linear_token_stats.register_fake
 def _(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef, temperature, softcap,
-      ignore_index, backend):
+      ignore_index, backend, strategy="fused"):
     n = hidden.shape[0]
     return (hidden.new_empty((NUM_STATS, n), dtype=torch.float32),
             hidden.new_empty((NUM_LSE, n), dtype=torch.float32))
@@ -218,12 +247,12 @@ def linear_token_stats_backward(
     bias: Optional[Tensor], ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
     ref_bias: Optional[Tensor], stats: Tensor, lse: Tensor, coef: Optional[float],
     temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
-    needs_input_grad: List[bool],
+    needs_input_grad: List[bool], strategy: str = "fused",
 ) -> List[Tensor]:
     """-> [d_hidden, d_weight, d_bias, d_ref_hidden, d_ref_weight, d_ref_bias] (empty if absent)."""
     if hidden.shape[0] == 0:
-        backend = "torch"
-    fn = _impl(backend, "linear_token_stats", "linear_token_stats_backward")
+        backend, strategy = "torch", "fused"
+    fn = _linear_impl(backend, strategy, "linear_token_stats_backward")
     grads = fn(
         grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
         coef=coef, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
@@ -234,7 +263,7 @@ def linear_token_stats_backward(
 
 @linear_token_stats_backward.register_fake
 def _(grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
-      coef, temperature, softcap, ignore_index, backend, needs_input_grad):
+      coef, temperature, softcap, ignore_index, backend, needs_input_grad, strategy="fused"):
     inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     return [x.new_empty(x.shape) if need and x is not None else _empty(hidden)
             for x, need in zip(inputs, needs_input_grad)]
@@ -242,25 +271,25 @@ def _(grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
 
 def _linear_setup(ctx, inputs, output):
     (hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef, temperature, softcap,
-     ignore_index, backend) = inputs
+     ignore_index, backend, strategy) = inputs
     stats, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse)
-    ctx.params = (coef, temperature, softcap, ignore_index, backend)
+    ctx.params = (coef, temperature, softcap, ignore_index, backend, strategy)
 
 
 def _linear_backward(ctx, grad_stats, grad_lse):
     hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse = ctx.saved_tensors
-    coef, temperature, softcap, ignore_index, backend = ctx.params
+    coef, temperature, softcap, ignore_index, backend, strategy = ctx.params
     inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     needs = [bool(ctx.needs_input_grad[i]) and x is not None
              for i, x in zip(_LINEAR_GRAD_INPUTS, inputs)]
     grads = linear_token_stats_backward(
         grad_stats.contiguous(), hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-        stats, lse, coef, temperature, softcap, ignore_index, backend, needs,
+        stats, lse, coef, temperature, softcap, ignore_index, backend, needs, strategy,
     )
     d = [g if need else None for g, need in zip(grads, needs)]
-    return (d[0], d[1], None, d[2], d[3], d[4], d[5], None, None, None, None, None)
+    return (d[0], d[1], None, d[2], d[3], d[4], d[5], None, None, None, None, None, None)
 
 
 linear_token_stats.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -244,9 +244,16 @@ def linear_token_stats(
     ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
     ref_bias: Optional[Tensor] = None, coef: Optional[float] = None, temperature: float = 1.0,
     softcap: Optional[float] = None, ignore_index: int = -100, backend: str = "auto",
+    strategy: str = "auto",
 ) -> TokenStats:
     """:func:`token_stats` of ``logits = hidden @ weight.T + bias`` without ever materialising
     the ``[N, V]`` logits, forward or backward.
+
+    ``strategy``: ``"chunked"`` (cuBLAS GEMMs into a reusable ``[C, V]`` buffer of at most
+    ``tuning.CHUNKED_LINEAR.max_chunk_bytes``, then the backend's logits kernels; bf16/fp16
+    logits are rounded once to the model dtype, as in eager PyTorch), ``"fused"`` (one streaming
+    kernel, no ``[C, V]`` buffer: the memory floor, fp32 logits; not on ``backend="cuda"``) or
+    ``"auto"`` (chunked on CUDA devices, fused elsewhere). DESIGN.md has the cost model.
 
     hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]``; targets: ``[...]`` (or None);
     ref_hidden: ``[..., Dr]`` (the reference model's final hidden states); ref_weight
@@ -276,6 +283,7 @@ def linear_token_stats(
     if targets is not None:
         flat_targets = _check_targets(targets, lead, vocab, ignore_index, hidden.device, "hidden")
     backend = _library.resolve_backend(backend, hidden.device)
+    strategy = _library.resolve_strategy(strategy, backend, hidden.device)
 
     def rows(x):
         return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
@@ -287,7 +295,7 @@ def linear_token_stats(
         rows(hidden), contig(weight), flat_targets, contig(bias), rows(ref_hidden),
         contig(ref_weight), contig(ref_bias), None if coef is None else float(coef),
         float(temperature), None if softcap is None else float(softcap), int(ignore_index),
-        backend,
+        backend, strategy,
     )
     return _unpack(stats, lead, targets is not None, ref_hidden is not None, coef is not None)
 

@@ -342,3 +342,15 @@ def test_strategy_argument_through_ops():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="strategy must be one of"):
         ops.linear_token_stats(x["hidden"], x["weight"], inputs["targets"], strategy="tiled")
+
+
+def test_resolve_strategy():
+    from nashkern._library import resolve_strategy
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_strategy("auto", "torch", cpu) == "fused"
+    assert resolve_strategy("auto", "triton", gpu) == "chunked"
+    assert resolve_strategy("auto", "cuda", gpu) == "chunked"
+    assert resolve_strategy("chunked", "torch", cpu) == "chunked"
+    with pytest.raises(ValueError, match="backend='cuda' implements linear_token_stats with "
+                                         "strategy='chunked' only"):
+        resolve_strategy("fused", "cuda", gpu)
