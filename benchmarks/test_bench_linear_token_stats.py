@@ -66,7 +66,7 @@ def estimate(case: Case, itemsize: int) -> int:
 
 
 # -- providers ---------------------------------------------------------------------------------
-def build_nashkern(backend: str):
+def build_nashkern(backend: str, strategy: str = "auto"):
     def build(case: Case):
         from nashkern import ops
 
@@ -77,7 +77,8 @@ def build_nashkern(backend: str):
         def run(x):
             s = ops.linear_token_stats(x.hidden, x.weight, x.targets if with_targets else None,
                                        ref_hidden=x.ref_hidden, ref_weight=x.ref_weight,
-                                       coef=coef, softcap=softcap, backend=backend)
+                                       coef=coef, softcap=softcap, backend=backend,
+                                       strategy=strategy)
             return [getattr(s, f) for f in case.fields]
         return run
     return build
@@ -124,6 +125,12 @@ def build_cce(case: Case):
 SPEC = OpSpec(
     name="linear_token_stats",
     providers=nashkern_providers(build_nashkern) + (
+        # Both strategies side by side (DESIGN.md, "Cost model of linear_token_stats"): the
+        # chunked rows check the >= 65% (60% with a reference) of-roofline targets, the fused
+        # row the memory floor's cost. "auto" above is chunked on CUDA.
+        Provider("nashkern-triton-chunked", build_nashkern("triton", "chunked"), backend="triton"),
+        Provider("nashkern-triton-fused", build_nashkern("triton", "fused"), backend="triton"),
+        Provider("nashkern-cuda-chunked", build_nashkern("cuda", "chunked"), backend="cuda"),
         Provider("eager", build_eager),
         Provider("torch-compile", build_compiled),
         Provider("liger-flce", build_liger_flce, package="liger_kernel", pip="liger-kernel",

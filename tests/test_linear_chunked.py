@@ -284,8 +284,9 @@ def test_frozen_reference_is_not_recomputed(coef, fields, needs_ref):
     spy = _SpyEpilogue()
     impl = chunked.ChunkedLinearTokenStats(spy, _config(4, 37 * 8))
     _check(impl, inputs, coef=coef, fields=fields, needs=(True, True, True, False, False, False))
-    # The budget holds 4 rows of both buffers, or 8 of the policy's alone: 3 or 2 chunks.
-    assert spy.ref_seen == [needs_ref] * (3 if needs_ref else 2)
+    # Vocabulary chunks: 12 columns of both [10, Cv] buffers fit in the budget, or 28 of the
+    # policy's alone: 4 or 2 chunks of the 37 columns.
+    assert spy.ref_seen == [needs_ref] * (4 if needs_ref else 2)
 
 
 def test_chunk_rows_respects_the_budget():
@@ -299,17 +300,21 @@ def test_chunk_rows_respects_the_budget():
 @pytest.mark.parametrize("epi", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_buffers_respect_the_budget(epi, dtype):
-    """Forward and backward allocate no [N, V] tensor; the largest allocation other than the
-    [V, D] weight gradients (and their fp32 accumulator) and [N, D] hidden gradients is one
-    [C, V] buffer, and those buffers fit in max_chunk_bytes."""
+    """Forward and backward allocate no [N, V] tensor; apart from the [V, D] weight gradients and
+    the [N, D] hidden gradients (their fp32 accumulator, the bf16 per-chunk product), the
+    largest allocation is one [C, V] (forward) or [N, Cv] (backward) buffer, and the buffers
+    (plus the [N, D] product for bf16) fit in max_chunk_bytes."""
     if epi == "triton":
         pytest.importorskip("triton")
     N, V, D = 40, 301, 12
     inputs = _make_inputs(N, V, D, D, dtype, dtype, ref_bias=True)
-    itemsize = 2 * dtype.itemsize
-    budget = 8 * V * itemsize + 100
-    if dtype != torch.float32:
-        budget = budget * 8 // 7 + 8  # 1/8 of the budget goes to the d_weight slices
+    e = dtype.itemsize
+    temp = 0 if dtype == torch.float32 else N * D * e
+    budget = 8 * V * 2 * e + 100
+    C = chunked.chunk_rows(N, V, [e, e], budget, ALIGN)
+    Cv = chunked.chunk_rows(V, N, [e, e], budget - temp, ALIGN)
+    assert C == 8 and Cv < V and V % Cv  # several chunks each way, the last partial
+    assert C * V * 2 * e <= budget and N * Cv * 2 * e + temp <= budget
     impl = _impl(epi, ChunkedLinear(max_chunk_bytes=budget, row_align=ALIGN))
     grad_stats = torch.randn(NUM_STATS, N).to(DEVICE)
     with AllocationRecorder() as rec:
@@ -319,8 +324,8 @@ def test_buffers_respect_the_budget(epi, dtype):
     sizes = [s for s, op in rec.sizes if not op.startswith("aten.set_")]
     assert max(sizes) < N * V // 2
     others = [s for s in sizes if s not in (V * D, N * D)]
-    assert max(others) == 8 * V, rec.largest()  # C = 8 rows
-    assert 8 * V * itemsize <= budget
+    assert max(others) == max(C * V, N * Cv), rec.largest()
+    assert C * V in sizes and N * Cv in sizes
 
 
 def test_strategy_argument_through_ops():

@@ -1,33 +1,34 @@
 """The chunked strategy of ``linear_token_stats``: cuBLAS GEMMs + a logits-input epilogue.
 
-For each chunk of C rows (C from :class:`nashkern.tuning.ChunkedLinear`'s memory budget):
+Forward, over chunks of C rows (C from :class:`nashkern.tuning.ChunkedLinear`'s budget):
+``buf = hidden_c @ weight.T + bias`` (and ``ref_buf`` for the reference) by one ``torch.mm`` /
+``torch.addmm`` in the model's dtype into a reusable ``[C, V]`` buffer (cuBLAS accumulates in
+fp32 and rounds each logit once to the model's dtype, exactly as eager PyTorch's ``F.linear``),
+then ONE epilogue launch, the backend's ``token_stats_forward`` over that ``[1, C, V]`` view,
+which applies softcap / temperature / mixture and writes the chunk's ``stats [5, N]`` and
+``lse [3, N]`` columns. The statistics need whole rows, hence row chunks.
 
-* forward: ``buf = hidden_c @ weight.T + bias`` (and ``ref_buf`` for the reference) by one
-  ``torch.mm`` / ``torch.addmm`` in the model's dtype into a reusable ``[C, V]`` buffer
-  (cuBLAS accumulates in fp32 and rounds each logit once to the model's dtype, exactly as eager
-  PyTorch's ``F.linear``), then ONE epilogue launch, the backend's ``token_stats_forward`` over
-  that ``[1, C, V]`` view, which applies softcap / temperature / mixture and writes the chunk's
-  columns of ``stats [5, N]`` and ``lse [3, N]``;
-* backward: recompute the chunk's logits into the buffer(s), then ONE epilogue launch, the
-  backend's ``token_stats_backward`` with ``out=`` the buffers themselves: it turns the logits
-  into the logit gradients ``dz`` / ``dr`` in place (model dtype, one rounding of the fp32
-  gradient, as the fused kernel's default and eager PyTorch); then by cuBLAS
-  ``d_hidden_c = dz @ weight`` (written straight into ``d_hidden``'s rows, fp32 accumulation
-  over V inside the GEMM) and ``d_weight += dz.T @ hidden_c``; ``d_bias += dz.sum(0)`` in fp32.
+Backward, over chunks of Cv vocabulary columns: the gradient of a column needs only per-row
+values the forward saved (``lse``, entropy, KL), so the backward can chunk the vocabulary
+instead of the rows, which is what makes ``d_weight`` cheap: ``buf = hidden @ weight[v0:v1].T``
+(``[N, Cv]``, budgeted like the forward's buffer), ONE epilogue launch, the backend's
+``token_stats_backward`` with ``out=`` the buffers themselves, turns the logits into the logit
+gradients ``dz`` / ``dr`` in place (model dtype: one rounding of the fp32 gradient, as eager
+PyTorch and the fused kernel's default), then by cuBLAS
+``d_weight[v0:v1] = dz.T @ hidden`` (the whole N reduction in one GEMM with fp32 accumulation:
+each entry of ``d_weight`` is written once and rounded once, no ``[V, D]`` accumulator and no
+read-modify-write of it per chunk), ``d_hidden += dz @ weight[v0:v1]`` and
+``d_bias[v0:v1] = dz.sum(0)`` (fp32 sum). ``d_hidden`` is accumulated in fp32: in place for
+float32 models or a single chunk, else a float32 ``[N, D]`` accumulator fed with each chunk's
+model-dtype product (``[N, D]`` is small next to ``[V, D]``: 16x smaller at N=8192,
+V=128256). Targets are passed relative to the chunk (``t - v0``, a column past the chunk when
+the target lies elsewhere, ``-1`` with ``ignore_index=-1`` for ignored rows).
 
-``d_weight`` precision: float32 weights accumulate in place (``addmm_``, fp32 throughout).
-bf16/fp16 weights with a single chunk (N <= C) get one GEMM straight into a model-dtype
-``d_weight`` (fp32 accumulation over all N rows inside cuBLAS, one rounding). With several
-chunks each chunk's product is rounded once to the model dtype in vocabulary slices of at most
-``max_chunk_bytes / 8`` and summed into a float32 ``[V, D]`` accumulator (like the torch
-backend's and the fused kernel's fp32 dW), cast to the model dtype at the end: the error is one
-model-dtype rounding per chunk's partial sum plus the final rounding.
-
-Memory beyond the inputs, ``d_hidden``, ``d_weight`` (its fp32 accumulator for bf16/fp16 with
-several chunks) and the O(N) statistics: the ``[C, V]`` buffers, at most ``max_chunk_bytes``
-(7/8 of it when a low-precision ``d_weight`` slice temporary needs the other 1/8), unless one
-``row_align`` block of rows alone is larger (then exactly one block). The Triton and CUDA
-epilogues add only O(C) statistics; the torch epilogue adds its own float32 tiles
+Memory beyond the inputs, ``d_hidden`` (with its fp32 accumulator), ``d_weight`` and the O(N)
+statistics: the ``[C, V]`` / ``[N, Cv]`` buffers plus, for a bf16/fp16 ``d_hidden`` over several
+chunks, one ``[N, D]`` product: at most ``max_chunk_bytes`` together, unless one ``row_align``
+block of rows / columns alone is larger (then exactly one block). The Triton and CUDA epilogues
+add only O(N) statistics; the torch epilogue adds its own float32 tiles
 (:class:`nashkern.tuning.TorchChunking`).
 
 Gradients of fields whose upstream gradient is zero everywhere cost nothing; the reference's
@@ -62,7 +63,8 @@ _EPILOGUE_MODULES = {
 
 def chunk_rows(N: int, V: int, itemsizes: Sequence[int], budget: int, row_align: int) -> int:
     """Rows per chunk: the largest multiple of ``row_align`` whose ``[C, V]`` buffers (one per
-    entry of ``itemsizes``) fit in ``budget`` bytes, at least ``row_align``, at most ``N``."""
+    entry of ``itemsizes``) fit in ``budget`` bytes, at least ``row_align``, at most ``N``.
+    (The backward's vocabulary chunks are ``chunk_rows(V, N, ...)``.)"""
     per_row = max(1, V * sum(itemsizes))
     rows = budget // per_row // row_align * row_align
     return max(1, min(N, max(row_align, rows)))
@@ -94,26 +96,33 @@ class _Head:
             return torch.mm(h, self.weight.T, out=out)
         return torch.addmm(self.bias, h, self.weight.T, out=out)
 
+    def columns_into(self, buf: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        """The ``[N, v1 - v0]`` logits of vocabulary columns ``v0:v1`` for every row, computed
+        into the front of the flat buffer ``buf`` (one GEMM, bias fused)."""
+        out = buf[: self.hidden.shape[0] * (v1 - v0)].view(self.hidden.shape[0], v1 - v0)
+        w = self.weight[v0:v1].T
+        if self.bias is None:
+            return torch.mm(self.hidden, w, out=out)
+        return torch.addmm(self.bias[v0:v1], self.hidden, w, out=out)
 
-class _WeightGrad:
-    """``d_weight = Σ_chunks dz_c.T @ hidden_c`` with float32 accumulation (module docstring)."""
 
-    def __init__(self, weight: torch.Tensor, single_chunk: bool, slice_bytes: int):
-        self.dtype = weight.dtype
-        self.direct = weight.dtype == torch.float32 or single_chunk
-        self.acc = (torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-                    if self.direct else
-                    torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
-        V, D = weight.shape
-        self.slice_rows = max(1, min(V, slice_bytes // max(1, D * weight.element_size())))
+class _HiddenGrad:
+    """``d_hidden = Σ_vocabulary chunks dz_c @ weight_c`` with float32 accumulation: float32
+    models (and a single chunk) accumulate in place in the output; bf16/fp16 with several
+    chunks add each chunk's model-dtype product (a ``[N, D]`` temporary) into a float32
+    accumulator, cast at the end."""
 
-    def add(self, d_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    def __init__(self, hidden: torch.Tensor, single_chunk: bool):
+        self.dtype = hidden.dtype
+        self.direct = hidden.dtype == torch.float32 or single_chunk
+        self.acc = torch.zeros(hidden.shape, device=hidden.device,
+                               dtype=hidden.dtype if self.direct else torch.float32)
+
+    def add(self, d_logits: torch.Tensor, weight: torch.Tensor) -> None:
         if self.direct:
-            self.acc.addmm_(d_logits.T, hidden)
-            return
-        for v0 in range(0, self.acc.shape[0], self.slice_rows):
-            v1 = min(self.acc.shape[0], v0 + self.slice_rows)
-            self.acc[v0:v1] += torch.mm(d_logits[:, v0:v1].T, hidden)
+            self.acc.addmm_(d_logits, weight)
+        else:
+            self.acc += torch.mm(d_logits, weight)
 
     def result(self) -> torch.Tensor:
         return self.acc.to(self.dtype)
@@ -175,45 +184,60 @@ class ChunkedLinearTokenStats:
             grad[MIXTURE_LOGPROBS] = 0.0
         active = _active_fields(grad)
         use_ref = _needs_ref_tiles(has_ref, any(need[3:]), active)
+        heads = [_Head.of(hidden, weight, bias),
+                 _Head.of(ref_hidden, ref_weight, ref_bias) if use_ref else None]
 
         cfg = self._cfg()
-        low_precision = any(n and x.dtype != torch.float32
-                            for n, x in ((need[1], weight), (need[4], ref_weight)))
-        slice_bytes = cfg.max_chunk_bytes // 8 if low_precision else 0
-        budget = cfg.max_chunk_bytes - slice_bytes
-        heads = [_Head.of(hidden, weight, bias), _Head.of(ref_hidden, ref_weight, ref_bias)
-                 if use_ref else None]
-        C = chunk_rows(N, V, [h.weight.element_size() for h in heads if h is not None], budget,
-                       cfg.row_align)
-        d_hidden = [torch.zeros_like(x) if n else None for x, n in ((hidden, need[0]),
-                                                                    (ref_hidden, need[3]))]
-        d_weight = [_WeightGrad(w, N <= C, slice_bytes) if n else None
+        live = [h for h in heads if h is not None]
+        # bf16/fp16 d_hidden over several chunks: a [N, D] model-dtype product per chunk.
+        temp = max((h.hidden.numel() * h.hidden.element_size() for h, n in
+                    ((heads[0], need[0]), (heads[1], need[3]))
+                    if n and h is not None and h.hidden.dtype != torch.float32), default=0)
+        budget = max(0, cfg.max_chunk_bytes - temp)
+        Cv = chunk_rows(V, N, [h.weight.element_size() for h in live], budget, cfg.row_align)
+        d_hidden = [_HiddenGrad(x, Cv >= V) if n else None
+                    for x, n in ((hidden, need[0]), (ref_hidden, need[3]))]
+        d_weight = [torch.zeros_like(w) if n else None
                     for w, n in ((weight, need[1]), (ref_weight, need[4]))]
-        d_bias = [torch.zeros(V, device=hidden.device) if n else None
-                  for n in (need[2], need[5])]
+        d_bias = [torch.zeros_like(b) if n else None for b, n in ((bias, need[2]),
+                                                                  (ref_bias, need[5]))]
         if N and any(active):
-            for n0, n1, (z, r) in self._chunks(N, V, heads, budget):
+            bufs = [None if h is None else torch.empty(N * Cv, dtype=h.weight.dtype,
+                                                       device=h.weight.device) for h in heads]
+            valid = None if targets is None else targets != ignore_index
+            for v0 in range(0, V, Cv):
+                v1 = min(V, v0 + Cv)
+                z, r = [None if h is None else h.columns_into(b, v0, v1).unsqueeze(0)
+                        for h, b in zip(heads, bufs)]
                 dz, dr = self.epilogue.token_stats_backward(
-                    grad[:, n0:n1], z, None if targets is None else targets[n0:n1], r,
-                    stats[:, n0:n1], lse[:, n0:n1], coef=coef if use_ref else None,
-                    temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                    needs_grad_logits=any(need[:3]), needs_grad_ref=any(need[3:]), out=(z, r))
+                    grad, z, _local_targets(targets, valid, v0, v1), r, stats, lse,
+                    coef=coef if use_ref else None, temperature=temperature, softcap=softcap,
+                    ignore_index=-1, needs_grad_logits=any(need[:3]),
+                    needs_grad_ref=any(need[3:]), out=(z, r))
                 for k, (d_logits, head) in enumerate(((dz, heads[0]), (dr, heads[1]))):
                     if d_logits is None:
                         continue
-                    d_logits = d_logits[0]  # [n1 - n0, V]
+                    d_logits = d_logits[0]  # [N, v1 - v0]
                     if d_hidden[k] is not None:
-                        torch.mm(d_logits, head.weight, out=d_hidden[k][n0:n1])
-                    if d_weight[k] is not None:
-                        d_weight[k].add(d_logits, head.hidden[n0:n1])
+                        d_hidden[k].add(d_logits, head.weight[v0:v1])
+                    if d_weight[k] is not None:  # the whole N reduction in one GEMM
+                        torch.mm(d_logits.T, head.hidden, out=d_weight[k][v0:v1])
                     if d_bias[k] is not None:
-                        d_bias[k] += d_logits.sum(0, dtype=torch.float32)
-        return (
-            d_hidden[0], None if d_weight[0] is None else d_weight[0].result(),
-            None if d_bias[0] is None else d_bias[0].to(bias.dtype),
-            d_hidden[1], None if d_weight[1] is None else d_weight[1].result(),
-            None if d_bias[1] is None else d_bias[1].to(ref_bias.dtype),
-        )
+                        d_bias[k][v0:v1] = d_logits.sum(0, dtype=torch.float32)
+        return (None if d_hidden[0] is None else d_hidden[0].result(), d_weight[0], d_bias[0],
+                None if d_hidden[1] is None else d_hidden[1].result(), d_weight[1], d_bias[1])
+
+
+def _local_targets(targets: Optional[torch.Tensor], valid: Optional[torch.Tensor], v0: int,
+                   v1: int) -> Optional[torch.Tensor]:
+    """Targets relative to the vocabulary chunk ``[v0, v1)``: ``t - v0`` inside it, ``v1 - v0``
+    (a column the chunk does not have: no one-hot term) outside it, -1 for ignored rows (the
+    epilogue is called with ``ignore_index=-1``, which no local target can equal)."""
+    if targets is None:
+        return None
+    local = targets - v0
+    inside = (local >= 0) & (local < v1 - v0)
+    return torch.where(valid, torch.where(inside, local, v1 - v0), -1)
 
 
 def implementation(epilogue_backend: str,
