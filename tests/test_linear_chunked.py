@@ -309,8 +309,9 @@ def test_buffers_respect_the_budget(epi, dtype):
     N, V, D = 40, 301, 12
     inputs = _make_inputs(N, V, D, D, dtype, dtype, ref_bias=True)
     e = dtype.itemsize
-    temp = 0 if dtype == torch.float32 else N * D * e
     budget = 8 * V * 2 * e + 100
+    slice_rows = min(N, budget // 4 // (D * e))  # d_hidden's bf16 product, in row slices
+    temp = 0 if dtype == torch.float32 else slice_rows * D * e
     C = chunked.chunk_rows(N, V, [e, e], budget, ALIGN)
     Cv = chunked.chunk_rows(V, N, [e, e], budget - temp, ALIGN)
     assert C == 8 and Cv < V and V % Cv  # several chunks each way, the last partial
@@ -323,7 +324,7 @@ def test_buffers_respect_the_budget(epi, dtype):
     # aten.set_: the Triton interpreter's byte copies of kernel arguments (not on a GPU).
     sizes = [s for s, op in rec.sizes if not op.startswith("aten.set_")]
     assert max(sizes) < N * V // 2
-    others = [s for s in sizes if s not in (V * D, N * D)]
+    others = [s for s in sizes if s not in (V * D, N * D, slice_rows * D)]
     assert max(others) == max(C * V, N * Cv), rec.largest()
     assert C * V in sizes and N * Cv in sizes
 

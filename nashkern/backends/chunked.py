@@ -20,13 +20,13 @@ each entry of ``d_weight`` is written once and rounded once, no ``[V, D]`` accum
 read-modify-write of it per chunk), ``d_hidden += dz @ weight[v0:v1]`` and
 ``d_bias[v0:v1] = dz.sum(0)`` (fp32 sum). ``d_hidden`` is accumulated in fp32: in place for
 float32 models or a single chunk, else a float32 ``[N, D]`` accumulator fed with each chunk's
-model-dtype product (``[N, D]`` is small next to ``[V, D]``: 16x smaller at N=8192,
-V=128256). Targets are passed relative to the chunk (``t - v0``, a column past the chunk when
+model-dtype product in row slices of at most ``max_chunk_bytes / 4`` (``[N, D]`` is small
+next to ``[V, D]``: 16x smaller at N=8192, V=128256). Targets are passed relative to the chunk (``t - v0``, a column past the chunk when
 the target lies elsewhere, ``-1`` with ``ignore_index=-1`` for ignored rows).
 
 Memory beyond the inputs, ``d_hidden`` (with its fp32 accumulator), ``d_weight`` and the O(N)
 statistics: the ``[C, V]`` / ``[N, Cv]`` buffers plus, for a bf16/fp16 ``d_hidden`` over several
-chunks, one ``[N, D]`` product: at most ``max_chunk_bytes`` together, unless one ``row_align``
+chunks, one row slice of the ``[N, D]`` product: at most ``max_chunk_bytes`` together, unless one ``row_align``
 block of rows / columns alone is larger (then exactly one block). The Triton and CUDA epilogues
 add only O(N) statistics; the torch epilogue adds its own float32 tiles
 (:class:`nashkern.tuning.TorchChunking`).
@@ -109,20 +109,23 @@ class _Head:
 class _HiddenGrad:
     """``d_hidden = Σ_vocabulary chunks dz_c @ weight_c`` with float32 accumulation: float32
     models (and a single chunk) accumulate in place in the output; bf16/fp16 with several
-    chunks add each chunk's model-dtype product (a ``[N, D]`` temporary) into a float32
-    accumulator, cast at the end."""
+    chunks add each chunk's model-dtype product, in row slices of at most ``slice_rows`` (a
+    ``[slice_rows, D]`` temporary), into a float32 accumulator, cast at the end."""
 
-    def __init__(self, hidden: torch.Tensor, single_chunk: bool):
+    def __init__(self, hidden: torch.Tensor, single_chunk: bool, slice_rows: int):
         self.dtype = hidden.dtype
         self.direct = hidden.dtype == torch.float32 or single_chunk
         self.acc = torch.zeros(hidden.shape, device=hidden.device,
                                dtype=hidden.dtype if self.direct else torch.float32)
+        self.slice_rows = max(1, slice_rows)
 
     def add(self, d_logits: torch.Tensor, weight: torch.Tensor) -> None:
         if self.direct:
             self.acc.addmm_(d_logits, weight)
-        else:
-            self.acc += torch.mm(d_logits, weight)
+            return
+        for n0 in range(0, self.acc.shape[0], self.slice_rows):
+            n1 = min(self.acc.shape[0], n0 + self.slice_rows)
+            self.acc[n0:n1] += torch.mm(d_logits[n0:n1], weight)
 
     def result(self) -> torch.Tensor:
         return self.acc.to(self.dtype)
@@ -189,13 +192,17 @@ class ChunkedLinearTokenStats:
 
         cfg = self._cfg()
         live = [h for h in heads if h is not None]
-        # bf16/fp16 d_hidden over several chunks: a [N, D] model-dtype product per chunk.
-        temp = max((h.hidden.numel() * h.hidden.element_size() for h, n in
-                    ((heads[0], need[0]), (heads[1], need[3]))
-                    if n and h is not None and h.hidden.dtype != torch.float32), default=0)
+        # bf16/fp16 d_hidden over several chunks: a model-dtype product per chunk, in row slices
+        # of at most a quarter of the budget.
+        temp, slice_rows = 0, N
+        for h, n in ((heads[0], need[0]), (heads[1], need[3])):
+            if n and h is not None and h.hidden.dtype != torch.float32:
+                row_bytes = h.hidden.shape[1] * h.hidden.element_size()
+                slice_rows = min(slice_rows, max(1, cfg.max_chunk_bytes // 4 // row_bytes))
+                temp = max(temp, slice_rows * row_bytes)
         budget = max(0, cfg.max_chunk_bytes - temp)
         Cv = chunk_rows(V, N, [h.weight.element_size() for h in live], budget, cfg.row_align)
-        d_hidden = [_HiddenGrad(x, Cv >= V) if n else None
+        d_hidden = [_HiddenGrad(x, Cv >= V, slice_rows) if n else None
                     for x, n in ((hidden, need[0]), (ref_hidden, need[3]))]
         d_weight = [torch.zeros_like(w) if n else None
                     for w, n in ((weight, need[1]), (ref_weight, need[4]))]
