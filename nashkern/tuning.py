@@ -66,6 +66,11 @@ class LinearTokenStatsTriton:
     BLOCK_V_FWD: int = 128
     BLOCK_V_BWD: int = 64
     BLOCK_D: int = 64
+    #: Backward program order: this many row blocks sweep the vocabulary together, so their
+    #: fp32 d_hidden rows (16 x 64 x D x 4 B = 16 MiB at D=4096, a third of an H100's L2) stay
+    #: resident while each weight / d_weight tile is reused by 16 row blocks. Estimated from the
+    #: L2 size, not measured; 1 restores row-block-fastest order.
+    GROUP_N_BWD: int = 16
     num_warps: int = 8
     num_stages: int = 3
     #: The forward splits the vocabulary across programs until row blocks x splits reaches this
