@@ -21,13 +21,14 @@ read-modify-write of it per chunk), ``d_hidden += dz @ weight[v0:v1]`` and
 ``d_bias[v0:v1] = dz.sum(0)`` (fp32 sum). ``d_hidden`` is accumulated in fp32: in place for
 float32 models or a single chunk, else a float32 ``[N, D]`` accumulator fed with each chunk's
 model-dtype product in row slices of at most ``max_chunk_bytes / 4`` (``[N, D]`` is small
-next to ``[V, D]``: 16x smaller at N=8192, V=128256). Targets are passed relative to the chunk (``t - v0``, a column past the chunk when
-the target lies elsewhere, ``-1`` with ``ignore_index=-1`` for ignored rows).
+next to ``[V, D]``: 16x smaller at N=8192, V=128256). Targets are passed relative to the
+chunk (``t - v0``, a column past the chunk when the target lies elsewhere, ``-1`` with
+``ignore_index=-1`` for ignored rows).
 
 Memory beyond the inputs, ``d_hidden`` (with its fp32 accumulator), ``d_weight`` and the O(N)
 statistics: the ``[C, V]`` / ``[N, Cv]`` buffers plus, for a bf16/fp16 ``d_hidden`` over several
-chunks, one row slice of the ``[N, D]`` product: at most ``max_chunk_bytes`` together, unless one ``row_align``
-block of rows / columns alone is larger (then exactly one block). The Triton and CUDA epilogues
+chunks, one row slice of the ``[N, D]`` product: at most ``max_chunk_bytes`` together, unless
+one ``row_align`` block of rows / columns alone is larger (then exactly one block). The Triton and CUDA epilogues
 add only O(N) statistics; the torch epilogue adds its own float32 tiles
 (:class:`nashkern.tuning.TorchChunking`).
 
