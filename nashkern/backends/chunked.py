@@ -28,8 +28,8 @@ chunk (``t - v0``, a column past the chunk when the target lies elsewhere, ``-1`
 Memory beyond the inputs, ``d_hidden`` (with its fp32 accumulator), ``d_weight`` and the O(N)
 statistics: the ``[C, V]`` / ``[N, Cv]`` buffers plus, for a bf16/fp16 ``d_hidden`` over several
 chunks, one row slice of the ``[N, D]`` product: at most ``max_chunk_bytes`` together, unless
-one ``row_align`` block of rows / columns alone is larger (then exactly one block). The Triton and CUDA epilogues
-add only O(N) statistics; the torch epilogue adds its own float32 tiles
+one ``row_align`` block of rows / columns alone is larger (then exactly one block). The Triton
+and CUDA epilogues add only O(N) statistics; the torch epilogue adds its own float32 tiles
 (:class:`nashkern.tuning.TorchChunking`).
 
 Gradients of fields whose upstream gradient is zero everywhere cost nothing; the reference's
