@@ -66,6 +66,11 @@ class LinearTokenStatsTriton:
     BLOCK_V_FWD: int = 128
     BLOCK_V_BWD: int = 64
     BLOCK_D: int = 64
+    #: Backward program order: this many row blocks sweep the vocabulary together, so their
+    #: fp32 d_hidden rows (16 x 64 x D x 4 B = 16 MiB at D=4096, a third of an H100's L2) stay
+    #: resident while each weight / d_weight tile is reused by 16 row blocks. Estimated from the
+    #: L2 size, not measured; 1 restores row-block-fastest order.
+    GROUP_N_BWD: int = 16
     num_warps: int = 8
     num_stages: int = 3
     #: The forward splits the vocabulary across programs until row blocks x splits reaches this
@@ -87,10 +92,26 @@ class MixtureSampleTriton:
     programs_per_sm: int = 4
 
 
+@dataclass(frozen=True)
+class ChunkedLinear:
+    """The chunked strategy of ``linear_token_stats`` (nashkern/backends/chunked.py): rows per
+    chunk from a memory budget. Estimated, not measured on a GPU."""
+
+    #: Bytes of the reusable ``[C, V]`` logits buffers (policy, plus the reference's when given,
+    #: in the models' dtypes). 256 MiB holds C = 1024 bf16 rows of a 128256-token vocabulary:
+    #: the GEMMs' M = 1024 keeps cuBLAS at its large-tile rate (estimated) while the buffer is
+    #: ~3% of an 8192-token batch's [N, V] logits.
+    max_chunk_bytes: int = 256 << 20
+    #: C is a multiple of this many rows (cuBLAS / CUTLASS tiles are 128 rows tall; the last
+    #: chunk takes the remainder), and at least one such block even when it exceeds the budget.
+    row_align: int = 128
+
+
 TORCH = TorchChunking()
 TOKEN_STATS = TokenStatsTriton()
 LINEAR_TOKEN_STATS = LinearTokenStatsTriton()
 MIXTURE_SAMPLE = MixtureSampleTriton()
+CHUNKED_LINEAR = ChunkedLinear()
 
 
 _CONFIGS = {
@@ -98,12 +119,14 @@ _CONFIGS = {
     "token_stats": TOKEN_STATS,
     "linear_token_stats": LINEAR_TOKEN_STATS,
     "mixture_sample": MIXTURE_SAMPLE,
+    "chunked_linear": CHUNKED_LINEAR,
 }
 
 
 def config_for(kernel: str, device: Union[torch.device, str, None] = None):
     """The frozen config a kernel launches with on ``device``: ``kernel`` is ``"torch"``,
-    ``"token_stats"``, ``"linear_token_stats"`` or ``"mixture_sample"``. The one entry point
+    ``"token_stats"``, ``"linear_token_stats"``, ``"mixture_sample"`` or ``"chunked_linear"`` (the
+    chunk budget of linear_token_stats' chunked strategy). The one entry point
     the ops use (the kernels receive the result as their ``config`` argument). Today one config
     per kernel for every device; per-architecture tables plug in here."""
     try:

@@ -35,8 +35,9 @@ NEG_INF = float("-inf")
 #: Smallest legal tiles; 3 programs per SM makes the interpreter (one "SM") split the vocabulary
 #: of a single row block in 3 (a GPU splits it across its SMs).
 #: The precise mode (bf16/fp16 logit gradients fed as hi + lo: two tl.dot per product).
+#: Backward groups of 2 row blocks: N=70 makes 5 blocks, i.e. groups of 2, 2 and a partial 1.
 CFG = LinearTokenStatsTriton(BLOCK_N=16, BLOCK_V_FWD=32, BLOCK_V_BWD=16, BLOCK_D=16,
-                             num_warps=4, num_stages=2, programs_per_sm=3)
+                             GROUP_N_BWD=2, num_warps=4, num_stages=2, programs_per_sm=3)
 GRAD_NAMES = ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
 
 
