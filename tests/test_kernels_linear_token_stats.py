@@ -121,6 +121,18 @@ def _assert_close(name, ours, ref, out_dtype=torch.float32, atol_scale=2e-6, rto
         f"at {bad.nonzero()[:5].tolist()}")
 
 
+def _needed_grads(inputs, grads, needs):
+    """``(name, input, gradient)`` for each needed gradient, after checking that unneeded ones
+    are None and needed ones have their input's shape and dtype."""
+    for name, need in zip(GRAD_NAMES, needs):
+        x, g = inputs[name], grads[name]
+        if not need or x is None:
+            assert g is None, name
+            continue
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        yield name, x, g
+
+
 def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats=None,
            fields=None, needs=(True,) * 6, config=CFG, split_grad_operand=True):
     """Forward + backward vs the reference (on ``rows`` only if given); returns ours."""
@@ -148,12 +160,7 @@ def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats
     for k in range(NUM_LSE):
         _assert_close(f"lse[{k}]", lse[k][sel], ref_lse[k][sel], atol_scale=1e-6, rtol=0.0)
     ours = dict(zip(GRAD_NAMES, grads))
-    for name, need in zip(GRAD_NAMES, needs):
-        x, g = inputs[name], ours[name]
-        if not need or x is None:
-            assert g is None, name
-            continue
-        assert g.shape == x.shape and g.dtype == x.dtype, name
+    for name, x, g in _needed_grads(inputs, ours, needs):
         # bf16/fp16 logit gradients enter the tensor cores as hi + lo in the input dtype (about
         # fp32 accuracy), or rounded once (an error of eps(dtype) x the largest entry).
         atol = 2e-6 if x.dtype == torch.float32 else (

@@ -9,8 +9,6 @@ bf16/fp16: the chunk's logits are rounded once to the model's dtype (as eager Py
 stay within a small multiple of its error against float64 on the same inputs.
 """
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,13 +29,13 @@ from nashkern.ops.registry import Implementation  # noqa: E402
 from nashkern.tuning import ChunkedLinear  # noqa: E402
 
 from oracle import _max_err  # noqa: E402
+from test_cuda_backend import cuda_library  # noqa: E402,F401  (the fixture)
 from test_kernels_linear_token_stats import (  # noqa: E402
-    DEVICE, GRAD_NAMES, IGNORE, NEG_INF, _assert_close, _make_inputs, _reference,
+    DEVICE, GRAD_NAMES, IGNORE, NEG_INF, _assert_close, _make_inputs, _needed_grads, _reference,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter padding lanes
 
-REPO = Path(__file__).resolve().parent.parent
 ARG_NAMES = ("hidden", "weight", "targets", "bias", "ref_hidden", "ref_weight", "ref_bias")
 ALIGN = 4
 
@@ -46,23 +44,6 @@ def _config(rows: int, itemsize_per_row: int) -> ChunkedLinear:
     """A budget of exactly ``rows`` rows of ``itemsize_per_row`` bytes (per vocabulary entry)
     in blocks of ``ALIGN`` rows."""
     return ChunkedLinear(max_chunk_bytes=rows * itemsize_per_row, row_align=ALIGN)
-
-
-@pytest.fixture(scope="module")
-def cuda_library():
-    sys.path.insert(0, str(REPO / "csrc"))
-    import build_cuda
-    path = os.environ.get("NASHKERN_CUDA_LIB")
-    if not path:
-        if build_cuda.find_nvcc() is not None:
-            path = build_cuda.build_cached()
-        elif cuda_impl.DEFAULT_LIBRARY_PATH.is_file():
-            path = cuda_impl.DEFAULT_LIBRARY_PATH
-        else:
-            pytest.skip("nvcc not found and nashkern/_nashkern_cuda.so is not built")
-    with cuda_impl.use_library(path) as lib:
-        assert lib is not None, cuda_impl.unavailable_reason()
-        yield lib
 
 
 @pytest.fixture(params=["torch", "triton", "cuda"])
@@ -156,12 +137,7 @@ def _check(impl, inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad
     live = live & torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.arange(n)[sel], True)
     for k in range(0 if low else NUM_LSE if t is not None else NUM_LSE - 1):
         _close(f"lse[{k}]", lse[k][live], ref_lse[k][live], None, torch.float32, 1e-6)
-    for name, need in zip(GRAD_NAMES, needs):
-        x, g = inputs[name], grads[name]
-        if not need or x is None:
-            assert g is None, name
-            continue
-        assert g.shape == x.shape and g.dtype == x.dtype, name
+    for name, x, g in _needed_grads(inputs, grads, needs):
         ref, nat = ref_grads[name], None if nat_grads is None else nat_grads[name]
         if name in ("hidden", "ref_hidden"):
             g, ref = g[sel], ref[sel]
