@@ -58,7 +58,7 @@ SHAPE_SETS: Dict[str, ShapeSet] = {
                     modes=("forward", "forward+backward"), threads=1),
     # GPU: the three heads, N where memory allows (cases estimated not to fit are skipped).
     "models": ShapeSet(("qwen2.5-0.5b", "llama-3-8b", "gemma-2-2b"),
-                       tokens=(4096, 16384, 65536), rows=(8, 64, 512), dtype="bf16"),
+                       tokens=(4096, 8192, 16384, 65536), rows=(8, 64, 512), dtype="bf16"),
 }
 #: --bench-shapes default: "models" on a CUDA device, "tiny" otherwise; "auto" (make bench)
 #: means "models" on a CUDA device and "cpu" otherwise.

@@ -94,14 +94,20 @@ class Case:
         return self.workload in cfg.REFERENCE_WORKLOADS
 
 
-def nashkern_providers(family: str, build: Callable[[str], Callable]) -> Tuple[Provider, ...]:
+def nashkern_providers(family: str, build: Callable[..., Callable]) -> Tuple[Provider, ...]:
     """``nashkern-<backend>`` for every backend the op registry declares for ``family``
-    (``nashkern.ops.FAMILIES``): ``build(backend)`` -> a provider's build."""
+    (``nashkern.ops.FAMILIES``): ``build(backend)`` -> a provider's build. A family with
+    strategies (linear_token_stats) adds ``nashkern-<backend>-<strategy>`` for each GPU backend
+    of each strategy's table: ``build(backend, strategy)``."""
     from nashkern.ops import FAMILIES
 
-    declared = {f.name: f for f in FAMILIES}[family].backends
-    return tuple(Provider(f"nashkern-{b}", build(b), backend=b)
-                 for b in ("torch", "triton", "cuda") if b in declared)
+    declared = {f.name: f for f in FAMILIES}[family]
+    order = ("torch", "triton", "cuda")
+    plain = tuple(Provider(f"nashkern-{b}", build(b), backend=b)
+                  for b in order if b in declared.backends)
+    return plain + tuple(Provider(f"nashkern-{b}-{s}", build(b, s), backend=b)
+                         for b in order[1:] for s, table in declared.strategies.items()
+                         if b in table)
 
 
 def skip_reason(case: Case, device: str) -> Optional[str]:

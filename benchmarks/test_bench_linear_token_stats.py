@@ -66,7 +66,7 @@ def estimate(case: Case, itemsize: int) -> int:
 
 
 # -- providers ---------------------------------------------------------------------------------
-def build_nashkern(backend: str):
+def build_nashkern(backend: str, strategy: str = "auto"):
     def build(case: Case):
         from nashkern import ops
 
@@ -77,7 +77,8 @@ def build_nashkern(backend: str):
         def run(x):
             s = ops.linear_token_stats(x.hidden, x.weight, x.targets if with_targets else None,
                                        ref_hidden=x.ref_hidden, ref_weight=x.ref_weight,
-                                       coef=coef, softcap=softcap, backend=backend)
+                                       coef=coef, softcap=softcap, backend=backend,
+                                       strategy=strategy)
             return [getattr(s, f) for f in case.fields]
         return run
     return build
@@ -123,6 +124,10 @@ def build_cce(case: Case):
 
 SPEC = OpSpec(
     name="linear_token_stats",
+    # nashkern-<backend> ("auto" strategy: chunked on CUDA) and, from the strategy tables,
+    # nashkern-triton-chunked / -triton-fused / -cuda-chunked side by side (DESIGN.md, "Cost
+    # model of linear_token_stats"): the chunked rows check the >= 65% (60% with a reference)
+    # of-roofline targets, the fused row the memory floor's cost.
     providers=nashkern_providers("linear_token_stats", build_nashkern) + (
         Provider("eager", build_eager),
         Provider("torch-compile", build_compiled),

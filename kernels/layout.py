@@ -107,3 +107,30 @@ def check_token_stats_inputs(logits: torch.Tensor, targets: Optional[torch.Tenso
                                 or not targets.is_contiguous()
                                 or targets.device != logits.device):
         raise ValueError("targets must be a contiguous int64 [N] tensor on the logits' device")
+
+
+GradPair = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def grad_outputs(logits: torch.Tensor, ref_logits: Optional[torch.Tensor], needs_grad_logits: bool,
+                 needs_grad_ref: bool, out: Optional[GradPair] = None) -> GradPair:
+    """The (grad_logits, grad_ref) tensors every backend's ``token_stats_backward`` writes:
+    contiguous ``[G, R, V]`` in the inputs' dtypes, None where not needed. ``out`` supplies them
+    instead of allocating (the chunked linear strategy passes its logits buffers, which the
+    kernels overwrite in place: every program / thread reads its columns before it writes
+    them)."""
+    wanted = ((logits, needs_grad_logits), (ref_logits, needs_grad_ref and ref_logits is not None))
+    given = out if out is not None else (None, None)
+    result = []
+    for (x, need), dest in zip(wanted, given):
+        if not need:
+            result.append(None)
+        elif dest is None:
+            result.append(torch.empty(x.shape, dtype=x.dtype, device=x.device))
+        else:
+            if dest.shape != x.shape or dest.dtype != x.dtype or not dest.is_contiguous() \
+                    or dest.device != x.device:
+                raise ValueError(f"out must hold contiguous {tuple(x.shape)} {x.dtype} tensors "
+                                 f"on {x.device}, got {tuple(dest.shape)} {dest.dtype}")
+            result.append(dest)
+    return result[0], result[1]

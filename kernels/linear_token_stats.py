@@ -25,7 +25,8 @@ Forward (``_fwd_kernel``, grid ``(cdiv(N, BLOCK_N), splits)``)
     them with the same associative merge and writes ``stats [5, N]`` and ``lse [3, N]`` (the only
     state saved for the backward).
 
-Backward (``_bwd_kernel``, grid ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))``, ``BLOCK_V = BLOCK_V_BWD``)
+Backward (``_bwd_kernel``, 1-D grid of ``cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V)`` programs in grouped
+order, ``BLOCK_V = BLOCK_V_BWD``)
     Each program recomputes one ``[BLOCK_N, BLOCK_V]`` tile of both models' logits, turns it into
     probabilities with the saved ``lse`` (``p = exp(a - L_a)``, likewise ``q`` and ``pi``), forms
     the logit gradients ``dz`` / ``dr`` of DESIGN.md in registers (entropy and KL from ``stats``
@@ -441,9 +442,20 @@ def _bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,  # row blocks that sweep the vocabulary together (L2 reuse of d_hidden)
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    # 1-D grid in grouped order: GROUP_N consecutive row blocks walk the vocabulary tiles
+    # together, so the running wave keeps those blocks' d_hidden rows (GROUP_N * BLOCK_N * D
+    # fp32) and a few weight / d_weight tiles in L2, instead of sweeping all N rows of d_hidden
+    # per vocabulary tile (the matmul "super-grouping" of the Triton tutorial).
+    pid = tl.program_id(0)
+    num_row_blocks = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_N * tl.cdiv(V, BLOCK_V)
+    first_row_block = (pid // programs_per_group) * GROUP_N
+    group_size = tl.minimum(num_row_blocks - first_row_block, GROUP_N)
+    rows = (first_row_block + (pid % programs_per_group) % group_size) * BLOCK_N \
+        + tl.arange(0, BLOCK_N)
+    cols = ((pid % programs_per_group) // group_size) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
 
@@ -657,7 +669,7 @@ def linear_token_stats_backward(
     grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
              for need, t in zip(needed, inputs)]
     has_ref = ref_hidden is not None
-    grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(v, cfg.BLOCK_V_BWD))
+    grid = (triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V_BWD),)
     with layout.device_guard(hidden.device):
         _bwd_kernel[grid](
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
@@ -674,6 +686,6 @@ def linear_token_stats_backward(
             IS_SPLIT_DR=has_ref and split_grad_operand and ref_weight.dtype != torch.float32,
             IS_TF32=_is_tf32(),
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_BWD, BLOCK_D=cfg.BLOCK_D,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GROUP_N=cfg.GROUP_N_BWD, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))

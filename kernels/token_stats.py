@@ -471,9 +471,14 @@ def token_stats_backward(
     needs_grad_logits: bool,
     needs_grad_ref: bool,
     config,
+    out: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients w.r.t. ``logits`` and ``ref_logits`` (``[G, R, V]``, contiguous, input dtype)
-    from the upstream ``grad_stats [5, N]`` and the forward's ``stats`` and ``lse``."""
+    from the upstream ``grad_stats [5, N]`` and the forward's ``stats`` and ``lse``.
+
+    ``out``: optional (grad_logits, grad_ref) destinations, contiguous ``[G, R, V]`` in the
+    inputs' dtypes; they may be the inputs themselves (the chunked linear strategy turns its
+    logits buffer into gradients in place: each program reads its tile before writing it)."""
     check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
@@ -484,10 +489,8 @@ def token_stats_backward(
     needs_grad_ref = needs_grad_ref and ref_logits is not None
     if not (needs_grad_logits or needs_grad_ref):
         return None, None
-    grad_logits = (torch.empty((G, R, V), dtype=logits.dtype, device=logits.device)
-                   if needs_grad_logits else None)
-    grad_ref = (torch.empty((G, R, V), dtype=ref_logits.dtype, device=logits.device)
-                if needs_grad_ref else None)
+    grad_logits, grad_ref = layout.grad_outputs(logits, ref_logits, needs_grad_logits,
+                                                needs_grad_ref, out)
 
     block_v = min(config.BLOCK_V_BWD, triton.next_power_of_2(V))
     ref, ref_stride_g, ref_stride_r = _ref_args(ref_logits)

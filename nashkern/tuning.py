@@ -76,6 +76,11 @@ class LinearTokenStatsTriton:
     BLOCK_V_FWD: int = 128
     BLOCK_V_BWD: int = 64
     BLOCK_D: int = 64
+    #: Backward program order: this many row blocks sweep the vocabulary together, so their
+    #: fp32 d_hidden rows (16 x 64 x D x 4 B = 16 MiB at D=4096, a third of an H100's L2) stay
+    #: resident while each weight / d_weight tile is reused by 16 row blocks. Estimated from the
+    #: L2 size, not measured; 1 restores row-block-fastest order.
+    GROUP_N_BWD: int = 16
     num_warps: int = 8
     num_stages: int = 3
     #: The forward splits the vocabulary across programs until row blocks x splits reaches this
@@ -100,12 +105,28 @@ class MixtureSampleTriton:
     reason: str = dataclasses.field(default="", compare=False)
 
 
+@dataclass(frozen=True)
+class ChunkedLinear:
+    """The chunked strategy of ``linear_token_stats`` (nashkern/backends/chunked.py): rows per
+    chunk from a memory budget. Estimated, not measured on a GPU."""
+
+    #: Bytes of the reusable ``[C, V]`` logits buffers (policy, plus the reference's when given,
+    #: in the models' dtypes). 256 MiB holds C = 1024 bf16 rows of a 128256-token vocabulary:
+    #: the GEMMs' M = 1024 keeps cuBLAS at its large-tile rate (estimated) while the buffer is
+    #: ~3% of an 8192-token batch's [N, V] logits.
+    max_chunk_bytes: int = 256 << 20
+    #: C is a multiple of this many rows (cuBLAS / CUTLASS tiles are 128 rows tall; the last
+    #: chunk takes the remainder), and at least one such block even when it exceeds the budget.
+    row_align: int = 128
+
+
 TORCH = TorchChunking()
 _INTERPRETER = ("estimated: the CPU interpreter's config (the tests' shapes); on a GPU "
                 "architecture without its own entry the compile gate's figures apply")
 TOKEN_STATS = TokenStatsTriton(reason=_INTERPRETER)
 LINEAR_TOKEN_STATS = LinearTokenStatsTriton(reason=_INTERPRETER)
 MIXTURE_SAMPLE = MixtureSampleTriton(reason=_INTERPRETER)
+CHUNKED_LINEAR = ChunkedLinear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +180,8 @@ _CONFIGS: Dict[str, Dict[str, object]] = {
         "sm_80": dataclasses.replace(MIXTURE_SAMPLE, reason=(
             "estimated: compile gate sm_80, at most 75 registers at 8 warps, no spills")),
     },
+    # a memory budget, not a kernel shape: one value for every device
+    "chunked_linear": {"default": CHUNKED_LINEAR},
 }
 
 
@@ -191,8 +214,8 @@ def config_for_arch(kernel: str, arch: str):
 
 
 def config_for(kernel: str, device: Optional["torch.device"] = None):
-    """The frozen config of ``kernel`` ("token_stats", "linear_token_stats", "mixture_sample")
-    on ``device`` (a torch.device, or None: the default config, as on the CPU)."""
+    """The frozen config of ``kernel`` ("token_stats", "linear_token_stats", "mixture_sample",
+    "chunked_linear": the chunk budget of linear_token_stats' chunked strategy) on ``device`` (a torch.device, or None: the default config, as on the CPU)."""
     return config_for_arch(kernel, arch_of(device))
 
 

@@ -125,7 +125,7 @@ def _lts(block_v_field):
         if block_v_field == "BLOCK_V_BWD":
             # split_grad_operand (hi + lo gradient operands) is an internal numerics option of
             # the host wrapper, off on every path the ops launch
-            consts.update(IS_SPLIT_DZ=False, IS_SPLIT_DR=False)
+            consts.update(IS_SPLIT_DZ=False, IS_SPLIT_DR=False, GROUP_N=cfg.GROUP_N_BWD)
         return consts, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return config
 

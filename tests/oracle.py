@@ -87,7 +87,13 @@ def compare(run: Callable[..., TokenStats], naive: Callable[..., TokenStats],
         if o is None:
             continue
         assert o.dtype == torch.float32, f"{f}: expected float32 output, got {o.dtype}"
-        assert_close(f, o, r, getattr(t32, f))
+        n = getattr(nat, f) if nat is not None else None
+        if n is not None and _max_err(n, r) > _max_err(getattr(t32, f), r) * 8:
+            # Low-precision logits (e.g. the chunked linear strategy rounds them to bf16 as
+            # F.linear does): the budget is what PyTorch achieves in that dtype.
+            assert_close(f, o, r, n, factor=2.0)
+        else:
+            assert_close(f, o, r, getattr(t32, f))
         w = torch.randn(r.shape, generator=gen, dtype=torch.float64)
         if grad_fields is None or f in grad_fields:
             weights[f] = w

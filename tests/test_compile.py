@@ -46,8 +46,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(token_stats_op, (z, t, r, 0.5, 1.0, None, -100, "torch"))
     h = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(17, 8, requires_grad=True)
-    torch.library.opcheck(linear_token_stats_op,
-                          (h, w, t, None, None, None, None, None, 1.0, None, -100, "torch"))
+    for strategy in ("fused", "chunked"):  # one backend table per strategy
+        torch.library.opcheck(linear_token_stats_op, (h, w, t, None, None, None, None, None, 1.0,
+                                                      None, -100, "torch", strategy))
 
 
 def _every_op(z, r, t, h, w, temperature, coef):

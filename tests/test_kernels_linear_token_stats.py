@@ -35,8 +35,9 @@ NEG_INF = float("-inf")
 #: Smallest legal tiles; 3 programs per SM makes the interpreter (one "SM") split the vocabulary
 #: of a single row block in 3 (a GPU splits it across its SMs).
 #: The precise mode (bf16/fp16 logit gradients fed as hi + lo: two tl.dot per product).
+#: Backward groups of 2 row blocks: N=70 makes 5 blocks, i.e. groups of 2, 2 and a partial 1.
 CFG = LinearTokenStatsTriton(BLOCK_N=16, BLOCK_V_FWD=32, BLOCK_V_BWD=16, BLOCK_D=16,
-                             num_warps=4, num_stages=2, programs_per_sm=3)
+                             GROUP_N_BWD=2, num_warps=4, num_stages=2, programs_per_sm=3)
 GRAD_NAMES = ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
 
 
@@ -120,6 +121,18 @@ def _assert_close(name, ours, ref, out_dtype=torch.float32, atol_scale=2e-6, rto
         f"at {bad.nonzero()[:5].tolist()}")
 
 
+def _needed_grads(inputs, grads, needs):
+    """``(name, input, gradient)`` for each needed gradient, after checking that unneeded ones
+    are None and needed ones have their input's shape and dtype."""
+    for name, need in zip(GRAD_NAMES, needs):
+        x, g = inputs[name], grads[name]
+        if not need or x is None:
+            assert g is None, name
+            continue
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        yield name, x, g
+
+
 def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats=None,
            fields=None, needs=(True,) * 6, config=CFG, split_grad_operand=True):
     """Forward + backward vs the reference (on ``rows`` only if given); returns ours."""
@@ -147,12 +160,7 @@ def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats
     for k in range(NUM_LSE):
         _assert_close(f"lse[{k}]", lse[k][sel], ref_lse[k][sel], atol_scale=1e-6, rtol=0.0)
     ours = dict(zip(GRAD_NAMES, grads))
-    for name, need in zip(GRAD_NAMES, needs):
-        x, g = inputs[name], ours[name]
-        if not need or x is None:
-            assert g is None, name
-            continue
-        assert g.shape == x.shape and g.dtype == x.dtype, name
+    for name, x, g in _needed_grads(inputs, ours, needs):
         # bf16/fp16 logit gradients enter the tensor cores as hi + lo in the input dtype (about
         # fp32 accuracy), or rounded once (an error of eps(dtype) x the largest entry).
         atol = 2e-6 if x.dtype == torch.float32 else (

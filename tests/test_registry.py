@@ -9,8 +9,9 @@ import torch
 
 from nashkern import ops
 from nashkern.backends import cuda_impl
+from nashkern.backends import chunked, torch_impl
 from nashkern.kernels import layout
-from nashkern.ops import registry
+from nashkern.ops import linear_stats, registry, stats
 
 HAS_TRITON = registry.triton_importable()
 CUDA0 = torch.device("cuda", 0)
@@ -49,9 +50,67 @@ def test_auto_with_a_loaded_cuda_library_resolves_every_op_to_an_implementation(
         assert callable(impl.forward), family.name
         if len(family.custom_ops) > 1:  # differentiable: a backward op too
             assert callable(impl.backward), family.name
-    expected = {"token_stats": "cuda", "mixture_sample": "cuda",
-                "linear_token_stats": "triton" if HAS_TRITON else "torch"}
+    expected = {"token_stats": "cuda", "mixture_sample": "cuda", "linear_token_stats": "cuda"}
     assert {f.name: registry.resolve_backend(f, "auto", CUDA0) for f in ops.FAMILIES} == expected
+
+
+def test_every_strategy_resolves_to_a_declared_implementation(fake_cuda_library):
+    """linear_token_stats declares one table per strategy; for every backend that implements
+    the op, "auto" and each strategy the backend has resolve to a callable implementation, on a
+    CUDA device and on the CPU."""
+    family = linear_stats.FAMILY
+    assert set(family.strategies) == {"fused", "chunked"}
+    assert set(family.backends) == {b for t in family.strategies.values() for b in t}
+    for device in (CUDA0, torch.device("cpu")):
+        for backend in family.backends:
+            for strategy in linear_stats.STRATEGIES:
+                if strategy != "auto" and backend not in family.strategies[strategy]:
+                    continue
+                resolved = linear_stats.resolve_strategy(strategy, backend, device)
+                impl = family.implementation(backend, resolved)
+                assert callable(impl.forward) and callable(impl.backward), (backend, strategy)
+                if strategy == "auto":
+                    assert resolved == ("chunked" if device.type == "cuda" or backend == "cuda"
+                                        else "fused")
+
+
+def test_cuda_backend_implements_linear_token_stats_through_the_chunked_strategy(
+        fake_cuda_library, monkeypatch):
+    """backend="cuda" has no fused-linear kernels: its table entry is the chunked strategy with
+    the CUDA token_stats kernels as the epilogue; strategy="fused" with it is a clear error.
+    The op routes backend="cuda" there (the epilogue swapped for a recording torch one)."""
+    impl = linear_stats.FAMILY.implementation("cuda", "chunked")
+    strategy = impl.forward.__self__
+    assert isinstance(strategy, chunked.ChunkedLinearTokenStats)
+    assert strategy.epilogue is stats.FAMILY.implementation("cuda")
+    assert "cuda" not in linear_stats.FAMILY.strategies["fused"]
+    assert linear_stats.FAMILY.backends["cuda"] is impl
+    with pytest.raises(ValueError, match=r"backend='cuda' implements linear_token_stats with "
+                                         r"strategy='chunked' only"):
+        linear_stats.resolve_strategy("fused", "cuda", CUDA0)
+
+    calls = []
+
+    def recording(fn):
+        def run(*args, **kw):
+            calls.append(fn.__name__)
+            return fn(*args, **kw)
+        return run
+
+    monkeypatch.setattr(cuda_impl, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(strategy, "epilogue", registry.Implementation(
+        recording(torch_impl.token_stats_forward), recording(torch_impl.token_stats_backward)))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 16, generator=g, requires_grad=True)
+    w = torch.randn(37, 16, generator=g)
+    t = torch.randint(0, 37, (5,), generator=g)
+    got = ops.linear_token_stats(h, w, t, backend="cuda")
+    got.logprobs.sum().backward()
+    want = ops.linear_token_stats(h.detach(), w, t, backend="torch", strategy="fused")
+    torch.testing.assert_close(got.logprobs, want.logprobs)
+    assert calls == ["token_stats_forward", "token_stats_backward"]
+    with pytest.raises(ValueError, match="strategy='chunked' only"):
+        ops.linear_token_stats(h, w, t, backend="cuda", strategy="fused")
 
 
 def test_auto_without_cuda_library_prefers_triton_on_gpu(monkeypatch):
@@ -63,9 +122,11 @@ def test_auto_without_cuda_library_prefers_triton_on_gpu(monkeypatch):
 
 
 def test_explicit_backend_lacking_the_op_is_a_clear_error(fake_cuda_library):
-    with pytest.raises(ValueError, match=r"backend='cuda' does not implement linear_token_stats; "
+    torch_only = registry.Family("torch_only_op", (), {
+        "torch": registry.Implementation(torch_impl.token_stats_forward)})
+    with pytest.raises(ValueError, match=r"backend='cuda' does not implement torch_only_op; "
                                          r"backends that do: torch"):
-        ops.linear_token_stats(torch.randn(4, 8), torch.randn(11, 8), None, backend="cuda")
+        registry.resolve_backend(torch_only, "cuda", CUDA0)
 
 
 def test_scalars_are_validated_once_and_traceable_types_pass():

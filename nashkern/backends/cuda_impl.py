@@ -285,8 +285,11 @@ def token_stats_forward(logits, targets, ref_logits, *, coef, temperature, softc
 
 
 def token_stats_backward(grad_stats, logits, targets, ref_logits, stats, lse, *, coef,
-                         temperature, softcap, ignore_index, needs_grad_logits, needs_grad_ref):
-    """(grad_logits, grad_ref_logits): contiguous ``[G, R, V]`` in the inputs' dtypes, or None."""
+                         temperature, softcap, ignore_index, needs_grad_logits, needs_grad_ref,
+                         out=None):
+    """(grad_logits, grad_ref_logits): contiguous ``[G, R, V]`` in the inputs' dtypes, or None.
+    ``out``: optional destinations, possibly the inputs themselves (each thread reads its
+    columns before writing their gradients)."""
     layout.check_token_stats_inputs(logits, targets, ref_logits, coef)
     G, R, V = logits.shape
     N = G * R
@@ -300,10 +303,8 @@ def token_stats_backward(grad_stats, logits, targets, ref_logits, stats, lse, *,
     grad_stats = grad_stats.to(torch.float32).contiguous()
     stats = stats.to(torch.float32).contiguous()
     lse = lse.to(torch.float32).contiguous()
-    grad_logits = torch.empty((G, R, V), dtype=logits.dtype, device=logits.device) \
-        if needs_grad_logits else None
-    grad_ref = torch.empty((G, R, V), dtype=ref_logits.dtype, device=logits.device) \
-        if needs_grad_ref else None
+    grad_logits, grad_ref = layout.grad_outputs(logits, ref_logits, needs_grad_logits,
+                                                needs_grad_ref, out)
     launch = _Launch(logits.device)
     with launch.guard():
         rc = launch.fn("token_stats_backward")(

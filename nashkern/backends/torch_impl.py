@@ -23,7 +23,7 @@ from ..naive import mix_logits as _mix  # the coef end-point rule (kernels/layou
 from ..tuning import TORCH
 from ..kernels.layout import (
     ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
-    REF_LOGPROBS,
+    REF_LOGPROBS, grad_outputs,
 )
 
 NEG_INF = float("-inf")
@@ -45,9 +45,8 @@ def _scale_grad(g: torch.Tensor, z: torch.Tensor, temperature: float, softcap: O
     if softcap is None:
         return g
     t = torch.tanh(z / softcap)
-    return torch.where(z == NEG_INF, torch.zeros_like(g), g * (1.0 - t * t))
-
-
+    # g == 0 (an ignored row) stays exactly 0 even where z is NaN (tanh(NaN) would leak).
+    return torch.where((z == NEG_INF) | (g == 0), torch.zeros_like(g), g * (1.0 - t * t))
 
 
 # On CPU tiles ``torch.where`` costs ~25x a multiply (3.5 ms vs 0.13 ms for a 512 x 2048 fp32
@@ -303,14 +302,15 @@ def token_stats_forward(logits, targets, ref_logits, *, coef, temperature, softc
 
 def token_stats_backward(
     grad_stats, logits, targets, ref_logits, stats, lse, *, coef, temperature, softcap,
-    ignore_index, needs_grad_logits, needs_grad_ref,
+    ignore_index, needs_grad_logits, needs_grad_ref, out=None,
 ):
+    """``out``: optional (grad_logits, grad_ref) destinations, possibly the inputs themselves
+    (each tile is read before its gradient is written)."""
     G, R, V = logits.shape
     grad = _upstream(grad_stats, targets, ignore_index)
     active = _active_fields(grad)
-    d_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if needs_grad_logits else None
     needs_grad_ref = needs_grad_ref and ref_logits is not None
-    d_ref = torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device) if needs_grad_ref else None
+    d_logits, d_ref = grad_outputs(logits, ref_logits, needs_grad_logits, needs_grad_ref, out)
     use_ref = _needs_ref_tiles(ref_logits is not None, needs_grad_ref, active)
     for n0, n1, take in _row_blocks(G, R, V):
         z_rows = take(logits)

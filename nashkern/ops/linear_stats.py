@@ -3,9 +3,12 @@ without ever materialising the ``[N, V]`` logits, forward or backward.
 
 Public op: :func:`linear_token_stats`, funnelled into the custom op
 ``nashkern::linear_token_stats`` (hidden ``[N, D]``, weight ``[V, D]`` -> ``stats [5, N]``,
-``lse [3, N]``) and its backward op. :data:`FAMILY` declares the backends: the streaming torch
-path and the Triton kernels of ``kernels/linear_token_stats.py`` (the CUDA backend of ``csrc/``
-does not implement this op; ``"auto"`` on a GPU picks Triton).
+``lse [3, N]``) and its backward op. :data:`FAMILY` declares one backend table per strategy
+(:data:`STRATEGIES`): ``"fused"``, the streaming torch path and the Triton kernels of
+``kernels/linear_token_stats.py``; ``"chunked"``, cuBLAS GEMMs into a budgeted ``[C, V]`` buffer
+plus each backend's logits-input ``token_stats`` implementation (``nashkern/backends/chunked.py``)
+for torch, Triton and CUDA (the only way the CUDA backend of ``csrc/`` implements this op).
+:func:`resolve_strategy` holds the ``"auto"`` rule.
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import torch
 from torch import Tensor
 
 from ..backends import torch_impl
+from ..backends.chunked import ChunkedLinearTokenStats
 from ..kernels.layout import NUM_LSE, NUM_STATS
 from ..types import TokenStats
+from . import stats
 from .checks import check_float, check_same_device, check_targets, unpack_stats
 from .registry import (
     Family, Implementation, Scalars, double_backward_unsupported, empty_like_nothing,
@@ -40,12 +45,13 @@ def linear_token_stats_op(
     hidden: Tensor, weight: Tensor, targets: Optional[Tensor], bias: Optional[Tensor],
     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
     coef: Optional[float], temperature: float, softcap: Optional[float], ignore_index: int,
-    backend: str,
+    backend: str, strategy: str,
 ) -> Tuple[Tensor, Tensor]:
-    """hidden ``[N, D]``, weight ``[V, D]`` -> (stats ``[5, N]``, lse ``[3, N]``)."""
+    """hidden ``[N, D]``, weight ``[V, D]`` -> (stats ``[5, N]``, lse ``[3, N]``); ``backend``
+    and ``strategy`` resolved (:func:`resolve_backend`, :func:`resolve_strategy`)."""
     if hidden.shape[0] == 0:
-        backend = "torch"
-    impl = FAMILY.implementation(backend)
+        backend, strategy = "torch", "fused"
+    impl = FAMILY.implementation(backend, strategy)
     return impl.forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                         **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
                         **impl.config_kwargs(hidden.device))
@@ -53,7 +59,7 @@ def linear_token_stats_op(
 
 @linear_token_stats_op.register_fake
 def _(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef, temperature, softcap,
-      ignore_index, backend):
+      ignore_index, backend, strategy):
     n = hidden.shape[0]
     return (hidden.new_empty((NUM_STATS, n), dtype=torch.float32),
             hidden.new_empty((NUM_LSE, n), dtype=torch.float32))
@@ -64,13 +70,13 @@ def linear_token_stats_backward_op(
     grad_stats: Tensor, hidden: Tensor, weight: Tensor, targets: Optional[Tensor],
     bias: Optional[Tensor], ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
     ref_bias: Optional[Tensor], stats: Tensor, lse: Tensor, coef: Optional[float],
-    temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+    temperature: float, softcap: Optional[float], ignore_index: int, backend: str, strategy: str,
     needs_input_grad: List[bool],
 ) -> List[Tensor]:
     """-> [d_hidden, d_weight, d_bias, d_ref_hidden, d_ref_weight, d_ref_bias] (empty if absent)."""
     if hidden.shape[0] == 0:
-        backend = "torch"
-    impl = FAMILY.implementation(backend)
+        backend, strategy = "torch", "fused"
+    impl = FAMILY.implementation(backend, strategy)
     grads = impl.backward(
         grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
         **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
@@ -81,7 +87,7 @@ def linear_token_stats_backward_op(
 
 @linear_token_stats_backward_op.register_fake
 def _(grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
-      coef, temperature, softcap, ignore_index, backend, needs_input_grad):
+      coef, temperature, softcap, ignore_index, backend, strategy, needs_input_grad):
     inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     return [x.new_empty(x.shape) if need and x is not None else empty_like_nothing(hidden)
             for x, need in zip(inputs, needs_input_grad)]
@@ -92,7 +98,7 @@ def _setup_context(ctx, inputs, output):
     stats, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse)
-    ctx.params = inputs[7:]  # coef, temperature, softcap, ignore_index, backend
+    ctx.params = inputs[7:]  # coef, temperature, softcap, ignore_index, backend, strategy
 
 
 def _backward(ctx, grad_stats, grad_lse):
@@ -105,7 +111,7 @@ def _backward(ctx, grad_stats, grad_lse):
         stats, lse, *ctx.params, needs,
     )
     d = [g if need else None for g, need in zip(grads, needs)]
-    return (d[0], d[1], None, d[2], d[3], d[4], d[5], None, None, None, None, None)
+    return (d[0], d[1], None, d[2], d[3], d[4], d[5], None, None, None, None, None, None)
 
 
 linear_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
@@ -114,19 +120,59 @@ linear_token_stats_backward_op.register_autograd(
 
 
 # ----------------------------------------------------------------------------------------------
-# The declared backend table (no "cuda": csrc/ has no fused-linear kernels)
+# The declared backend tables, one per strategy
 # ----------------------------------------------------------------------------------------------
-_BACKENDS = {
+#: What ``strategy=`` accepts (DESIGN.md, "Cost model of linear_token_stats").
+STRATEGIES = ("auto", "chunked", "fused")
+
+#: "fused": one streaming pass over row blocks x vocabulary tiles, no [C, V] buffer (the memory
+#: floor). Torch: its own 512-row x 2048-column tiles; Triton: kernels/linear_token_stats.py.
+#: No "cuda": csrc/ has no fused-linear kernels.
+_FUSED = {
     "torch": Implementation(torch_impl.linear_token_stats_forward,
                             torch_impl.linear_token_stats_backward),
 }
 if triton_linear_token_stats is not None:
-    _BACKENDS["triton"] = Implementation(triton_linear_token_stats.linear_token_stats_forward,
-                                         triton_linear_token_stats.linear_token_stats_backward,
-                                         tuning="linear_token_stats")
+    _FUSED["triton"] = Implementation(triton_linear_token_stats.linear_token_stats_forward,
+                                      triton_linear_token_stats.linear_token_stats_backward,
+                                      tuning="linear_token_stats")
+
+
+def _chunked(backend: str) -> Implementation:
+    """"chunked" with ``backend``'s logits-input token_stats implementation as its epilogue."""
+    strategy = ChunkedLinearTokenStats(stats.FAMILY.implementation(backend))
+    return Implementation(strategy.linear_token_stats_forward,
+                          strategy.linear_token_stats_backward, tuning="chunked_linear")
+
+
+#: "chunked": cuBLAS GEMMs into a budgeted [C, V] buffer + one epilogue launch per chunk, for
+#: every backend that implements token_stats (torch, Triton, CUDA).
+_CHUNKED = {backend: _chunked(backend) for backend in stats.FAMILY.backends}
 
 FAMILY = Family("linear_token_stats", (linear_token_stats_op, linear_token_stats_backward_op),
-                _BACKENDS)
+                strategies={"fused": _FUSED, "chunked": _CHUNKED})
+
+
+def resolve_strategy(strategy: str, backend: str, device: torch.device) -> str:
+    """Map the user's ``strategy`` to "chunked" or "fused" for the resolved ``backend``.
+
+    "auto": chunked on CUDA devices (tensor-core GEMMs by cuBLAS; the CUDA backend has no fused
+    kernel), fused elsewhere: on the CPU the torch backend's own 512-row x 2048-column tiles
+    were faster than [C, V] chunks and hold less memory (measured, 1 thread CPU time, D=896,
+    V=151936, fp32 log-probs fwd+bwd, N=512: 7.7 s vs 9.4 s, eager 6.3 s; a shared machine,
+    DESIGN.md). A strategy the backend does not implement is a ValueError."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        strategy = "chunked" if device.type == "cuda" or backend not in _FUSED else "fused"
+    if backend not in FAMILY.strategies[strategy]:
+        have = [s for s, table in FAMILY.strategies.items() if backend in table]
+        other = [b for b in FAMILY.strategy_backends(strategy) if b != "torch"]
+        raise ValueError(
+            f"backend={backend!r} implements linear_token_stats with "
+            f"{' / '.join(f'strategy={s!r}' for s in have)} only; use one of those or 'auto'"
+            + (f", or backend={other[0]!r} for the {strategy} strategy" if other else ""))
+    return strategy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,9 +208,16 @@ def linear_token_stats(
     ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
     ref_bias: Optional[Tensor] = None, coef: Optional[float] = None, temperature: float = 1.0,
     softcap: Optional[float] = None, ignore_index: int = -100, backend: str = "auto",
+    strategy: str = "auto",
 ) -> TokenStats:
     """:func:`token_stats` of ``logits = hidden @ weight.T + bias`` without ever materialising
     the ``[N, V]`` logits, forward or backward.
+
+    ``strategy``: ``"chunked"`` (cuBLAS GEMMs into a reusable ``[C, V]`` buffer of at most
+    ``tuning.CHUNKED_LINEAR.max_chunk_bytes``, then the backend's logits kernels; bf16/fp16
+    logits are rounded once to the model dtype, as in eager PyTorch), ``"fused"`` (one streaming
+    kernel, no ``[C, V]`` buffer: the memory floor, fp32 logits; not on ``backend="cuda"``) or
+    ``"auto"`` (chunked on CUDA devices, fused elsewhere). DESIGN.md has the cost model.
 
     hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]``; targets: ``[...]`` (or None);
     ref_hidden: ``[..., Dr]`` (the reference model's final hidden states); ref_weight
@@ -195,6 +248,7 @@ def linear_token_stats(
         flat_targets = check_targets(targets, lead, vocab, scalars.ignore_index, hidden.device,
                                      "hidden")
     backend = resolve_backend(FAMILY, backend, hidden.device)
+    strategy = resolve_strategy(strategy, backend, hidden.device)
 
     def rows(x):
         return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
@@ -204,6 +258,6 @@ def linear_token_stats(
 
     stats, _ = linear_token_stats_op(
         rows(hidden), contig(weight), flat_targets, contig(bias), rows(ref_hidden),
-        contig(ref_weight), contig(ref_bias), *scalars.as_args(), backend,
+        contig(ref_weight), contig(ref_bias), *scalars.as_args(), backend, strategy,
     )
     return unpack_stats(stats, lead, targets is not None, ref_hidden is not None, coef is not None)

@@ -118,15 +118,35 @@ class Implementation:
 
 @dataclass(frozen=True)
 class Family:
-    """One op family: its name, its custom ops (forward first) and its declared backend table."""
+    """One op family: its name, its custom ops (forward first) and its declared backend table.
+
+    A family with several algorithms (``linear_token_stats``: "fused", "chunked") declares one
+    backend table per strategy in ``strategies`` instead; ``backends`` is then derived: every
+    backend that implements the op with some strategy (the first declared strategy's function)."""
 
     name: str
     custom_ops: Tuple
     backends: Mapping[str, Implementation] = field(default_factory=dict)
+    strategies: Mapping[str, Mapping[str, Implementation]] = field(default_factory=dict)
 
-    def implementation(self, backend: str) -> Implementation:
-        """The implementation of a resolved backend (see :func:`resolve_backend`)."""
-        return self.backends[backend]
+    def __post_init__(self):
+        if self.strategies and not self.backends:
+            union: Dict[str, Implementation] = {}
+            for table in self.strategies.values():
+                for backend, impl in table.items():
+                    union.setdefault(backend, impl)
+            object.__setattr__(self, "backends", union)
+
+    def implementation(self, backend: str, strategy: Optional[str] = None) -> Implementation:
+        """The implementation of a resolved backend (see :func:`resolve_backend`) and, for a
+        family with strategies, a resolved strategy."""
+        if strategy is None:
+            return self.backends[backend]
+        return self.strategies[strategy][backend]
+
+    def strategy_backends(self, strategy: str) -> Tuple[str, ...]:
+        """The backends that implement ``strategy`` (declared order)."""
+        return tuple(self.strategies.get(strategy, ()))
 
 
 def triton_importable() -> bool:
