@@ -319,6 +319,7 @@ def choose(kernel: str, launch_name: str, device, dims: Dict[str, int],
            launch: Callable[[object], None]):
     """What a host wrapper launches with: the frozen ``config_for(kernel, device)``, or with
     ``NASHKERN_AUTOTUNE=1`` on a CUDA device the autotuned winner of its shape bucket."""
-    if autotune_enabled() and arch_of(device) != "default":
+    if (autotune_enabled() and arch_of(device) != "default"
+            and (kernel, launch_name) in SEARCH_SPACES):
         return autotune(kernel, launch_name, device, dims, launch)
     return config_for(kernel, device)

@@ -148,3 +148,40 @@ def test_choose_autotunes_only_on_request_and_only_on_cuda(monkeypatch):
                                                                          cfg.BLOCK_V)[1])
     best = tuning.choose("mixture_sample", "forward", cuda, {"B": 8}, launch)
     assert best.BLOCK_V == 2048 and len(calls) >= 2
+
+
+@pytest.mark.parametrize("op", ["token_stats", "linear_token_stats", "mixture_sample"])
+def test_every_triton_launch_goes_through_choose(monkeypatch, op):
+    """NASHKERN_AUTOTUNE reaches the kernels: every Triton forward and backward of the ops asks
+    ``tuning.choose`` for its config (with a launch callable that runs the kernel with a given
+    config), here on the interpreter with a stand-in that runs each launch once."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    from nashkern import ops
+
+    asked = []
+
+    def choose(kernel, launch_name, device, dims, launch):
+        cfg = tuning.config_for(kernel, device)
+        launch(cfg)  # a candidate launch must run
+        asked.append((kernel, launch_name, tuple(sorted(dims))))
+        return cfg
+
+    monkeypatch.setattr(tuning, "choose", choose)
+    z = torch.randn(3, 37, requires_grad=True)
+    if op == "token_stats":
+        ops.token_stats(z, torch.tensor([1, 2, 3]), backend="triton").logprobs.sum().backward()
+        want = [("token_stats", "forward", ("N", "V")), ("token_stats", "backward", ("N", "V"))]
+    elif op == "linear_token_stats":
+        h, w = torch.randn(3, 16, requires_grad=True), torch.randn(37, 16, requires_grad=True)
+        ops.linear_token_stats(h, w, torch.tensor([1, 2, 3]), backend="triton",
+                               strategy="fused").logprobs.sum().backward()
+        want = [("linear_token_stats", "forward", ("D", "N", "V")),
+                ("linear_token_stats", "backward", ("D", "N", "V"))]
+    else:
+        ops.mixture_sample(z.detach(), z.detach(), coef=0.5, backend="triton")
+        want = [("mixture_sample", "forward", ("N", "V"))]
+    assert asked == want

@@ -52,9 +52,14 @@ def linear_token_stats_op(
     if hidden.shape[0] == 0:
         backend, strategy = "torch", "fused"
     impl = FAMILY.implementation(backend, strategy)
-    return impl.forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-                        **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
-                        **impl.config_kwargs(hidden.device))
+    return impl.launch("forward", hidden.device, _dims(hidden, weight),
+                       hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                       **Scalars(coef, temperature, softcap, ignore_index).as_kwargs())
+
+
+def _dims(hidden: Tensor, weight: Tensor):
+    """The autotuning shape key of a launch (:meth:`Implementation.launch`)."""
+    return dict(N=hidden.shape[0], V=weight.shape[0], D=weight.shape[1])
 
 
 @linear_token_stats_op.register_fake
@@ -77,10 +82,11 @@ def linear_token_stats_backward_op(
     if hidden.shape[0] == 0:
         backend, strategy = "torch", "fused"
     impl = FAMILY.implementation(backend, strategy)
-    grads = impl.backward(
+    grads = impl.launch(
+        "backward", hidden.device, _dims(hidden, weight),
         grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
         **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
-        needs_input_grad=tuple(needs_input_grad), **impl.config_kwargs(hidden.device),
+        needs_input_grad=tuple(needs_input_grad),
     )
     return [empty_like_nothing(hidden) if g is None else g for g in grads]
 

@@ -115,6 +115,18 @@ class Implementation:
     def config_kwargs(self, device: torch.device) -> Dict[str, object]:
         return {} if self.tuning is None else {"config": tuning.config_for(self.tuning, device)}
 
+    def launch(self, which: str, device: torch.device, dims: Dict[str, int], *args, **kwargs):
+        """``forward`` / ``backward`` (``which``) called with its config: the frozen
+        ``tuning.config_for(self.tuning, device)``, or with ``NASHKERN_AUTOTUNE=1`` on a CUDA
+        device the autotuned winner of the shape bucket of ``dims`` (:func:`tuning.choose`; the
+        candidates are timed by calling the function itself, which returns new tensors)."""
+        fn = self.forward if which == "forward" else self.backward
+        if self.tuning is None:
+            return fn(*args, **kwargs)
+        config = tuning.choose(self.tuning, which, device, dims,
+                               lambda cfg: fn(*args, config=cfg, **kwargs))
+        return fn(*args, config=config, **kwargs)
+
 
 @dataclass(frozen=True)
 class Family:

@@ -29,8 +29,8 @@ def mixture_sample_op(
     if logits.shape[0] == 0:
         return logits.new_empty(0, dtype=torch.long)
     impl = FAMILY.implementation(backend)
-    return impl.forward(logits, ref_logits, seed, coef=coef, temperature=temperature,
-                        **impl.config_kwargs(logits.device))
+    return impl.launch("forward", logits.device, dict(N=logits.shape[0], V=logits.shape[1]),
+                       logits, ref_logits, seed, coef=coef, temperature=temperature)
 
 
 @mixture_sample_op.register_fake

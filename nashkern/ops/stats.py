@@ -39,8 +39,13 @@ def token_stats_op(
     if logits.shape[0] * logits.shape[1] == 0:
         backend = "torch"  # nothing to launch; the torch path returns empty results
     impl = FAMILY.implementation(backend)
-    return impl.forward(logits, targets, ref_logits, **impl.config_kwargs(logits.device),
-                        **Scalars(coef, temperature, softcap, ignore_index).as_kwargs())
+    return impl.launch("forward", logits.device, _dims(logits), logits, targets, ref_logits,
+                       **Scalars(coef, temperature, softcap, ignore_index).as_kwargs())
+
+
+def _dims(logits: Tensor):
+    """The autotuning shape key of a launch (:meth:`Implementation.launch`)."""
+    return dict(N=logits.shape[0] * logits.shape[1], V=logits.shape[2])
 
 
 @token_stats_op.register_fake
@@ -61,11 +66,10 @@ def token_stats_backward_op(
     if logits.shape[0] * logits.shape[1] == 0:
         backend = "torch"
     impl = FAMILY.implementation(backend)
-    d_logits, d_ref = impl.backward(
-        grad_stats, logits, targets, ref_logits, stats, lse,
-        **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
+    d_logits, d_ref = impl.launch(
+        "backward", logits.device, _dims(logits), grad_stats, logits, targets, ref_logits, stats,
+        lse, **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
         needs_grad_logits=needs_grad_logits, needs_grad_ref=needs_grad_ref,
-        **impl.config_kwargs(logits.device),
     )
     return (empty_like_nothing(logits) if d_logits is None else d_logits,
             empty_like_nothing(logits) if d_ref is None else d_ref)
