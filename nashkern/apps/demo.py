@@ -29,7 +29,8 @@ def run(args) -> int:
     import torch
     from datasets import Dataset
 
-    from ..rl.nash_md import LogCompletionsCallback, NashMDConfig, NashMDTrainer
+    from ..rl.callbacks import LogCompletionsCallback
+    from ..rl.nash_md import NashMDConfig, NashMDTrainer
     from .tiny import make_tokenizer, tiny_causal_lm
 
     torch.set_num_threads(1)  # tiny model: thread-pool overhead dominates

@@ -266,12 +266,6 @@ def collect_curves(*, beta: float, mixture_coef: float, tabular_steps: int, lm_s
     return curves
 
 
-def _tail_max(gaps: torch.Tensor) -> float:
-    """The largest exploitability over the last 20% of a curve: a cycling method's final
-    iterate can be a lucky snapshot; this column shows whether it has settled."""
-    return float(gaps[-max(1, len(gaps) // 5):].max())
-
-
 def _fmt(p) -> str:
     return "(" + ", ".join(f"{float(x):.3f}" for x in p) + ")"
 

@@ -17,14 +17,12 @@ from typing import ClassVar, List, Tuple
 
 import torch
 
-from .callbacks import LogCompletionsCallback  # noqa: F401  (re-exported)
 from .generation import generate
 from .judges import judge_probabilities
 from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, nash_md_loss
 from .mixture_wrapper import GeometricMixtureWrapper  # noqa: F401  (TRL 1.13's import path)
-from .online import (OnlinePreferenceConfig, OnlinePreferenceTrainer, PromptCollator,  # noqa: F401
-                     _as_list, _disable_dropout, _is_conversational, _per_epoch)
+from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
 from .scoring import preference_probability
 
 

@@ -39,7 +39,8 @@ from .checks import (check_fields, check_finite_loss, check_prompt_dataset, chec
                      nonfinite_parameters, scorer_name)
 from .generation import CACHE_IMPLEMENTATIONS, GenerationOutput, SamplingParams
 from .judges import BasePairwiseJudge
-from .pairs import first_preferred
+from .completion_stats import completion_stats
+from .pairs import first_preferred, sequence_logps
 from .scoring import (ModelRewardFunc, apply_missing_eos_penalty, reward_funcs_scores,
                       reward_model_scores, reward_texts, same_tokenizer)
 
@@ -817,6 +818,16 @@ class OnlinePreferenceTrainer(Trainer):
             dropped = self.accelerator.gather((~keep).sum().reshape(1)).sum()
             self._record_metrics({"scores/nonfinite_count": float(dropped)})
         return keep
+
+    def _pair_logps(self, model, pairs, ref, ref_ctx):
+        """Per-sequence log-probs of ``chosen ‖ rejected`` rows (:mod:`~nashkern.rl.pairs`) under
+        the policy (with grad) and the reference, in ONE fused pass of each model:
+        ``((chosen, rejected), (ref_chosen, ref_rejected))``, each ``[B]``."""
+        st = completion_stats(model, pairs.input_ids, pairs.attention_mask, pairs.context_length,
+                              ref_model=ref, ref_context=ref_ctx,
+                              allow_unfused=self.args.allow_unfused_head)
+        return (pairs.split(sequence_logps(st.logprobs, pairs.completion_mask)),
+                pairs.split(sequence_logps(st.ref_logprobs, pairs.completion_mask)))
 
     @staticmethod
     def _kept_mean(per_row: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

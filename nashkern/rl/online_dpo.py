@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .generation import generate
-from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, dpo_loss
 from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
-from .pairs import chosen_rejected_from_preference, sequence_logps
+from .pairs import chosen_rejected_from_preference
 
 
 @dataclass
@@ -57,12 +56,7 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
         texts = self._decode(samples.completion_ids, samples.completion_mask)
         first_chosen, scores = self._preference(inputs, samples, texts)
         pairs = chosen_rejected_from_preference(samples, first_chosen)
-        st = completion_stats(model, pairs.input_ids, pairs.attention_mask,
-                              pairs.context_length, ref_model=ref, ref_context=ref_ctx,
-                              allow_unfused=self.args.allow_unfused_head)
-        lp = sequence_logps(st.logprobs, pairs.completion_mask)
-        rlp = sequence_logps(st.ref_logprobs, pairs.completion_mask)
-        (pc, pr), (rc, rr) = pairs.split(lp), pairs.split(rlp)
+        (pc, pr), (rc, rr) = self._pair_logps(model, pairs, ref, ref_ctx)
         loss, losses = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=self.args.loss_type)
         keep = self._kept_rows((None,) if scores is None else (scores[:B], scores[B:]), B,
                                ids.device, inputs["prompts"])

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .checks import check_reward_logits, finite_rows, reward_values, scorer_name
-from .judges import judge_probabilities  # noqa: F401 (re-exported)
 
 
 def left_pack(ids: Tensor, mask: Tensor, pad_token_id: int):

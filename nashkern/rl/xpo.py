@@ -21,11 +21,10 @@ from typing import ClassVar, List, Tuple
 import torch
 
 from .generation import generate
-from .completion_stats import completion_stats
 from .losses import xpo_loss
 from .online import OnlinePreferenceTrainer, _as_list
 from .online_dpo import OnlineDPOConfig
-from .pairs import chosen_rejected_from_preference, concat_generations, sequence_logps
+from .pairs import chosen_rejected_from_preference, concat_generations
 
 
 @dataclass
@@ -80,12 +79,7 @@ class XPOTrainer(OnlinePreferenceTrainer):
         texts = self._decode(samples.completion_ids, samples.completion_mask)
         policy_chosen, scores = self._preference(inputs, samples, texts)
         pairs = chosen_rejected_from_preference(samples, policy_chosen)
-        st = completion_stats(model, pairs.input_ids, pairs.attention_mask,
-                              pairs.context_length, ref_model=ref, ref_context=ref_ctx,
-                              allow_unfused=self.args.allow_unfused_head)
-        lp = sequence_logps(st.logprobs, pairs.completion_mask)
-        rlp = sequence_logps(st.ref_logprobs, pairs.completion_mask)
-        (pc, pr), (rc, rr) = pairs.split(lp), pairs.split(rlp)
+        (pc, pr), (rc, rr) = self._pair_logps(model, pairs, ref, ref_ctx)
         # ỹ is the rejected completion where y is chosen, and the chosen one elsewhere
         policy_ref_sample = torch.where(policy_chosen, pr, pc)
         loss, dpo_losses, xpo_losses = xpo_loss(pc, pr, rc, rr, policy_ref_sample, beta=beta,
