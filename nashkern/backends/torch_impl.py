@@ -15,7 +15,7 @@ The largest temporary is a few ``[rows, vocab_tile]`` float32 tiles (sizes in
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -89,21 +89,42 @@ class _OnlineLSE:
         self.centered = torch.zeros(rows, device=device) if centered else None
         self.cross = torch.zeros(rows, device=device) if cross else None
 
-    def update(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
-        new_max = torch.maximum(self.max, x.amax(dim=1))
+    def rebase(self, new_max: torch.Tensor) -> None:
+        """Move the pivot to ``new_max`` (>= every max seen so far, per row) and rescale the
+        sums to it. A row with nothing finite seen yet holds zero sums: its scale is 0, never
+        ``exp(overflow) * 0``. Used per tile and to merge the shards of a vocabulary-parallel
+        head (``backends/vocab_parallel.py``)."""
         new_pivot = torch.where(new_max == NEG_INF, torch.zeros_like(new_max), new_max)
-        scale = torch.exp(self.pivot - new_pivot)
-        shifted = x - new_pivot[:, None]
+        scale = torch.where(self.max == NEG_INF, torch.zeros_like(new_max),
+                            torch.exp(self.pivot - new_pivot))
+        if self.centered is not None:
+            self.centered = scale * (self.centered + (self.pivot - new_pivot) * self.sumexp)
+        if self.cross is not None:
+            self.cross = scale * self.cross
+        self.sumexp = scale * self.sumexp
+        self.max, self.pivot = new_max, new_pivot
+
+    def update(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        self.rebase(torch.maximum(self.max, x.amax(dim=1)))
+        shifted = x - self.pivot[:, None]
         e = torch.exp(shifted)
         if self.centered is not None:
-            moved = (self.pivot - new_pivot) * self.sumexp
             # e·shifted with exp(−inf)·(−inf) := 0: a finite floor under the shift (e is 0 there)
-            self.centered = scale * (self.centered + moved) + torch.linalg.vecdot(
+            self.centered = self.centered + torch.linalg.vecdot(
                 e, shifted.clamp_min_(torch.finfo(shifted.dtype).min), dim=1)
         if self.cross is not None:
-            self.cross = scale * self.cross + _times_live(e, y).sum(1)
-        self.sumexp = scale * self.sumexp + e.sum(1)
-        self.max, self.pivot = new_max, new_pivot
+            self.cross = self.cross + _times_live(e, y).sum(1)
+        self.sumexp = self.sumexp + e.sum(1)
+
+    def sums(self) -> List[torch.Tensor]:
+        """The per-row sums (Σe, then Σe·(x − pivot) and Σe·y where kept), relative to the pivot."""
+        return [x for x in (self.sumexp, self.centered, self.cross) if x is not None]
+
+    def set_sums(self, sums: Sequence[torch.Tensor]) -> None:
+        it = iter(sums)
+        self.sumexp = next(it)
+        self.centered = None if self.centered is None else next(it)
+        self.cross = None if self.cross is None else next(it)
 
     def lse(self) -> torch.Tensor:
         return self.pivot + torch.log(self.sumexp)
@@ -121,49 +142,101 @@ def _pick(x: torch.Tensor, local: torch.Tensor, hit: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------------------------
 # The streaming core: one row block, any source of tiles
 # ----------------------------------------------------------------------------------------------
-def _forward_block(
-    tiles: Iterator[Tuple[int, Tile]], rows: int, targets: Optional[torch.Tensor], has_ref: bool,
-    coef: Optional[float], temperature: float, softcap: Optional[float], ignore_index: int, device,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Statistics ``[5, rows]`` and log-sum-exps ``[3, rows]`` of one row block."""
-    has_mix = coef is not None
-    pol = _OnlineLSE(rows, device, centered=True, cross=has_ref)
-    ref = _OnlineLSE(rows, device) if has_ref else None
-    mix = _OnlineLSE(rows, device) if has_mix else None
-    picked = torch.zeros(3, rows, device=device)
-    for v0, (z, r) in tiles:
+class _Partials:
+    """One row block's online statistics over the vocabulary tiles seen so far: the policy,
+    reference and mixture accumulators and the target logits (a, b, m at the target, 0 where
+    the target lies in no tile seen). :meth:`finish` turns them into ``stats`` / ``lse``; a
+    vocabulary-parallel head merges the shards' partials first (:meth:`maxima`, :meth:`rebase`,
+    :meth:`sums`, :meth:`set_sums`: ``backends/vocab_parallel.py``)."""
+
+    def __init__(self, rows: int, has_ref: bool, has_mix: bool, device):
+        self.pol = _OnlineLSE(rows, device, centered=True, cross=has_ref)
+        self.ref = _OnlineLSE(rows, device) if has_ref else None
+        self.mix = _OnlineLSE(rows, device) if has_mix else None
+        self.picked = torch.zeros(3, rows, device=device)
+
+    def accumulators(self) -> List[_OnlineLSE]:
+        return [x for x in (self.pol, self.ref, self.mix) if x is not None]
+
+    def maxima(self) -> torch.Tensor:
+        """``[k, rows]``: each accumulator's running max."""
+        return torch.stack([acc.max for acc in self.accumulators()])
+
+    def rebase(self, maxima: torch.Tensor) -> None:
+        for acc, m in zip(self.accumulators(), maxima):
+            acc.rebase(m)
+
+    def sums(self) -> torch.Tensor:
+        """``[s, rows]``: every accumulator's sums (relative to its pivot), then the 3 target logits."""
+        return torch.cat([torch.stack([x for acc in self.accumulators() for x in acc.sums()]),
+                          self.picked])
+
+    def set_sums(self, sums: torch.Tensor) -> None:
+        rows = iter(sums)
+        for acc in self.accumulators():
+            acc.set_sums([next(rows) for _ in acc.sums()])
+        self.picked = sums[-3:]
+
+    def update(self, v0: int, z: torch.Tensor, r: Optional[torch.Tensor],
+               targets: Optional[torch.Tensor], coef: Optional[float], temperature: float,
+               softcap: Optional[float]) -> None:
+        """Fold in one tile of raw float32 logits, columns ``v0 : v0 + z.shape[1]``."""
         a = _temper(_cap(z, softcap), temperature)
-        b = _temper(_cap(r, softcap), temperature) if has_ref else None
-        pol.update(a, None if b is None else a - b)
-        if has_ref:
-            ref.update(b)
-        m = _mix(a, b, coef) if has_mix else None
-        if has_mix:
-            mix.update(m)
+        b = _temper(_cap(r, softcap), temperature) if self.ref is not None else None
+        self.pol.update(a, None if b is None else a - b)
+        if self.ref is not None:
+            self.ref.update(b)
+        m = _mix(a, b, coef) if self.mix is not None else None
+        if m is not None:
+            self.mix.update(m)
         if targets is not None:
             local = targets - v0
             hit = (local >= 0) & (local < a.shape[1])
             for k, x in enumerate((a, b, m)):
                 if x is not None:
-                    picked[k] += _pick(x, local, hit)
+                    self.picked[k] += _pick(x, local, hit)
 
-    stats = torch.zeros(NUM_STATS, rows, device=device)
-    lse = torch.zeros(NUM_LSE, rows, device=device)
-    lse[LSE_POLICY] = pol.lse()
-    stats[ENTROPY] = pol.entropy()
-    if has_ref:
-        lse[LSE_REF] = ref.lse()
-        stats[KL] = pol.cross / pol.sumexp - lse[LSE_POLICY] + lse[LSE_REF]
-    if has_mix:
-        lse[LSE_MIXTURE] = mix.lse()
-    if targets is not None:
-        stats[LOGPROBS] = picked[0] - lse[LSE_POLICY]
-        if has_ref:
-            stats[REF_LOGPROBS] = picked[1] - lse[LSE_REF]
-        if has_mix:
-            stats[MIXTURE_LOGPROBS] = picked[2] - lse[LSE_MIXTURE]
-        stats[:, targets == ignore_index] = 0.0
-    return stats, lse
+    def finish(self, targets: Optional[torch.Tensor], ignore_index: int
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Statistics ``[5, rows]`` and log-sum-exps ``[3, rows]``."""
+        pol, ref, mix, picked = self.pol, self.ref, self.mix, self.picked
+        rows, device = picked.shape[1], picked.device
+        stats = torch.zeros(NUM_STATS, rows, device=device)
+        lse = torch.zeros(NUM_LSE, rows, device=device)
+        lse[LSE_POLICY] = pol.lse()
+        stats[ENTROPY] = pol.entropy()
+        if ref is not None:
+            lse[LSE_REF] = ref.lse()
+            stats[KL] = pol.cross / pol.sumexp - lse[LSE_POLICY] + lse[LSE_REF]
+        if mix is not None:
+            lse[LSE_MIXTURE] = mix.lse()
+        if targets is not None:
+            stats[LOGPROBS] = picked[0] - lse[LSE_POLICY]
+            if ref is not None:
+                stats[REF_LOGPROBS] = picked[1] - lse[LSE_REF]
+            if mix is not None:
+                stats[MIXTURE_LOGPROBS] = picked[2] - lse[LSE_MIXTURE]
+            stats[:, targets == ignore_index] = 0.0
+        return stats, lse
+
+
+def _accumulate_block(
+    tiles: Iterator[Tuple[int, Tile]], rows: int, targets: Optional[torch.Tensor], has_ref: bool,
+    coef: Optional[float], temperature: float, softcap: Optional[float], device,
+) -> _Partials:
+    parts = _Partials(rows, has_ref, coef is not None, device)
+    for v0, (z, r) in tiles:
+        parts.update(v0, z, r, targets, coef, temperature, softcap)
+    return parts
+
+
+def _forward_block(
+    tiles: Iterator[Tuple[int, Tile]], rows: int, targets: Optional[torch.Tensor], has_ref: bool,
+    coef: Optional[float], temperature: float, softcap: Optional[float], ignore_index: int, device,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Statistics ``[5, rows]`` and log-sum-exps ``[3, rows]`` of one row block."""
+    return _accumulate_block(tiles, rows, targets, has_ref, coef, temperature, softcap,
+                             device).finish(targets, ignore_index)
 
 
 def _tile_grads(
@@ -346,34 +419,63 @@ def _head_tile(h: torch.Tensor, weight, bias, v0: int, v1: int):
     return z, w
 
 
-def linear_token_stats_forward(
-    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, coef, temperature, softcap,
-    ignore_index,
-):
+def _linear_row_blocks(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+                       vocab_start: int = 0):
+    """Row blocks of the head: ``(n0, n1, tiles, targets block)``; ``tiles`` yields
+    ``(vocab_start + v0, (z, r))``, the float32 logits tiles of ``weight``'s rows (the global
+    column of a vocabulary shard that starts at ``vocab_start``)."""
     N, V = hidden.shape[0], weight.shape[0]
-    stats = torch.empty(NUM_STATS, N, device=hidden.device)
-    lse = torch.empty(NUM_LSE, N, device=hidden.device)
     has_ref = ref_hidden is not None
     for n0 in range(0, N, TORCH.linear_rows):
         n1 = min(N, n0 + TORCH.linear_rows)
         h = hidden[n0:n1].float()
         rh = ref_hidden[n0:n1].float() if has_ref else None
         tiles = (
-            (v0, (_head_tile(h, weight, bias, v0, v1)[0],
-                  _head_tile(rh, ref_weight, ref_bias, v0, v1)[0] if has_ref else None))
+            (vocab_start + v0, (_head_tile(h, weight, bias, v0, v1)[0],
+                                _head_tile(rh, ref_weight, ref_bias, v0, v1)[0] if has_ref else None))
             for v0, v1 in _linear_tiles(V)
         )
-        t = targets[n0:n1] if targets is not None else None
+        yield n0, n1, tiles, (targets[n0:n1] if targets is not None else None)
+
+
+def linear_token_stats_forward(
+    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, coef, temperature, softcap,
+    ignore_index,
+):
+    N = hidden.shape[0]
+    stats = torch.empty(NUM_STATS, N, device=hidden.device)
+    lse = torch.empty(NUM_LSE, N, device=hidden.device)
+    for n0, n1, tiles, t in _linear_row_blocks(hidden, weight, bias, ref_hidden, ref_weight,
+                                               ref_bias, targets):
         stats[:, n0:n1], lse[:, n0:n1] = _forward_block(
-            tiles, n1 - n0, t, has_ref, coef, temperature, softcap, ignore_index, hidden.device,
+            tiles, n1 - n0, t, ref_hidden is not None, coef, temperature, softcap, ignore_index,
+            hidden.device,
         )
     return stats, lse
+
+
+def linear_token_stats_partials(
+    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, *, coef, temperature, softcap,
+    vocab_start: int,
+) -> List[Tuple[int, int, _Partials]]:
+    """The forward's online statistics over ``weight``'s rows only, per row block, not yet
+    finished: a vocabulary shard starting at global column ``vocab_start`` (``targets`` global
+    ids). ``backends/vocab_parallel.py`` merges them across the shards."""
+    return [(n0, n1, _accumulate_block(tiles, n1 - n0, t, ref_hidden is not None, coef,
+                                       temperature, softcap, hidden.device))
+            for n0, n1, tiles, t in _linear_row_blocks(hidden, weight, bias, ref_hidden,
+                                                        ref_weight, ref_bias, targets, vocab_start)]
 
 
 def linear_token_stats_backward(
     grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse, *,
     coef, temperature, softcap, ignore_index, needs_input_grad: Sequence[bool],
+    vocab_start: int = 0, reduce_hidden_grad: Optional[Callable[[torch.Tensor], None]] = None,
 ):
+    """``vocab_start``, ``reduce_hidden_grad``: for a vocabulary shard (``weight``'s rows start
+    at global column ``vocab_start``, ``targets`` are global ids, ``stats`` / ``lse`` are the
+    merged ones); ``reduce_hidden_grad`` sums the float32 d_hidden / d_ref_hidden partials
+    across the shards in place, before the cast to the inputs' dtype."""
     inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     need = [bool(n) and x is not None for n, x in zip(needs_input_grad, inputs)]
     need_policy, need_ref = any(need[:3]), any(need[3:])
@@ -393,7 +495,7 @@ def linear_token_stats_backward(
             z, w = _head_tile(h, weight, bias, v0, v1)
             r, rw = _head_tile(rh, ref_weight, ref_bias, v0, v1) if has_ref else (None, None)
             dz, dr = _tile_grads(
-                z, r, v0, t, grad[:, n0:n1], stats[:, n0:n1], lse[:, n0:n1], coef, temperature,
+                z, r, vocab_start + v0, t, grad[:, n0:n1], stats[:, n0:n1], lse[:, n0:n1], coef, temperature,
                 softcap, need_policy, need_ref, active,
             )
             for d_logits, x, wt, d_x, d_w, d_b in ((dz, h, w, dh, dw, db), (dr, rh, rw, drh, drw, drb)):
@@ -405,6 +507,10 @@ def linear_token_stats_backward(
                     d_w[v0:v1].addmm_(d_logits.T, x)
                 if d_b is not None:
                     d_b[v0:v1] += d_logits.sum(0)
+    if reduce_hidden_grad is not None:
+        for d in (dh, drh):
+            if d is not None:
+                reduce_hidden_grad(d)
     return tuple(None if a is None else a.to(x.dtype) for a, x in zip(acc, inputs))
 
 

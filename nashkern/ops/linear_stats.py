@@ -15,16 +15,17 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from ..backends import torch_impl
+from ..backends import torch_impl, vocab_parallel
 from ..backends.chunked import ChunkedLinearTokenStats
 from ..kernels.layout import NUM_LSE, NUM_STATS
 from ..types import TokenStats
 from . import stats
 from .checks import check_float, check_same_device, check_targets, unpack_stats
 from .registry import (
-    Family, Implementation, Scalars, double_backward_unsupported, empty_like_nothing,
+    BACKENDS, Family, Implementation, Scalars, double_backward_unsupported, empty_like_nothing,
     resolve_backend, _no_context,
 )
 
@@ -159,6 +160,78 @@ FAMILY = Family("linear_token_stats", (linear_token_stats_op, linear_token_stats
                 strategies={"fused": _FUSED, "chunked": _CHUNKED})
 
 
+#: ``process_group=`` given: the head sharded by vocabulary rows across the group
+#: (``backends/vocab_parallel.py``: each rank streams its shard, O(N) all-reduces merge the
+#: partial statistics). Not a strategy of the custom op: a process group cannot enter a
+#: ``torch.library`` schema, so :class:`_VocabParallelLinearTokenStats` is its autograd (graph
+#: break under ``torch.compile``). Torch only today: a Triton / CUDA shard pass is not written.
+VOCAB_PARALLEL = {
+    "torch": Implementation(vocab_parallel.linear_token_stats_forward,
+                            vocab_parallel.linear_token_stats_backward),
+}
+
+
+class _VocabParallelLinearTokenStats(torch.autograd.Function):
+    """The vocabulary-parallel op: inputs in the custom op's order (so :data:`_GRAD_INPUTS`
+    holds), then ``process_group``, ``vocab_start``; -> stats ``[5, N]``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
+                temperature, softcap, ignore_index, backend, process_group, vocab_start):
+        ctx.impl = VOCAB_PARALLEL[backend]
+        ctx.kwargs = dict(Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
+                          process_group=process_group, vocab_start=vocab_start)
+        stats, lse = ctx.impl.forward(hidden, weight, targets, bias, ref_hidden, ref_weight,
+                                      ref_bias, **ctx.kwargs)
+        ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                              stats, lse)
+        return stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_stats):
+        hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse = \
+            ctx.saved_tensors
+        inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+        needs = tuple(bool(ctx.needs_input_grad[i]) and x is not None
+                      for i, x in zip(_GRAD_INPUTS, inputs))
+        d = ctx.impl.backward(grad_stats.contiguous(), hidden, weight, targets, bias, ref_hidden,
+                              ref_weight, ref_bias, stats, lse, needs_input_grad=needs,
+                              **ctx.kwargs)
+        d = [g if need else None for g, need in zip(d, needs)]
+        return (d[0], d[1], None, d[2], d[3], d[4], d[5]) + (None,) * 7
+
+
+def _vocab_shards(process_group, rows: int, device: torch.device) -> Tuple[int, int]:
+    """(global vocabulary size, this rank's first row): one all-gather of the shard sizes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialised; "
+                         "call torch.distributed.init_process_group first (or pass "
+                         "process_group=None for an unsharded head)")
+    mine = torch.tensor([rows], dtype=torch.long, device=device)  # NCCL: a CUDA tensor
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, mine, group=process_group)
+    sizes = [int(x) for x in gathered]
+    if min(sizes) < 1:
+        raise ValueError(f"process_group: every rank's weight shard needs >= 1 row, got shard "
+                         f"sizes {sizes}")
+    return sum(sizes), sum(sizes[: dist.get_rank(process_group)])
+
+
+def _vocab_parallel_backend(backend: str, strategy: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in ("auto", *VOCAB_PARALLEL):
+        raise ValueError(
+            f"backend={backend!r} with a process_group: only the torch path "
+            f"({', '.join(VOCAB_PARALLEL)}) implements the vocabulary-parallel linear_token_stats "
+            "today; use backend='torch' or 'auto'")
+    if strategy not in ("auto", "fused"):
+        raise ValueError(f"strategy={strategy!r} with a process_group: the vocabulary-parallel "
+                         "head streams its shard (the fused torch pass); use 'auto' or 'fused'")
+    return "torch"
+
+
 def resolve_strategy(strategy: str, backend: str, device: torch.device) -> str:
     """Map the user's ``strategy`` to "chunked" or "fused" for the resolved ``backend``.
 
@@ -214,7 +287,7 @@ def linear_token_stats(
     ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
     ref_bias: Optional[Tensor] = None, coef: Optional[float] = None, temperature: float = 1.0,
     softcap: Optional[float] = None, ignore_index: int = -100, backend: str = "auto",
-    strategy: str = "auto",
+    strategy: str = "auto", process_group=None,
 ) -> TokenStats:
     """:func:`token_stats` of ``logits = hidden @ weight.T + bias`` without ever materialising
     the ``[N, V]`` logits, forward or backward.
@@ -229,6 +302,14 @@ def linear_token_stats(
     ref_hidden: ``[..., Dr]`` (the reference model's final hidden states); ref_weight
     ``[V, Dr]`` and ref_bias ``[V]`` default to the policy's head when ``ref_hidden`` is given
     without them. Returns :class:`TokenStats` of float32 ``[...]`` tensors.
+
+    ``process_group`` (a ``torch.distributed`` group, or None): the head is sharded by
+    vocabulary rows across it (tensor-parallel, as Megatron's): ``weight``, ``bias``,
+    ``ref_weight``, ``ref_bias`` are this rank's rows, the shards in rank order (any sizes >= 1),
+    ``hidden`` / ``ref_hidden`` and ``targets`` (global ids) are the same on every rank, and so
+    are the returned statistics; ``d_hidden`` is summed over the group, ``d_weight`` / ``d_bias``
+    stay this rank's rows. Torch path only (``backends/vocab_parallel.py``; DESIGN.md says what
+    it communicates and when it pays). Every rank must call it, with the same N.
     """
     _check_head("", hidden, weight, bias)
     scalars = Scalars.checked(coef, temperature, softcap, ignore_index)
@@ -246,15 +327,20 @@ def linear_token_stats(
             raise ValueError(f"ref_hidden must have the leading shape of hidden, {tuple(lead)}, "
                              f"got {tuple(ref_hidden.shape[:-1])}")
         if ref_weight.shape[0] != vocab:
-            raise ValueError(f"ref_weight must have the vocabulary size of weight ({vocab}), "
-                             f"got {tuple(ref_weight.shape)}")
+            shard = " (this rank's shard)" if process_group is not None else ""
+            raise ValueError(f"ref_weight must have the vocabulary size of weight{shard} "
+                             f"({vocab}), got {tuple(ref_weight.shape)}")
         check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
+    if process_group is not None:
+        backend = _vocab_parallel_backend(backend, strategy)
+        vocab, vocab_start = _vocab_shards(process_group, vocab, hidden.device)
+    else:
+        backend = resolve_backend(FAMILY, backend, hidden.device)
+        strategy = resolve_strategy(strategy, backend, hidden.device)
     flat_targets = None
     if targets is not None:
         flat_targets = check_targets(targets, lead, vocab, scalars.ignore_index, hidden.device,
                                      "hidden")
-    backend = resolve_backend(FAMILY, backend, hidden.device)
-    strategy = resolve_strategy(strategy, backend, hidden.device)
 
     def rows(x):
         return None if x is None else x.reshape(-1, x.shape[-1]).contiguous()
@@ -262,8 +348,10 @@ def linear_token_stats(
     def contig(x):
         return None if x is None else x.contiguous()
 
-    stats, _ = linear_token_stats_op(
-        rows(hidden), contig(weight), flat_targets, contig(bias), rows(ref_hidden),
-        contig(ref_weight), contig(ref_bias), *scalars.as_args(), backend, strategy,
-    )
+    inputs = (rows(hidden), contig(weight), flat_targets, contig(bias), rows(ref_hidden),
+              contig(ref_weight), contig(ref_bias), *scalars.as_args(), backend)
+    if process_group is not None:
+        stats = _VocabParallelLinearTokenStats.apply(*inputs, process_group, vocab_start)
+    else:
+        stats, _ = linear_token_stats_op(*inputs, strategy)
     return unpack_stats(stats, lead, targets is not None, ref_hidden is not None, coef is not None)
