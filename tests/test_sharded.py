@@ -223,3 +223,23 @@ def test_vocab_parallel_needs_an_initialised_group():
     h, w, t = _head()
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         ops.linear_token_stats(h, w, t, process_group=object())
+
+
+def test_vocab_parallel_never_allocates_tokens_x_vocab(world_of_one):
+    """The vocabulary-parallel path streams its shard in the torch backend's tiles: nothing of
+    N x V_r elements, forward or backward (the allocation recorder, nashkern/memory.py)."""
+    from nashkern import ops
+    from nashkern.memory import AllocationRecorder
+
+    N, V, D = 1024, 8192, 8
+    h, w, t = _head(V, D, N)
+    h.requires_grad_(), w.requires_grad_()
+    with AllocationRecorder() as rec:
+        s = ops.linear_token_stats(h, w, t, ref_hidden=h.detach(), coef=0.5,
+                                   process_group=world_of_one)
+        (s.logprobs.sum() + s.entropy.sum() + s.kl.sum() + s.mixture_logprobs.sum()).backward()
+    largest, op = rec.largest()
+    # a 512 x 2048 float32 tile is N*V/8 here (and the largest: the recorder saw the tiles);
+    # the fp32 dW accumulator V x D is far below
+    assert N * V // 64 <= largest <= N * V // 8, f"{op} allocated {largest} elements (N*V = {N * V})"
+    assert len(rec.sizes) > 100  # the recorder saw the backend's ops
