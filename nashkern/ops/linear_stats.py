@@ -8,7 +8,9 @@ Public op: :func:`linear_token_stats`, funnelled into the custom op
 ``kernels/linear_token_stats.py``; ``"chunked"``, cuBLAS GEMMs into a budgeted ``[C, V]`` buffer
 plus each backend's logits-input ``token_stats`` implementation (``nashkern/backends/chunked.py``)
 for torch, Triton and CUDA (the only way the CUDA backend of ``csrc/`` implements this op).
-:func:`resolve_strategy` holds the ``"auto"`` rule.
+:func:`resolve_strategy` holds the ``"auto"`` rule. With ``process_group=`` (a head sharded by
+vocabulary rows) the op runs :data:`VOCAB_PARALLEL` (``backends/vocab_parallel.py``) through its
+own autograd instead of the custom op.
 """
 from __future__ import annotations
 
@@ -309,7 +311,8 @@ def linear_token_stats(
     ``hidden`` / ``ref_hidden`` and ``targets`` (global ids) are the same on every rank, and so
     are the returned statistics; ``d_hidden`` is summed over the group, ``d_weight`` / ``d_bias``
     stay this rank's rows. Torch path only (``backends/vocab_parallel.py``; DESIGN.md says what
-    it communicates and when it pays). Every rank must call it, with the same N.
+    it communicates and when it pays). Every rank must call it, with the same N and the
+    same inputs requiring grad (the backward all-reduces d_hidden).
     """
     _check_head("", hidden, weight, bias)
     scalars = Scalars.checked(coef, temperature, softcap, ignore_index)
