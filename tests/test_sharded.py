@@ -141,8 +141,8 @@ def test_vocab_parallel_linear_token_stats(tmp_path):
     odd vocabulary (37 = 19 + 18), one launch for every case of vocab_parallel_worker.CASES
     (logprobs only; + entropy; entropy without targets; + reference log-probs and KL; the
     mixture at coef 0.3, 0 and 1; the reference on the policy's head; softcap, temperature,
-    bias with a -inf column per shard, a shard with no finite logit; an ignored row, a target in
-    each shard), against the float64 oracle on the full head: every statistic, the gradients of
+    bias with a -inf column per shard, a shard with no finite logit; bf16 inputs; an ignored row,
+    a target in each shard), against the float64 oracle on the full head: every statistic, the gradients of
     the hidden states (all-reduced) and of each rank's weight / bias rows (and the reference's
     when it is trainable); and against the unsharded op on the same float32 head. float32
     tolerance: 1e-5 relative to the largest value (measured: within 2.4e-6 at values up to 11;
@@ -161,7 +161,9 @@ def test_vocab_parallel_linear_token_stats(tmp_path):
                 want |= {"d_ref_hidden", "d_ref_weight", "d_ref_bias"}
             assert want <= set(err), (name, sorted(err))
             for k, e in err.items():
-                assert e <= 1e-5 * max(1.0, scale[k.replace("_vs_unsharded", "")]), (name, k, e)
+                # bf16 gradients: rounded once to bf16 (2^-8 relative)
+                tol = 8e-3 if k.startswith("d_") and "dtype" in CASES[name] else 1e-5
+                assert e <= tol * max(1.0, scale[k.replace("_vs_unsharded", "")]), (name, k, e)
         nan = rank_res["nan_row"]
         for k in ("logprobs", "entropy", "kl"):
             assert nan[f"{k}_nan_in_row"] and nan[f"{k}_others_equal"], (k, nan)

@@ -34,6 +34,8 @@ CASES = {
     "shared_head": dict(ref=True, shared_head=True, coef=0.5, fields=ALL, temperature=1.5),
     # every column of rank 1's shard masked: that rank holds no finite logit in any row
     "masked_shard": dict(fields={"logprobs", "entropy"}, mask_shard=1),
+    # bf16 inputs (the oracle on the same rounded values): gradients come back in bf16
+    "bf16_mixture": dict(ref=True, coef=0.4, fields=ALL, softcap=3.0, dtype=torch.bfloat16),
 }
 
 
@@ -78,6 +80,8 @@ def _loss(st, ups):
 
 def check(name, opts, rank, world, g):
     x, targets, ups = _inputs(opts, g)
+    dtype = opts.get("dtype", torch.float32)
+    x = {k: v.to(dtype).double() for k, v in x.items()}  # the values the op sees
     lo, hi = BOUNDS[rank], BOUNDS[rank + 1]
     scalars = dict(coef=opts.get("coef"), temperature=opts.get("temperature", 1.0),
                    softcap=opts.get("softcap"))
@@ -89,11 +93,11 @@ def check(name, opts, rank, world, g):
     oracle_in = leaves(x, torch.float64)
     ref = naive_linear_token_stats(targets=targets, **oracle_in, **scalars)
     _loss(ref, ups).backward()
-    mine_in = leaves(_shard(x, lo, hi), torch.float32)
+    mine_in = leaves(_shard(x, lo, hi), dtype)
     st = ops.linear_token_stats(targets=targets, **mine_in, **scalars,
                                 process_group=dist.group.WORLD)
     _loss(st, ups).backward()
-    full = ops.linear_token_stats(targets=targets, **{k: v.float() for k, v in x.items()},
+    full = ops.linear_token_stats(targets=targets, **{k: v.to(dtype) for k, v in x.items()},
                                   **scalars)
     err, scale = {}, {}
     for k in FIELDS:
