@@ -315,7 +315,11 @@ def _needs_ref_tiles(has_ref: bool, need_ref_grad: bool, active: Sequence[bool])
 
 
 def _active_fields(grad: torch.Tensor) -> list:
-    """Which of the 5 fields have a nonzero upstream gradient anywhere (one host sync)."""
+    """Which of the 5 fields have a nonzero upstream gradient anywhere (one host sync). While a
+    CUDA graph is being captured no host sync is allowed: every field counts as active there
+    (same result, the skipped work is done)."""
+    if grad.is_cuda and torch.cuda.is_current_stream_capturing():
+        return [True] * grad.shape[0]
     return (grad != 0).any(dim=1).tolist() if grad.shape[1] else [False] * grad.shape[0]
 
 
