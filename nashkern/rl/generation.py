@@ -127,15 +127,14 @@ def sample_next(z: Tensor, r: Optional[Tensor], coef: float, params: SamplingPar
     return tok
 
 
-def _check_sampled(tok: Tensor, vocab: int) -> None:
+def _raise_sampled_out_of_range(tok: Tensor, bad: Tensor, vocab: int) -> None:
     """Sampled ids must lie in ``[0, V)``: -1 is the sampler's "no finite logit / NaN row"; an id
     ``>= V`` (a +inf logit on some backends) would index past the embedding."""
-    bad = (tok < 0) | (tok >= vocab)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise RuntimeError(f"generation: sampled token id {int(tok[row])} in row {row} is outside "
-                           f"[0, {vocab}): the row's (processed) logits have no finite entry, a "
-                           "NaN or a +inf")
+    row = int(bad.nonzero()[0, 0])
+    raise RuntimeError(f"generation: sampled token id {int(tok[row])} in row {row} is outside "
+                       f"[0, {vocab}): the row's (processed) logits have no finite entry, a "
+                       "NaN or a +inf")
+
 
 def greedy_next(logits: Tensor) -> Tensor:
     """argmax per row of float32 ``[B, V]`` logits; -1 where the row has a NaN or no finite
@@ -271,16 +270,20 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
         tokens, masks = [], []
         next_pos = pos[:, -1:]
         for step in range(params.max_new_tokens):
-            tok = sample_next(z, r, coef if use_ref else 0.0, params, seen, generator)
-            _check_sampled(tok, vocab)
-            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            sampled = sample_next(z, r, coef if use_ref else 0.0, params, seen, generator)
+            bad = (sampled < 0) | (sampled >= vocab)
+            tok = torch.where(finished, torch.full_like(sampled, pad_token_id), sampled)
             tokens.append(tok)
             masks.append(~finished)
             finished = finished | (tok == eos_token_id)
+            # one host read per token for both flags (out-of-range id, every row finished)
+            any_bad, all_finished = torch.stack([bad.any(), finished.all()]).tolist()
+            if any_bad:
+                _raise_sampled_out_of_range(sampled, bad, vocab)
             if seen is not None:
                 seen[torch.arange(B, device=device), tok] = True
             if step == params.max_new_tokens - 1 or all_ranks_done(
-                    bool(finished.all()), synced_gpus, device):
+                    all_finished, synced_gpus, device):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
             next_pos = next_pos + 1
