@@ -50,7 +50,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .. import tuning
-from ..kernels.layout import LOGPROBS, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS, REF_LOGPROBS
+from ..kernels.layout import NUM_LSE, NUM_STATS
 from .torch_impl import _active_fields, _needs_ref_tiles, _upstream
 
 
@@ -181,13 +181,7 @@ class ChunkedLinearTokenStats:
             return (None,) * 6
         N, V = hidden.shape[0], weight.shape[0]
         has_ref = ref_hidden is not None
-        grad = _upstream(grad_stats, targets, ignore_index)
-        if has_ref and targets is not None and coef in (0.0, 1.0):
-            # The mixture end points are the policy / the reference: fold its gradient in, so
-            # that a policy-only loss at coef 0 never recomputes the reference.
-            grad = grad.clone()
-            grad[LOGPROBS if coef == 0 else REF_LOGPROBS] += grad[MIXTURE_LOGPROBS]
-            grad[MIXTURE_LOGPROBS] = 0.0
+        grad = _upstream(grad_stats, targets, ignore_index, coef, has_ref)
         active = _active_fields(grad)
         use_ref = _needs_ref_tiles(has_ref, any(need[3:]), active)
         heads = [_Head.of(hidden, weight, bias),

@@ -323,10 +323,19 @@ def _active_fields(grad: torch.Tensor) -> list:
     return (grad != 0).any(dim=1).tolist() if grad.shape[1] else [False] * grad.shape[0]
 
 
-def _upstream(grad_stats: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int):
+def _upstream(grad_stats: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int,
+              coef: Optional[float], has_ref: bool) -> torch.Tensor:
+    """float32 upstream gradients ``[5, N]``, 0 on ignored rows. At the mixture's end points
+    (coef 0 / 1, where the mixture IS the policy / the reference) the mixture's gradient is
+    folded into the log-probs' / reference log-probs' row: exact, and a policy-only loss at
+    coef 0 then never needs the reference's tiles."""
     g = grad_stats.float()
     if targets is not None:
         g = torch.where((targets == ignore_index)[None, :], torch.zeros((), device=g.device), g)
+        if has_ref and coef in (0.0, 1.0):
+            g = g.clone()
+            g[LOGPROBS if coef == 0 else REF_LOGPROBS] += g[MIXTURE_LOGPROBS]
+            g[MIXTURE_LOGPROBS] = 0.0
     return g
 
 
@@ -384,7 +393,7 @@ def token_stats_backward(
     """``out``: optional (grad_logits, grad_ref) destinations, possibly the inputs themselves
     (each tile is read before its gradient is written)."""
     G, R, V = logits.shape
-    grad = _upstream(grad_stats, targets, ignore_index)
+    grad = _upstream(grad_stats, targets, ignore_index, coef, ref_logits is not None)
     active = _active_fields(grad)
     needs_grad_ref = needs_grad_ref and ref_logits is not None
     d_logits, d_ref = grad_outputs(logits, ref_logits, needs_grad_logits, needs_grad_ref, out)
@@ -484,7 +493,7 @@ def linear_token_stats_backward(
     need = [bool(n) and x is not None for n, x in zip(needs_input_grad, inputs)]
     need_policy, need_ref = any(need[:3]), any(need[3:])
     N, V = hidden.shape[0], weight.shape[0]
-    grad = _upstream(grad_stats, targets, ignore_index)
+    grad = _upstream(grad_stats, targets, ignore_index, coef, ref_hidden is not None)
     active = _active_fields(grad)
     # float32 accumulators (a bf16 dW accumulation loses precision at large N).
     acc = [torch.zeros(x.shape, device=x.device) if n else None for x, n in zip(inputs, need)]
