@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import Command, Distribution, setup
+from setuptools import Command, Distribution, find_packages, setup
 from setuptools.command.build import build
 
 ROOT = Path(__file__).resolve().parent
@@ -125,12 +125,24 @@ class NashkernDistribution(Distribution):
         return cuda_build_decision()[0]
 
 
+def nashkern_packages():
+    """Every package under nashkern/ (found, never listed by hand: a new subpackage cannot be left
+    out of the wheel) plus the top-level kernels/ folder installed as ``nashkern.kernels``.
+
+    kernels/ has no ``__init__.py`` on purpose: a folder without one is only a namespace portion,
+    which Python's path finder passes over in favour of any regular ``kernels`` package later on
+    ``sys.path`` (the Hugging Face ``kernels`` that transformers imports), so running from the
+    repository root can never shadow it."""
+    found = find_packages(where=str(ROOT), include=["nashkern", "nashkern.*"])
+    return sorted(found) + ["nashkern.kernels"]
+
+
 setup(
     name="nashkern",
     version="0.1.0",
     description="Streaming log-prob / entropy / KL / geometric-mixture kernels and Nash-MD trainers",
     python_requires=">=3.9",
-    packages=["nashkern", "nashkern.backends", "nashkern.rl", "nashkern.apps", "nashkern.kernels"],
+    packages=nashkern_packages(),
     package_dir={"nashkern": "nashkern", "nashkern.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "accelerate>=1.0", "datasets>=3.0"],
     entry_points={"console_scripts": ["nashkern=nashkern.apps.cli:main"]},

@@ -359,7 +359,8 @@ def config_defaults(Config, tmp_path, schedules):
     """TRL 1.13's defaults and scalar schedules; use_vllm rejected at the trainer only."""
     cfg = Config(output_dir=str(tmp_path), **CPU)
     assert cfg.bf16 is True and cfg.fp16 is False
-    assert cfg.gradient_checkpointing is True and cfg.activation_checkpointing is True
+    assert cfg.gradient_checkpointing is True
+    assert getattr(cfg, "activation_checkpointing", True) is True  # transformers >= 5.23 only
     assert cfg.learning_rate == 5e-7 and cfg.logging_steps == 10
     assert cfg.remove_unused_columns is False
     assert (cfg.top_p, cfg.top_k, cfg.min_p, cfg.repetition_penalty) == (1.0, 0, None, 1.0)

@@ -20,6 +20,7 @@ logits) → its loss (:mod:`nashkern.rl.losses`) → ``self._record_metrics``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 from collections import defaultdict
@@ -167,8 +168,19 @@ class OnlinePreferenceConfig(TrainingArguments):
                     f"{type(self).__name__} defaults to bf16=True (as TRL 1.13 does), and this "
                     f"machine has no bf16-capable accelerator: pass use_cpu=True (bf16 autocast "
                     f"on the CPU) or bf16=False (float32)")
-        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
-            self.activation_checkpointing = True
+        if self.gradient_checkpointing is not None:
+            return
+        if _HAS_ACTIVATION_CHECKPOINTING:  # transformers >= 5.23: the new name, the old an alias
+            if self.activation_checkpointing is None:
+                self.activation_checkpointing = True
+        else:  # older releases know gradient_checkpointing only
+            self.gradient_checkpointing = True
+
+
+# ``TrainingArguments.activation_checkpointing`` exists from transformers 5.23 (with
+# ``gradient_checkpointing`` kept as its deprecated alias); before, only the old name.
+_HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {
+    f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 def _bf16_available() -> bool:
