@@ -7,26 +7,77 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo bench bench-gpu bench-peers clean bench-trl device-check \
+.PHONY: install test test-suite test-root test-wheel test-min-versions wheel demo bench bench-gpu bench-peers clean bench-trl device-check \
 	device-check-dry-run device-wheels compile-gate
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q numpy "triton>=3.0" pytest pytest-benchmark pytest-xdist "transformers>=4.56" "accelerate>=1.0" "datasets>=3.0" peft matplotlib tensorboard
+	# The newest releases the declared ranges admit (what a new user gets); .ci/min-versions.txt
+	# is the other end (make test-min-versions).
+	NASHKERN_SKIP_CUDA_BUILD=$${NASHKERN_SKIP_CUDA_BUILD:-1} $(PY) -m pip install -q \
+		--no-build-isolation -e ".[test,peft,triton]"
 	# DeepSpeed for the ZeRO-3 tests (tests/test_sharded.py; CPU: DS_ACCELERATOR=cpu at run time);
 	# DS_BUILD_OPS=0: no C++/CUDA op is compiled at install (pure Python, ~15 s)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed>=0.16"
-	NASHKERN_SKIP_CUDA_BUILD=$${NASHKERN_SKIP_CUDA_BUILD:-1} $(PY) -m pip install -q --no-build-isolation -e .
+	@$(PY) scripts/versions.py
 	touch $@
 
 install: $(VENV)/.installed
 
 # The whole suite. Without a GPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1,
 # set by tests/conftest.py) on small shapes.
-test: install
+# make test = what CI runs (.ci/run): the suite with the newest releases, the checks a user makes
+# from the repository root, the built wheel installed (not editable) into a fresh venv and used
+# from outside the repository, and the suite's min_versions part at the declared lower bounds.
+test: test-suite test-root test-wheel test-min-versions
+
+test-suite: install
 	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) -p no:cacheprovider
+
+# From the repository root, where the top-level kernels/ folder is on sys.path: it must not
+# shadow the PyPI package `kernels` that transformers imports (DESIGN.md, "Packaging").
+test-root: install
+	$(PY) -m nashkern --version
+	$(PY) -m nashkern --help > /dev/null
+	$(PY) -c "import kernels, nashkern.rl.online, nashkern.kernels.token_stats as k; \
+		assert 'site-packages' in (kernels.__file__ or ''), kernels.__file__; print('root imports ok')"
+	$(PY) -m pytest --collect-only -q -p no:cacheprovider tests | tail -1
+
+# The wheel, built as pip builds it for users (isolated build; no CUDA toolchain used).
+WHEEL_DIR ?= build/wheel
+wheel:
+	rm -rf $(WHEEL_DIR) build/lib build/bdist* *.egg-info
+	NASHKERN_SKIP_CUDA_BUILD=1 $(PYTHON) -m pip wheel -q --no-deps -w $(WHEEL_DIR) .
+
+# A fresh venv with the newest releases, the wheel installed from its file (not editable), the
+# smoke script run from a directory outside the repository.
+WHEEL_VENV ?= build/venv-wheel
+SMOKE_DIR ?= $(shell mktemp -d)
+test-wheel: wheel
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q --upgrade pip
+	$(WHEEL_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(WHEEL_VENV)/bin/pip install -q $(WHEEL_DIR)/nashkern-*.whl
+	$(WHEEL_VENV)/bin/pip check
+	@$(WHEEL_VENV)/bin/python scripts/versions.py
+	cd $(SMOKE_DIR) && PATH=$(CURDIR)/$(WHEEL_VENV)/bin:$$PATH \
+		$(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/scripts/wheel_smoke.py --source $(CURDIR)
+
+# The declared lower bounds installed exactly (.ci/min-versions.txt; they are the GPU runner
+# image's versions too), the wheel's dependencies resolved from its metadata under them, the
+# smoke script on the wheel, then the tests marked min_versions from the root (the source tree).
+MIN_VENV ?= build/venv-min
+test-min-versions: wheel
+	rm -rf $(MIN_VENV) && $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q -c .ci/min-versions.txt "$$(ls $(WHEEL_DIR)/nashkern-*.whl)[test,peft,triton]"
+	$(MIN_VENV)/bin/pip check
+	@$(MIN_VENV)/bin/python scripts/versions.py --expect .ci/min-versions.txt
+	cd $(SMOKE_DIR) && PATH=$(CURDIR)/$(MIN_VENV)/bin:$$PATH \
+		$(CURDIR)/$(MIN_VENV)/bin/python $(CURDIR)/scripts/wheel_smoke.py --source $(CURDIR)
+	$(MIN_VENV)/bin/python -m pytest tests -q -n $(PYTEST_WORKERS) -p no:cacheprovider -m min_versions
 
 demo: install
 	$(PY) -m nashkern demo

@@ -1,4 +1,4 @@
-"""nashkern: fused vocabulary ops and trainers for online preference optimisation.
+"""nashkern: the build steps pyproject.toml cannot declare (metadata lives there).
 
 The Triton kernels live in the top-level ``kernels/`` folder and install as ``nashkern.kernels``.
 The optional CUDA kernels (``csrc/``) are compiled by nvcc into ``nashkern/_nashkern_cuda.so``
@@ -138,18 +138,9 @@ def nashkern_packages():
 
 
 setup(
-    name="nashkern",
-    version="0.1.0",
-    description="Streaming log-prob / entropy / KL / geometric-mixture kernels and Nash-MD trainers",
-    python_requires=">=3.9",
+    # Metadata, dependencies, extras and the console script: pyproject.toml (PEP 621).
     packages=nashkern_packages(),
     package_dir={"nashkern": "nashkern", "nashkern.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "accelerate>=1.0", "datasets>=3.0"],
-    entry_points={"console_scripts": ["nashkern=nashkern.apps.cli:main"]},
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist"],
-    },
     cmdclass={"build": BuildWithCuda, "build_cuda": BuildCuda},
     distclass=NashkernDistribution,
 )

@@ -57,6 +57,21 @@ LINK_FLAGS = (
 )
 
 
+def _pip_nvcc() -> Optional[str]:
+    """nvcc of the ``nvidia-cuda-nvcc`` wheel (the ``cuda`` extra), if installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        nvcc = os.path.join(location, "bin", "nvcc")
+        if os.path.isfile(nvcc):
+            return nvcc
+    return None
+
+
 def find_nvcc() -> Optional[str]:
     """Path of nvcc, or None."""
     candidates = [os.environ.get("NVCC")]
@@ -65,6 +80,7 @@ def find_nvcc() -> Optional[str]:
             candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
     candidates.append(shutil.which("nvcc"))
     candidates.append("/usr/local/cuda/bin/nvcc")
+    candidates.append(_pip_nvcc())  # nashkern[cuda]: PyPI's nvidia-cuda-nvcc
     for c in candidates:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c

@@ -35,3 +35,43 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _versions_line():
+    """scripts/versions.py's one line (torch, transformers, accelerate, ... as installed)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "versions.py"
+    spec = importlib.util.spec_from_file_location("_nashkern_versions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.versions_line()
+
+
+def pytest_report_header(config):
+    return f"nashkern runs against: {_versions_line()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Also under -q (no header): a failure caused by a new release names the package and version.
+    if hasattr(config, "workerinput"):
+        return
+    terminalreporter.write_line(f"nashkern ran against: {_versions_line()}")
+
+
+# The part of the suite the minimum-versions job runs (make test-min-versions: the declared lower
+# bounds, which are the GPU runner image's versions): everything that touches transformers,
+# accelerate, datasets or peft through the trainers, plus the ops against the oracle. By file
+# name, so that moving a file between test folders keeps it selected.
+MIN_VERSIONS_FILES = {
+    "test_ops.py", "test_generation.py", "test_callbacks.py", "test_losses.py",
+    "test_nash_md_trainer.py", "test_xpo_trainer.py", "test_online_dpo_trainer.py",
+    "test_trl_compat_nash_md.py", "test_trl_compat_xpo.py", "test_trl_compat_online_dpo.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in MIN_VERSIONS_FILES:
+            item.add_marker(pytest.mark.min_versions)

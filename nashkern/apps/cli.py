@@ -80,7 +80,10 @@ def _nash_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="nashkern")
+    parser.add_argument("--version", action="version", version=f"nashkern {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ops-demo", help=demo.__doc__)
     p.add_argument("--tokens", type=int, default=2048)
