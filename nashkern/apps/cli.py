@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--output-dir", default="nashkern_nash_demo")
     n.set_defaults(func=_nash_demo)
-    sub.add_parser("train", help="Nash-MD / XPO / Online DPO training (`--method nash_md|xpo|"
+    sub.add_parser("train", help="Nash-MD / Nash-EMA / XPO / Online DPO training (`--method "
+                                 "nash_md|nash-ema|xpo|"
                                  "online_dpo`; the original example scripts' arguments; "
                                  "`nashkern train --method xpo --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
