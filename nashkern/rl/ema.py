@@ -115,6 +115,7 @@ class ParameterEMA:
     def __init__(self, model: nn.Module):
         self.model = model
         self.engine = engines.engine_of(model)
+        release_gathered(model)  # (an unsharded FSDP2 unit registers its full parameters)
         shards = local_shards(model)
         if not shards:
             raise ValueError(f"{type(model).__name__} has no trainable parameter to average")
@@ -124,6 +125,10 @@ class ParameterEMA:
         self.num_updates = 0
 
     def _shards(self) -> List[Tensor]:
+        """This rank's local shards now, after :func:`release_gathered` (while an FSDP2 unit is
+        unsharded its module holds the full parameters, whose storage its reshard frees)."""
+        with torch.no_grad():
+            release_gathered(self.model)
         shards = local_shards(self.model)
         names = [n for n, _ in shards]
         if names != self.names:
@@ -154,9 +159,8 @@ class ParameterEMA:
         """The policy's trainable local shards hold ``θ̄`` (cast to their dtype) for the duration
         and their own values, bit for bit, afterwards (on every rank: the engine's gathers are
         collectives, every rank must enter)."""
-        shards = self._shards()
         with torch.no_grad():
-            release_gathered(self.model)
+            shards = self._shards()
             backup = [t.clone() for t in shards]
             for t, s in zip(shards, self.shadow):
                 t.copy_(s)
@@ -164,8 +168,7 @@ class ParameterEMA:
             yield
         finally:
             with torch.no_grad():
-                release_gathered(self.model)
-                for t, b in zip(shards, backup):
+                for t, b in zip(self._shards(), backup):
                     t.copy_(b)
             del backup
 
