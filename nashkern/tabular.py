@@ -3,7 +3,8 @@ response set ``Y = {0, …, n−1}``: Nash-MD, the tabular counterpart of Nash-E
 against the policy of the averaged logits, :func:`nash_ema`), the baselines the paper discusses
 (iterated best response, self-play, RLHF through a fitted Bradley–Terry reward), the exact
 regularised Nash equilibrium (solved independently of those iterations and certified by its
-duality gap) and the exploitability. Everything is float64 torch; policies are ``[n]`` probability vectors.
+duality gap) and the exploitability. Everything is float64 torch; policies are ``[n]``
+probability vectors.
 
 The game (``PreferenceGame``): ``P[y, y'] = P(y ≻ y')`` with ``P + Pᵀ = 1``, reference ``μ``,
 regularisation ``τ ≥ 0``. With ``P(π ≻ π') = πᵀ P π'`` the regularised preference is

@@ -310,18 +310,20 @@ def run(args) -> int:
                             tabular_steps=args.tabular_steps, lm_steps=args.lm_steps,
                             batch_size=args.batch_size, learning_rate=args.learning_rate,
                             seed=args.seed, ema_decay=args.ema_decay)
-    print(f"\n{'τ':14s}{'method':50s}{'final policy':>24s}{'exploitability':>16s}"
-          f"{'KL(π*‖π)':>10s}{'max expl. last 20%':>20s}")
+    print(f"\n{'τ':14s}{'method':56s}{'final policy':>24s}{'exploitability':>16s}"
+          f"{'KL(π*‖π)':>10s}{'max expl. last 20%':>20s}{'min expl. (step)':>20s}")
     for c in curves:
         g = game.with_tau(c.tau)
         star = tb.solve_equilibrium(g).policy
         kind = f"{'LM' if c.panel.startswith('tiny') else 'tabular'} {c.tau:g}"
         name = c.method + (f" ({c.seconds:.0f} s)" if c.seconds else "")
         # max(·, 0): float64 rounding leaves −1e-17 at the equilibrium
-        print(f"{kind:14s}{name:50s}{_fmt(c.final):>24s}"
+        best = int(c.exploitability.argmin())
+        print(f"{kind:14s}{name:56s}{_fmt(c.final):>24s}"
               f"{max(float(g.exploitability(c.final)), 0.0):16.4f}"
               f"{max(float(tb.kl(star, c.final)), 0.0):10.4f}"
-              f"{max(_tail_max(c.exploitability), 0.0):20.4f}")
+              f"{max(_tail_max(c.exploitability), 0.0):20.4f}"
+              f"{max(float(c.exploitability[best]), 0.0):13.4f} ({best:3d})")
     print(f"\n(tabular: the last of {args.tabular_steps} iterates; LM: the mean distribution "
           f"over the last 10% of {args.lm_steps} steps of {args.batch_size} pairs, learning rate "
           f"{args.learning_rate:g}. The trainer is stationary at Nash-MD's constant-step fixed "

@@ -18,9 +18,9 @@ as fictitious play's would be).
 Everything else is Nash-MD's step (:class:`~nashkern.rl.nash_md.NashMDTrainer`, of which this is
 a subclass overriding only where the opponent comes from): scoring by reward model / judge /
 reward functions, ``P(policy ≻ opponent)``, the KL to the reference (``beta``, ``kl_estimator``),
-the fused statistics, :func:`~nashkern.rl.losses.nash_md_loss` and the metrics (``rewards/rejected``,
-``val/ref_contain_eos_token`` and ``last_samples["mixture"]`` are the opponent's; ``ema_decay``
-is logged instead of ``mixture_coef``).
+the fused statistics, :func:`~nashkern.rl.losses.nash_md_loss` and the metrics
+(``rewards/rejected``, ``val/ref_contain_eos_token`` and ``last_samples["mixture"]`` are the
+opponent's; ``ema_decay`` is logged instead of ``mixture_coef``).
 
 What the average costs (:mod:`nashkern.rl.ema`): one float32 copy of this rank's local shards of
 the trainable parameters (the adapters only with PEFT; sharded like the policy under FSDP1 /
@@ -179,7 +179,7 @@ class NashEMATrainer(NashMDTrainer):
         path = self._ema_path(checkpoint)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"resuming Nash-EMA from {checkpoint}: it holds no EMA state ({os.path.basename(path)}"
-                f"); a checkpoint of another trainer, or of another engine / number of processes, "
+                f"resuming Nash-EMA from {checkpoint}: it holds no EMA state "
+                f"({os.path.basename(path)}); a checkpoint of another trainer, or of another engine / number of processes, "
                 f"cannot restore the opponent's parameters")
         ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
