@@ -1,6 +1,6 @@
 """Run by tests/test_nash_ema_sharded.py under `accelerate launch` (2 CPU processes, gloo):
 ``python nash_ema_worker.py ENGINES OUT_DIR`` with ENGINES a comma-separated list of ddp, fsdp2
-(one launch runs them in turn: a launch costs ~15-25 s of start-up).
+(the test's), fsdp1, zero3 (one launch runs them in turn: a launch costs ~15-25 s of start-up).
 
 Per engine: two Nash-EMA steps (ema_decay 0.5, so the second step's opponent is θ̄_1 ≠ θ_1) with
 an explicit reference, greedy generation (top_k=1: the samples do not depend on the per-rank
@@ -82,6 +82,12 @@ def run(engine, out):
 def main(engine_list, out):
     torch.set_num_threads(1)
     force_engine()
+    if "zero3" in engine_list:  # as sharded_worker.main: deepspeed.comm up, no JIT shm op
+        import deepspeed
+        import deepspeed.comm.torch  # noqa: F401
+
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo")
     from accelerate.state import AcceleratorState
 
     for i, engine in enumerate(engine_list.split(",")):

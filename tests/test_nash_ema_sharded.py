@@ -47,4 +47,4 @@ def test_nash_ema_ddp_and_fsdp2_match_one_process(tmp_path):
             assert res["ema_local_numel"] == res["full_numel"]
     # the second step's opponent was the average, not the policy: θ̄_2 ≠ θ_2
     params = dict(one.model.named_parameters())
-    assert max(float((v - params[k]).abs().max()) for k, v in base_ema.items()) > 1e-3
+    assert max(float((v - params[k].detach()).abs().max()) for k, v in base_ema.items()) > 1e-3

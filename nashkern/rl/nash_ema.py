@@ -116,10 +116,11 @@ class NashEMATrainer(NashMDTrainer):
     # -- the average --------------------------------------------------------------------------
     def _ema_module(self):
         """The module whose parameters the optimizer updates, as the average holds them: the
-        FSDP1 wrapper (its flat parameters), else the model inside DDP / DeepSpeed (FSDP2 and
-        a single process: the model itself)."""
+        FSDP1 wrapper (its flat parameters) and the ZeRO-3 engine (whose parameter cache
+        :func:`~nashkern.rl.ema.release_gathered` empties), else the model inside DDP /
+        DeepSpeed ZeRO-1/2 (FSDP2 and a single process: the model itself)."""
         wrapped = self.model_wrapped if self.model_wrapped is not None else self.model
-        return wrapped if engines.engine_of(wrapped) == "fsdp1" else \
+        return wrapped if engines.engine_of(wrapped) in ("fsdp1", "zero3") else \
             engines.inner_module(wrapped)
 
     @property
