@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = ["ops", "naive", "TokenStats", "__version__"]
 
 _LAZY = {"NashMDConfig": "nash_md", "NashMDTrainer": "nash_md",
+         "NashEMAConfig": "nash_ema", "NashEMATrainer": "nash_ema",
          "XPOConfig": "xpo", "XPOTrainer": "xpo",
          "OnlineDPOConfig": "online_dpo", "OnlineDPOTrainer": "online_dpo",
          "OnlinePreferenceConfig": "online", "OnlinePreferenceTrainer": "online",

@@ -1,8 +1,10 @@
 """The tabular algorithms of *Nash Learning from Human Feedback* (Munos et al., 2023) on a finite
-response set ``Y = {0, …, n−1}``: Nash-MD, the baselines the paper discusses (iterated best
-response, self-play, RLHF through a fitted Bradley–Terry reward), the exact regularised Nash
-equilibrium (solved independently of those iterations and certified by its duality gap) and the
-exploitability. Everything is float64 torch; policies are ``[n]`` probability vectors.
+response set ``Y = {0, …, n−1}``: Nash-MD, the tabular counterpart of Nash-EMA-PG (self-play
+against the policy of the averaged logits, :func:`nash_ema`), the baselines the paper discusses
+(iterated best response, self-play, RLHF through a fitted Bradley–Terry reward), the exact
+regularised Nash equilibrium (solved independently of those iterations and certified by its
+duality gap) and the exploitability. Everything is float64 torch; policies are ``[n]``
+probability vectors.
 
 The game (``PreferenceGame``): ``P[y, y'] = P(y ≻ y')`` with ``P + Pᵀ = 1``, reference ``μ``,
 regularisation ``τ ≥ 0``. With ``P(π ≻ π') = πᵀ P π'`` the regularised preference is
@@ -218,6 +220,76 @@ def self_play(game: PreferenceGame, eta: Step, steps: int,
     magnetic mirror descent (Sokota et al., 2022), which converges when ``η`` is small enough
     relative to ``τ`` and fails to when it is not (``tests/test_tabular.py``)."""
     return _mirror_descent(self_play_step, game, eta, steps, pi0)
+
+
+def nash_ema_step(game: PreferenceGame, pi: Tensor, opponent: Tensor, eta: float) -> Tensor:
+    """One Nash-EMA step: ``π' ∝ π^(1−ητ) μ^(ητ) exp(η P(· ≻ π̄))``, the opponent ``π̄`` being
+    the policy of the averaged logits (:func:`nash_ema`)."""
+    prior = geometric_mixture(pi, game.mu, eta * game.tau)
+    return torch.log_softmax(prior.log() + eta * game.win_rates(opponent), -1).exp()
+
+
+def nash_ema(game: PreferenceGame, eta: Step, decay: float, steps: int,
+             pi0: Optional[Tensor] = None, *, return_opponents: bool = False):
+    """Nash-EMA, the tabular counterpart of Nash-EMA-PG: the KL step of self-play against the
+    policy ``π̄_t = softmax(θ̄_t)`` of an exponential moving average of the policy's logits
+    (its parameters here, ``θ_t = log π_t``):
+
+        π_{t+1} ∝ π_t^(1−ητ) μ^(ητ) exp(η P(· ≻ π̄_t)),      θ̄_{t+1} = β θ̄_t + (1−β) log π_{t+1},
+
+    ``θ̄_0 = log π_0``, ``β = decay`` (the paper's β: 0 is :func:`self_play` exactly; 1 keeps the
+    opponent at π_0, and π_t tends to the best response ``BR_τ(π_0)``).
+
+    What holds (``tests/test_tabular.py``): for β < 1 a fixed point has ``θ̄ = log π`` and
+    ``π ∝ μ exp(P(· ≻ π)/τ)``, i.e. the only fixed point is the regularised equilibrium π*_τ
+    itself (no O(η) bias, unlike Nash-MD's constant step); whether the iteration converges to
+    it is a local property, the spectral radius of the joint map (:func:`nash_ema_spectral_radius`)
+    — no global or last-iterate theorem like Nash-MD's (β → 1 slows the opponent down, which
+    damps self-play's cycling where its radius exceeds 1, at the price of a slower rate).
+    Returns the ``[T + 1, n]`` policies, and with ``return_opponents`` also the opponents
+    ``π̄_t`` ``[T + 1, n]``."""
+    beta = float(decay)
+    if not 0 <= beta <= 1:
+        raise ValueError(f"decay must be in [0, 1] (0: self-play, 1: a fixed opponent), got "
+                         f"{decay}")
+    start = game.mu.clone() if pi0 is None else _as_policy("pi0", pi0, game.n)
+    theta_bar = start.log()
+    opponents = [start]
+
+    def update(pi, t):
+        nonlocal theta_bar
+        e = _step_size(eta, t)
+        _check_eta(game, e, t)
+        # β = 0: the opponent is the policy itself (no round trip through its logits)
+        new = nash_ema_step(game, pi, pi if beta == 0 else torch.softmax(theta_bar, -1), e)
+        theta_bar = beta * theta_bar + (1 - beta) * new.log()
+        opponents.append(new if beta == 0 else torch.softmax(theta_bar, -1))
+        return new
+
+    out = _run(game, steps, start, update)
+    return (out, torch.stack(opponents)) if return_opponents else out
+
+
+def nash_ema_spectral_radius(game: PreferenceGame, eta: float, decay: float,
+                             at: Optional[Tensor] = None) -> float:
+    """Spectral radius of the linearisation of Nash-EMA's joint map ``(log π, θ̄) ↦ (log π',
+    θ̄')`` (each modulo constants) at ``(at, at)``, by default at π*_τ (its fixed point): < 1
+    means the iteration converges to π*_τ from close enough, > 1 that it cannot (from almost
+    every start)."""
+    pi = solve_equilibrium(game).policy if at is None else at
+    n = game.n
+    basis = torch.linalg.qr(torch.eye(n, dtype=DTYPE) - 1.0 / n).Q[:, : n - 1]
+    log_pi = pi.log()
+
+    def f(z):
+        p = torch.softmax(log_pi + basis @ z[: n - 1], -1)
+        bar = log_pi + basis @ z[n - 1:]
+        new = nash_ema_step(game, p, torch.softmax(bar, -1), eta).log()
+        new_bar = decay * bar + (1 - decay) * new
+        return torch.cat([basis.T @ new, basis.T @ new_bar])
+
+    J = torch.autograd.functional.jacobian(f, torch.zeros(2 * (n - 1), dtype=DTYPE))
+    return float(torch.linalg.eigvals(J).abs().max())
 
 
 def step_spectral_radius(step_fn, game: PreferenceGame, pi: Tensor, eta: float) -> float:

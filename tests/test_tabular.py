@@ -245,6 +245,49 @@ def test_regularised_self_play_converges_with_a_small_step():
 
 
 # ------------------------------------------------------------------------------------------------
+# Nash-EMA: self-play against the policy of the averaged logits
+# ------------------------------------------------------------------------------------------------
+def test_nash_ema_end_points():
+    """β = 0 is self-play, iterate for iterate (bit for bit); β = 1 keeps the opponent at π_0, so
+    the policy goes to the best response BR_τ(π_0) (at the rate (1 − ητ)^t of the KL step)."""
+    game = _cyclic(0.1)
+    eta = 5.0
+    assert torch.equal(tb.nash_ema(game, eta, 0.0, 50), tb.self_play(game, eta, 50))
+    pi0 = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
+    traj, opponents = tb.nash_ema(game, eta, 1.0, 60, pi0=pi0, return_opponents=True)
+    assert bool((opponents - pi0).abs().max() < 1e-15)
+    assert float(tb.kl(game.best_response(pi0), traj[-1])) < 1e-15
+
+
+@pytest.mark.parametrize("name", list(GAMES))
+def test_nash_ema_fixed_point_is_the_equilibrium_and_convergence_is_local(name):
+    """What holds for Nash-EMA and what does not, at τ = 0.05, ητ = 0.5 (where self-play
+    cycles). (1) Its fixed point is π*_τ itself (θ̄ = θ, then the self-play fixed point):
+    one step from (π*, π*) returns π*, and a converging run ends at π*_τ exactly (KL < 1e-12),
+    not at Nash-MD's constant-step point π̂ (KL(π*‖π̂) > 1e-3). (2) Convergence is decided by
+    the spectral radius at π*_τ, which depends on β and on the game: β = 0.95 gives < 1 on both
+    games and the last iterate converges; β = 0.5 gives > 1 and it does not (exploitability
+    over the last 500 of 2000 iterates stays above 1e-3, as for self-play): no guarantee like
+    Nash-MD's one-step inequality."""
+    tau = 0.05
+    game = GAMES[name](tau)
+    eta = 0.5 / tau
+    star = tb.solve_equilibrium(game).policy
+    torch.testing.assert_close(tb.nash_ema_step(game, star, star, eta), star, rtol=0, atol=1e-13)
+    fixed = tb.solve_equilibrium(game, coef=eta * tau).policy
+    assert float(tb.kl(star, fixed)) > 1e-3
+    steps = 2000
+    assert tb.nash_ema_spectral_radius(game, eta, 0.95) < 1
+    traj = tb.nash_ema(game, eta, 0.95, steps)
+    assert float(tb.kl(star, traj[-1])) < 1e-12
+    assert tb.nash_ema_spectral_radius(game, eta, 0.5) > 1
+    gaps, _ = tb.trajectory_metrics(game, tb.nash_ema(game, eta, 0.5, steps), star)
+    assert float(gaps[-500:].min()) > 1e-3
+    with pytest.raises(ValueError, match="decay"):
+        tb.nash_ema(game, eta, 1.5, 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # RLHF: a Bradley–Terry reward, then the KL-regularised optimum
 # ------------------------------------------------------------------------------------------------
 def test_bradley_terry_fit_recovers_the_reward():

@@ -102,13 +102,16 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--output-dir", default="nashkern_demo")
     t.set_defaults(func=_train_demo)
-    n = sub.add_parser("nash-demo", help="Nash-MD vs self-play, best response and RLHF on a "
-                                         "non-transitive preference: tabular and the LM trainer; "
-                                         "prints a table, writes exploitability.png")
+    n = sub.add_parser("nash-demo", help="Nash-MD and Nash-EMA vs self-play, best response and "
+                                         "RLHF on a non-transitive preference: tabular and the "
+                                         "LM trainers; prints a table, writes exploitability.png")
     n.add_argument("--beta", type=float, default=0.1,
                    help="tau (the KL weight) of the LM and of the first tabular game (the "
                         "second: tau/2)")
     n.add_argument("--mixture-coef", type=float, default=0.5, help="c = eta * tau")
+    n.add_argument("--ema-decay", type=float, default=0.9,
+                   help="Nash-EMA's beta (tabular and LM): the opponent's parameters are the "
+                        "EMA of the policy's with this decay (0: self-play)")
     n.add_argument("--tabular-steps", type=int, default=300)
     n.add_argument("--lm-steps", type=int, default=150)
     n.add_argument("--batch-size", type=int, default=16)
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--output-dir", default="nashkern_nash_demo")
     n.set_defaults(func=_nash_demo)
-    sub.add_parser("train", help="Nash-MD / XPO / Online DPO training (`--method nash_md|xpo|"
+    sub.add_parser("train", help="Nash-MD / Nash-EMA / XPO / Online DPO training (`--method "
+                                 "nash_md|nash-ema|xpo|"
                                  "online_dpo`; the original example scripts' arguments; "
                                  "`nashkern train --method xpo --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)

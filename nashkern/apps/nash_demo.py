@@ -1,6 +1,6 @@
 """``nashkern nash-demo``: does Nash-MD find the Nash equilibrium? The paper's tabular algorithms
-(:mod:`nashkern.tabular`) and the LM trainer (:class:`~nashkern.rl.nash_md.NashMDTrainer`) on the
-same non-transitive preference game.
+(:mod:`nashkern.tabular`) and the LM trainers (:class:`~nashkern.rl.nash_md.NashMDTrainer`,
+:class:`~nashkern.rl.nash_ema.NashEMATrainer`) on the same non-transitive preference game.
 
 The LM game: one prompt (``"q"``), a tiny causal LM whose completion is one token
 (``max_new_tokens=1``) among the responses ``y0 … y{n−1}``; its tokenizer's vocabulary is those
@@ -22,6 +22,12 @@ the constant step ``η = c/τ`` (``solve_equilibrium(game, coef=c)``), which ten
 ``c → 0`` (``KL(π*_τ‖π̂_c) ≤ η/(8τ)``). What is approximate: the learning rate replaces the exact
 mirror step (Adam on the network's weights, not a natural-gradient step on the policy), and each
 step sees a batch of sampled pairs and sampled judgements instead of the exact ``P(· ≻ π_mix)``.
+
+Nash-EMA (:class:`~nashkern.rl.nash_ema.NashEMATrainer`, tabular :func:`nashkern.tabular.nash_ema`):
+the opponent is the policy of the EMA of the parameters (decay ``ema_decay``, the paper's β), so
+the expected gradient vanishes where ``θ̄ = θ`` and ``π ∝ μ exp(P(· ≻ π)/β)``: at π*_τ itself,
+with no ``c``-bias; whether the iteration gets there is not guaranteed (the EMA damps
+self-play's cycling for a suitable decay, too small a decay cycles, too large a one is slow).
 """
 from __future__ import annotations
 
@@ -151,10 +157,14 @@ class LMRun:
 
 def train_lm(P: torch.Tensor, mu: torch.Tensor, *, route: str, beta: float, mixture_coef: float,
              steps: int, batch_size: int = 16, learning_rate: float = 0.005, hidden: int = 16,
-             seed: int = 0, output_dir: Optional[str] = None) -> LMRun:
-    """Train the tiny LM with :class:`NashMDTrainer` on the game (``route``: ``"judge"``, the
-    preference ``P`` sampled by a judge, or ``"bt"``, the fitted Bradley–Terry reward) and record
-    its distribution over the responses after every step. ``mu`` (the reference, set into the
+             seed: int = 0, output_dir: Optional[str] = None, method: str = "nash_md",
+             ema_decay: float = 0.9) -> LMRun:
+    """Train the tiny LM with :class:`NashMDTrainer` (``method="nash_md"``, opponent
+    ``π^(1−c)·μ^c``, ``c = mixture_coef``) or :class:`~nashkern.rl.nash_ema.NashEMATrainer`
+    (``method="nash_ema"``, the opponent the policy of the parameter EMA with decay
+    ``ema_decay``; ``mixture_coef`` unused) on the game (``route``: ``"judge"``, the preference
+    ``P`` sampled by a judge, or ``"bt"``, the fitted Bradley–Terry reward) and record its
+    distribution over the responses after every step. ``mu`` (the reference, set into the
     initial model) and ``P`` are validated as a :class:`~nashkern.tabular.PreferenceGame`.
     ``output_dir``: the trainer's (nothing is saved); a temporary directory when None."""
     import tempfile
@@ -162,10 +172,13 @@ def train_lm(P: torch.Tensor, mu: torch.Tensor, *, route: str, beta: float, mixt
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
 
+    from ..rl.nash_ema import NashEMAConfig, NashEMATrainer
     from ..rl.nash_md import NashMDConfig, NashMDTrainer
 
     if route not in ("judge", "bt"):
         raise ValueError(f"route must be 'judge' or 'bt', got {route!r}")
+    if method not in ("nash_md", "nash_ema"):
+        raise ValueError(f"method must be 'nash_md' or 'nash_ema', got {method!r}")
     game = tb.PreferenceGame(P, mu, beta)
     P, mu = game.P, game.mu
     names = responses(game.n)
@@ -180,14 +193,18 @@ def train_lm(P: torch.Tensor, mu: torch.Tensor, *, route: str, beta: float, mixt
             policies.append(response_distribution(model, tok, names))
 
     with tempfile.TemporaryDirectory(prefix="nash_demo_") as tmp:
-        cfg = NashMDConfig(
+        Config, Trainer = ((NashMDConfig, NashMDTrainer) if method == "nash_md" else
+                           (NashEMAConfig, NashEMATrainer))
+        opponent = (dict(mixture_coef=mixture_coef) if method == "nash_md" else
+                    dict(ema_decay=ema_decay))
+        cfg = Config(
             output_dir=output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
             learning_rate=learning_rate, lr_scheduler_type="constant", max_new_tokens=1,
-            temperature=1.0, beta=beta, mixture_coef=mixture_coef, kl_estimator="full",
+            temperature=1.0, beta=beta, kl_estimator="full", **opponent,
             logging_steps=max(steps, 1), report_to="none", save_strategy="no", use_cpu=True,
             bf16=False,
             seed=seed, disable_tqdm=True, log_level="error")
-        trainer = NashMDTrainer(
+        trainer = Trainer(
             model=model, args=cfg, processing_class=tok,
             train_dataset=Dataset.from_dict({"prompt": [PROMPT] * batch_size}),
             callbacks=[Track()], **scorer)
@@ -209,13 +226,16 @@ def demo_game(tau: float) -> tb.PreferenceGame:
                              torch.tensor(DEMO_MU, dtype=torch.float64), tau)
 
 
-def tabular_runs(game: tb.PreferenceGame, coef: float, steps: int) -> Dict[str, torch.Tensor]:
+def tabular_runs(game: tb.PreferenceGame, coef: float, steps: int,
+                 ema_decay: float = 0.9) -> Dict[str, torch.Tensor]:
     """Trajectories ``[steps + 1, n]`` of the tabular methods (RLHF: its optimum, repeated)."""
     eta = coef / game.tau
     rlhf = tb.rlhf_policy(game, tb.fit_bradley_terry(game.P))
     return {
         "Nash-MD, eta_t = 2/(tau(t+2))": tb.nash_md(game, tb.decreasing_step(game.tau), steps),
         f"Nash-MD, eta = {eta:g}": tb.nash_md(game, eta, steps),
+        f"Nash-EMA, eta = {eta:g}, beta_ema = {ema_decay:g}": tb.nash_ema(game, eta, ema_decay,
+                                                                          steps),
         f"self-play (OMD), eta = {eta:g}": tb.self_play(game, eta, steps),
         "best response": tb.iterated_best_response(game, steps),
         "fictitious play": tb.fictitious_play(game, steps),
@@ -231,7 +251,7 @@ def _tail_max(gaps: torch.Tensor) -> float:
 
 @dataclass
 class Curve:
-    panel: str            # "tabular, τ = …" or "tiny LM, NashMDTrainer, beta = …"
+    panel: str            # "tabular, τ = …" or "tiny LM, beta = …"
     method: str
     tau: float
     policies: torch.Tensor  # [steps + 1, n]
@@ -242,26 +262,29 @@ class Curve:
 
 
 def collect_curves(*, beta: float, mixture_coef: float, tabular_steps: int, lm_steps: int,
-                   batch_size: int, learning_rate: float, seed: int = 0) -> List[Curve]:
+                   batch_size: int, learning_rate: float, seed: int = 0,
+                   ema_decay: float = 0.9) -> List[Curve]:
     """Every method's full curve on the demo game: the tabular methods at τ = beta and
-    τ = beta/2, the LM trainer (both routes) at beta."""
+    τ = beta/2, the LM trainers (Nash-MD both routes, Nash-EMA with the judge) at beta."""
     game = demo_game(beta)
     curves = []
     for g in (game, game.with_tau(beta / 2)):
         star = tb.solve_equilibrium(g).policy
-        for name, traj in tabular_runs(g, mixture_coef, tabular_steps).items():
+        for name, traj in tabular_runs(g, mixture_coef, tabular_steps, ema_decay).items():
             gaps, dists = tb.trajectory_metrics(g, traj, star)
             curves.append(Curve(f"tabular, τ = {g.tau:g}", name, g.tau, traj, gaps, dists,
                                 traj[-1]))
     star = tb.solve_equilibrium(game).policy
-    for route, label in (("judge", "NashMDTrainer, judge samples P"),
-                         ("bt", "NashMDTrainer, fitted BT reward")):
+    for method, route, label in (
+            ("nash_md", "judge", "NashMDTrainer, judge samples P"),
+            ("nash_ema", "judge", f"NashEMATrainer (beta_ema {ema_decay:g}), judge samples P"),
+            ("nash_md", "bt", "NashMDTrainer, fitted BT reward")):
         lm = train_lm(game.P, game.mu, route=route, beta=beta, mixture_coef=mixture_coef,
                       steps=lm_steps, batch_size=batch_size, learning_rate=learning_rate,
-                      seed=seed)
+                      seed=seed, method=method, ema_decay=ema_decay)
         gaps, dists = tb.trajectory_metrics(game, lm.policies, star)
         k = max(1, lm_steps // 10)  # the LM's last iterate is noisy: average the last 10%
-        curves.append(Curve(f"tiny LM, NashMDTrainer, beta = {beta:g}", label, beta,
+        curves.append(Curve(f"tiny LM, beta = {beta:g}", label, beta,
                             lm.policies, gaps, dists, lm.policies[-k:].mean(0), lm.seconds))
     return curves
 
@@ -286,24 +309,28 @@ def run(args) -> int:
     curves = collect_curves(beta=args.beta, mixture_coef=args.mixture_coef,
                             tabular_steps=args.tabular_steps, lm_steps=args.lm_steps,
                             batch_size=args.batch_size, learning_rate=args.learning_rate,
-                            seed=args.seed)
-    print(f"\n{'τ':14s}{'method':42s}{'final policy':>24s}{'exploitability':>16s}"
-          f"{'KL(π*‖π)':>10s}{'max expl. last 20%':>20s}")
+                            seed=args.seed, ema_decay=args.ema_decay)
+    print(f"\n{'τ':14s}{'method':56s}{'final policy':>24s}{'exploitability':>16s}"
+          f"{'KL(π*‖π)':>10s}{'max expl. last 20%':>20s}{'min expl. (step)':>20s}")
     for c in curves:
         g = game.with_tau(c.tau)
         star = tb.solve_equilibrium(g).policy
         kind = f"{'LM' if c.panel.startswith('tiny') else 'tabular'} {c.tau:g}"
         name = c.method + (f" ({c.seconds:.0f} s)" if c.seconds else "")
         # max(·, 0): float64 rounding leaves −1e-17 at the equilibrium
-        print(f"{kind:14s}{name:42s}{_fmt(c.final):>24s}"
+        best = int(c.exploitability.argmin())
+        print(f"{kind:14s}{name:56s}{_fmt(c.final):>24s}"
               f"{max(float(g.exploitability(c.final)), 0.0):16.4f}"
               f"{max(float(tb.kl(star, c.final)), 0.0):10.4f}"
-              f"{max(_tail_max(c.exploitability), 0.0):20.4f}")
+              f"{max(_tail_max(c.exploitability), 0.0):20.4f}"
+              f"{max(float(c.exploitability[best]), 0.0):13.4f} ({best:3d})")
     print(f"\n(tabular: the last of {args.tabular_steps} iterates; LM: the mean distribution "
           f"over the last 10% of {args.lm_steps} steps of {args.batch_size} pairs, learning rate "
           f"{args.learning_rate:g}. The trainer is stationary at Nash-MD's constant-step fixed "
           f"point π̂ = {_fmt(fixed)}: exploitability {float(game.exploitability(fixed)):.4f}, "
-          f"KL(π*‖π̂) {float(tb.kl(tb.solve_equilibrium(game).policy, fixed)):.4f}.)")
+          f"KL(π*‖π̂) {float(tb.kl(tb.solve_equilibrium(game).policy, fixed)):.4f}; Nash-EMA's "
+          f"only fixed point is π*_τ itself (θ̄ = θ there), reached when the EMA damps "
+          f"self-play's cycling: no theorem, see nashkern.tabular.nash_ema.)")
     plot_curves(curves, float(game.exploitability(fixed)),
                 os.path.join(os.path.abspath(args.output_dir), "exploitability.png"))
     return 0

@@ -1,8 +1,9 @@
 """``nashkern train``: the original example scripts (``examples/scripts/nash_md.py``,
-``xpo.py``, ``online_dpo.py``) on nashkern's trainers. ``--method nash_md|xpo|online_dpo``
-(default ``nash_md``) picks the trainer and its config; the rest is parsed by
-``HfArgumentParser`` over :class:`ScriptArguments` and that config. Runs under
-``accelerate launch`` as well as plain ``python -m nashkern train``."""
+``xpo.py``, ``online_dpo.py``) on nashkern's trainers. ``--method
+nash_md|nash_ema|xpo|online_dpo`` (hyphens accepted: ``nash-ema``; default ``nash_md``) picks
+the trainer and its config; the rest is parsed by ``HfArgumentParser`` over
+:class:`ScriptArguments` and that config. Runs under ``accelerate launch`` as well as plain
+``python -m nashkern train``."""
 from __future__ import annotations
 
 import os
@@ -42,6 +43,7 @@ def load_prompts(name: str, config: Optional[str], split: str):
 
 
 METHODS = {"nash_md": ("nash_md", "NashMDConfig", "NashMDTrainer"),
+           "nash_ema": ("nash_ema", "NashEMAConfig", "NashEMATrainer"),
            "xpo": ("xpo", "XPOConfig", "XPOTrainer"),
            "online_dpo": ("online_dpo", "OnlineDPOConfig", "OnlineDPOTrainer")}
 
@@ -52,7 +54,9 @@ def split_method(argv) -> tuple:
     import argparse
 
     pre = argparse.ArgumentParser(prog="nashkern train", add_help=False)
-    pre.add_argument("--method", default="nash_md", choices=sorted(METHODS))
+    # nash-ema / nash_ema (and nash-md, online-dpo) name the same method
+    pre.add_argument("--method", default="nash_md", choices=sorted(METHODS),
+                     type=lambda name: name.replace("-", "_"))
     known, rest = pre.parse_known_args(argv)
     return known.method, rest
 

@@ -93,8 +93,7 @@ class NashMDTrainer(OnlinePreferenceTrainer):
         beta, coef = self.beta, self.mixture_coef
         common = self._generation_kwargs(self._gen(ids.device))
         pol = generate(unwrapped, ids, mask, **common)
-        mix = generate(unwrapped, ids, mask, ref_model=ref, coef=coef, ref_context=ref_ctx,
-                       **common)
+        mix = self._opponent_samples(unwrapped, ids, mask, ref, ref_ctx, coef, common)
         pol_text = self._decode(pol.completion_ids, pol.completion_mask)
         mix_text = self._decode(mix.completion_ids, mix.completion_mask)
         pol_scores = mix_scores = None
@@ -131,6 +130,16 @@ class NashMDTrainer(OnlinePreferenceTrainer):
                        else ([None] * len(pol_text), [None] * len(pol_text))))]
         return (loss, {"probability": probability}) if return_outputs else loss
 
+    def _opponent_samples(self, unwrapped, ids, mask, ref, ref_ctx, coef, common):
+        """The opponent's completions: the geometric mixture ``π^(1−c)·μ^c`` (the hook
+        :class:`~nashkern.rl.nash_ema.NashEMATrainer` overrides with the policy's EMA)."""
+        return generate(unwrapped, ids, mask, ref_model=ref, coef=coef, ref_context=ref_ctx,
+                        **common)
+
+    def _opponent_metrics(self, coef) -> dict:
+        """The schedule value logged for the opponent (``mixture_coef``)."""
+        return {"mixture_coef": float(coef)}
+
     @torch.no_grad()
     def _record(self, st, cmask, probability, score, pol, mix, pol_scores, mix_scores, beta, coef):
         m = cmask.bool()
@@ -150,5 +159,5 @@ class NashMDTrainer(OnlinePreferenceTrainer):
             "rewards/margins": margin, "rewards/accuracies": (margin > 0).float(),
             "val/model_contain_eos_token": (pol.completion_ids == eos).any(1),
             "val/ref_contain_eos_token": (mix.completion_ids == eos).any(1),
-            "beta": float(beta), "mixture_coef": float(coef)})
+            "beta": float(beta), **self._opponent_metrics(coef)})
         self._record_metrics(metrics)
