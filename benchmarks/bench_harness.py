@@ -126,7 +126,7 @@ def skip_reason(case: Case, device: str) -> Optional[str]:
         if device != "cuda":
             return "needs CUDA (the Triton CPU interpreter is for the tests, not for timing)"
     if p.backend == "cuda":
-        from nashkern.backends import cuda_impl
+        from nashkern.backends.cuda import library as cuda_impl
         reason = cuda_impl.unavailable_reason()
         if reason is not None:
             return f"CUDA backend unavailable: {reason}"

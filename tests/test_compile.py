@@ -41,8 +41,8 @@ def test_custom_ops_pass_opcheck():
     z = torch.randn(2, 3, 17, requires_grad=True)
     r = torch.randn(2, 3, 17)
     t = torch.randint(0, 17, (6,))
-    from nashkern.ops.linear_stats import linear_token_stats_op
-    from nashkern.ops.stats import token_stats_op
+    from nashkern.ops.linear_token_stats import linear_token_stats_op
+    from nashkern.ops.token_stats import token_stats_op
     torch.library.opcheck(token_stats_op, (z, t, r, 0.5, 1.0, None, -100, "torch"))
     h = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(17, 8, requires_grad=True)

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from nashkern import ops
-from nashkern.ops.stats import token_stats_op
-from nashkern.backends import cuda_impl
+from nashkern.ops.token_stats import token_stats_op
+from nashkern.backends.cuda import library as cuda_impl
 from nashkern.memory import AllocationRecorder
 from nashkern.naive import naive_mixture_logits, naive_token_stats
 

@@ -77,7 +77,7 @@ def lib():
 
 
 def test_abi_version_matches_the_binding(lib):
-    from nashkern.backends import cuda_impl
+    from nashkern.backends.cuda import library as cuda_impl
     header = build_cuda.HEADER.read_text()
     assert f"#define NASHKERN_CUDA_ABI_VERSION {cuda_impl.ABI_VERSION}" in header
     assert lib.nashkern_abi_version() == cuda_impl.ABI_VERSION

@@ -1,4 +1,4 @@
-"""The chunked strategy of ``linear_token_stats`` (nashkern/backends/chunked.py) against the
+"""The chunked strategy of ``linear_token_stats`` (nashkern/backends/linear_token_stats_chunked.py) against the
 float64 reference, forward and every gradient, with each logits epilogue: ``torch``, ``triton``
 (the interpreter without a GPU) and ``cuda`` (the library's host emulation on CPU tensors, or
 the device). Chunks are tiny (``row_align`` 4, a budget of a few rows) so every case spans
@@ -17,14 +17,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
 from nashkern import ops  # noqa: E402
-from nashkern.backends import chunked, cuda_impl, torch_impl  # noqa: E402
+from nashkern.backends import linear_token_stats_chunked as chunked  # noqa: E402
+from nashkern.backends.cuda import library as cuda_impl  # noqa: E402
+from nashkern.backends.torch import common as torch_impl  # noqa: E402
 from nashkern.kernels.layout import (  # noqa: E402
     ENTROPY, KL, LOGPROBS, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS, REF_LOGPROBS,
 )
 from nashkern.memory import AllocationRecorder  # noqa: E402
 from nashkern.naive import naive_token_stats  # noqa: E402
-from nashkern.ops import stats as stats_family  # noqa: E402
-from nashkern.ops.linear_stats import resolve_strategy  # noqa: E402
+from nashkern.ops.token_stats import FAMILY as TOKEN_STATS_FAMILY  # noqa: E402
+from nashkern.ops.linear_token_stats import resolve_strategy  # noqa: E402
 from nashkern.ops.registry import Implementation  # noqa: E402
 from nashkern.tuning import ChunkedLinear  # noqa: E402
 
@@ -59,8 +61,8 @@ def epilogue(request):
 
 def _impl(epilogue, config):
     """The chunked strategy with ``epilogue``'s token_stats implementation (as the op's table
-    declares it, nashkern/ops/linear_stats.py) and a test budget."""
-    return chunked.ChunkedLinearTokenStats(stats_family.FAMILY.implementation(epilogue), config)
+    declares it, nashkern/ops/linear_token_stats.py) and a test budget."""
+    return chunked.ChunkedLinearTokenStats(TOKEN_STATS_FAMILY.implementation(epilogue), config)
 
 
 def _run(impl, inputs, grad_stats, needs, **kw):

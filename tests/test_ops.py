@@ -10,8 +10,8 @@ import torch
 from nashkern import ops
 from nashkern.naive import naive_linear_token_stats, naive_token_stats
 
-from nashkern.backends import torch_impl
-from nashkern.ops import stats as stats_family
+from nashkern.backends.torch import common as torch_impl
+from nashkern.ops.token_stats import FAMILY as TOKEN_STATS_FAMILY
 from nashkern.tuning import TorchChunking
 
 from oracle import assert_close, compare, logit_inputs
@@ -78,8 +78,8 @@ def test_strided_leading_dims_without_copy(backend, device, monkeypatch):
             seen.append(logits.is_contiguous())
             return original(logits, *args, **kwargs)
 
-        monkeypatch.setitem(stats_family.FAMILY.backends, "torch", dataclasses.replace(
-            stats_family.FAMILY.backends["torch"], forward=spy))
+        monkeypatch.setitem(TOKEN_STATS_FAMILY.backends, "torch", dataclasses.replace(
+            TOKEN_STATS_FAMILY.backends["torch"], forward=spy))
     out = compare(partial(_run_token_stats, backend), naive_token_stats, inputs,
                   ["logits", "ref_logits"])
     assert out.logprobs.shape == (3, 5)

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from nashkern import ops
-from nashkern.backends import cuda_impl
-from nashkern.backends import chunked, torch_impl
+from nashkern.backends import linear_token_stats_chunked as chunked
+from nashkern.backends.cuda import library as cuda_impl
+from nashkern.backends.torch import common as torch_impl
 from nashkern.kernels import layout
-from nashkern.ops import linear_stats, registry, stats
+from nashkern.ops import registry
+from nashkern.ops.linear_token_stats import FAMILY as LINEAR_FAMILY, STRATEGIES, resolve_strategy
+from nashkern.ops.token_stats import FAMILY as TOKEN_STATS_FAMILY
 
 HAS_TRITON = registry.triton_importable()
 CUDA0 = torch.device("cuda", 0)
@@ -58,15 +61,15 @@ def test_every_strategy_resolves_to_a_declared_implementation(fake_cuda_library)
     """linear_token_stats declares one table per strategy; for every backend that implements
     the op, "auto" and each strategy the backend has resolve to a callable implementation, on a
     CUDA device and on the CPU."""
-    family = linear_stats.FAMILY
+    family = LINEAR_FAMILY
     assert set(family.strategies) == {"fused", "chunked"}
     assert set(family.backends) == {b for t in family.strategies.values() for b in t}
     for device in (CUDA0, torch.device("cpu")):
         for backend in family.backends:
-            for strategy in linear_stats.STRATEGIES:
+            for strategy in STRATEGIES:
                 if strategy != "auto" and backend not in family.strategies[strategy]:
                     continue
-                resolved = linear_stats.resolve_strategy(strategy, backend, device)
+                resolved = resolve_strategy(strategy, backend, device)
                 impl = family.implementation(backend, resolved)
                 assert callable(impl.forward) and callable(impl.backward), (backend, strategy)
                 if strategy == "auto":
@@ -79,15 +82,15 @@ def test_cuda_backend_implements_linear_token_stats_through_the_chunked_strategy
     """backend="cuda" has no fused-linear kernels: its table entry is the chunked strategy with
     the CUDA token_stats kernels as the epilogue; strategy="fused" with it is a clear error.
     The op routes backend="cuda" there (the epilogue swapped for a recording torch one)."""
-    impl = linear_stats.FAMILY.implementation("cuda", "chunked")
+    impl = LINEAR_FAMILY.implementation("cuda", "chunked")
     strategy = impl.forward.__self__
     assert isinstance(strategy, chunked.ChunkedLinearTokenStats)
-    assert strategy.epilogue is stats.FAMILY.implementation("cuda")
-    assert "cuda" not in linear_stats.FAMILY.strategies["fused"]
-    assert linear_stats.FAMILY.backends["cuda"] is impl
+    assert strategy.epilogue is TOKEN_STATS_FAMILY.implementation("cuda")
+    assert "cuda" not in LINEAR_FAMILY.strategies["fused"]
+    assert LINEAR_FAMILY.backends["cuda"] is impl
     with pytest.raises(ValueError, match=r"backend='cuda' implements linear_token_stats with "
                                          r"strategy='chunked' only"):
-        linear_stats.resolve_strategy("fused", "cuda", CUDA0)
+        resolve_strategy("fused", "cuda", CUDA0)
 
     calls = []
 

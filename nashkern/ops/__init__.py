@@ -12,20 +12,24 @@ the weight of the reference), then the temperature. Backends: ``"torch"`` (strea
 the CPU path), ``"triton"`` (GPU, or the CPU interpreter with ``TRITON_INTERPRET=1``),
 ``"cuda"`` (the optional nvcc-built kernels of ``csrc/``) and ``"auto"``.
 
-Layout: one file per op family (``stats.py``: token_stats / logprobs / entropy / kl /
-mixture_logprobs; ``linear_stats.py``: linear_token_stats; ``sampling.py``: mixture_sample),
-each declaring its custom ops and its backend table; ``registry.py`` holds the shared scalar
-schema (:class:`Scalars`) and the backend choice; :data:`FAMILIES` lists them all.
+Layout: one file per op family, named after it (``token_stats.py``: token_stats / logprobs /
+entropy / kl / mixture_logprobs; ``linear_token_stats.py``; ``mixture_sample.py``), each
+declaring its custom ops and its backend table; ``registry.py`` holds the shared scalar schema
+(:class:`Scalars`) and the backend choice; :data:`FAMILIES` lists them all. The public functions
+share their modules' names: ``nashkern.ops.token_stats`` is the function; the module is
+``sys.modules["nashkern.ops.token_stats"]`` (``from nashkern.ops.token_stats import FAMILY``).
 """
 from ..types import TokenStats
-from . import linear_stats, sampling, stats
-from .linear_stats import linear_token_stats
+from .linear_token_stats import FAMILY as _LINEAR_TOKEN_STATS
+from .linear_token_stats import linear_token_stats
+from .mixture_sample import FAMILY as _MIXTURE_SAMPLE
+from .mixture_sample import mixture_sample
 from .registry import BACKENDS, Family, Implementation, Scalars, resolve_backend
-from .sampling import mixture_sample
-from .stats import entropy, kl, logprobs, mixture_logprobs, token_stats
+from .token_stats import FAMILY as _TOKEN_STATS
+from .token_stats import entropy, kl, logprobs, mixture_logprobs, token_stats
 
 #: Every op family, in one tuple: the memory recorder and the benchmarks read it.
-FAMILIES = (stats.FAMILY, linear_stats.FAMILY, sampling.FAMILY)
+FAMILIES = (_TOKEN_STATS, _LINEAR_TOKEN_STATS, _MIXTURE_SAMPLE)
 
 __all__ = [
     "TokenStats", "logprobs", "entropy", "kl", "mixture_logprobs", "mixture_sample",

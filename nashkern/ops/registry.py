@@ -18,7 +18,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from .. import tuning
-from ..backends import cuda_impl
+from ..backends.cuda import library as cuda_impl
 
 #: What ``backend=`` accepts.
 BACKENDS = ("auto", "torch", "triton", "cuda")

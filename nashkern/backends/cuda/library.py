@@ -27,14 +27,14 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..kernels import layout
-from ..kernels.layout import NUM_LSE, NUM_STATS
+from ...kernels import layout
+from ...kernels.layout import NUM_LSE, NUM_STATS
 
 #: ``csrc/nashkern_cuda.h``: NASHKERN_CUDA_ABI_VERSION.
 ABI_VERSION = 1
 LIBRARY_NAME = "_nashkern_cuda.so"
 #: Where the build puts the library; ``NASHKERN_CUDA_LIB`` overrides it.
-DEFAULT_LIBRARY_PATH = Path(__file__).resolve().parent.parent / LIBRARY_NAME
+DEFAULT_LIBRARY_PATH = Path(__file__).resolve().parents[2] / LIBRARY_NAME
 BUILD_HINT = "NASHKERN_BUILD_CUDA=1 pip install -e . (or make cuda)"
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -51,7 +51,7 @@ import torch
 
 from .. import tuning
 from ..kernels.layout import NUM_LSE, NUM_STATS
-from .torch_impl import _active_fields, _needs_ref_tiles, _upstream
+from .torch.common import _active_fields, _needs_ref_tiles, _upstream
 
 
 def chunk_rows(N: int, V: int, itemsizes: Sequence[int], budget: int, row_align: int) -> int:

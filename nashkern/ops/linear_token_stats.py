@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends import torch_impl, vocab_parallel
-from ..backends.chunked import ChunkedLinearTokenStats
+from ..backends import linear_token_stats_vocab_parallel as vocab_parallel
+from ..backends.linear_token_stats_chunked import ChunkedLinearTokenStats
+from ..backends.torch import common as torch_impl
 from ..kernels.layout import NUM_LSE, NUM_STATS
 from ..types import TokenStats
-from . import stats
+from .token_stats import FAMILY as TOKEN_STATS_FAMILY
 from .checks import check_float, check_same_device, check_targets, unpack_stats
 from .registry import (
     BACKENDS, Family, Implementation, Scalars, double_backward_unsupported, empty_like_nothing,
@@ -149,14 +150,14 @@ if triton_linear_token_stats is not None:
 
 def _chunked(backend: str) -> Implementation:
     """"chunked" with ``backend``'s logits-input token_stats implementation as its epilogue."""
-    strategy = ChunkedLinearTokenStats(stats.FAMILY.implementation(backend))
+    strategy = ChunkedLinearTokenStats(TOKEN_STATS_FAMILY.implementation(backend))
     return Implementation(strategy.linear_token_stats_forward,
                           strategy.linear_token_stats_backward, tuning="chunked_linear")
 
 
 #: "chunked": cuBLAS GEMMs into a budgeted [C, V] buffer + one epilogue launch per chunk, for
 #: every backend that implements token_stats (torch, Triton, CUDA).
-_CHUNKED = {backend: _chunked(backend) for backend in stats.FAMILY.backends}
+_CHUNKED = {backend: _chunked(backend) for backend in TOKEN_STATS_FAMILY.backends}
 
 FAMILY = Family("linear_token_stats", (linear_token_stats_op, linear_token_stats_backward_op),
                 strategies={"fused": _FUSED, "chunked": _CHUNKED})

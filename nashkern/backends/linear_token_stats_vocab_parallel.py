@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.layout import NUM_LSE, NUM_STATS
-from . import torch_impl
+from .torch import common as torch_impl
 
 
 def linear_token_stats_forward(

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backends import cuda_impl, torch_impl
+from ..backends.cuda import library as cuda_impl
+from ..backends.torch import common as torch_impl
 from ..kernels.layout import NUM_LSE, NUM_STATS
 from ..types import TokenStats
 from .checks import check_float, check_same_device, check_targets, unpack_stats

@@ -19,9 +19,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..naive import mix_logits as _mix  # the coef end-point rule (kernels/layout.py)
-from ..tuning import TORCH
-from ..kernels.layout import (
+from ...naive import mix_logits as _mix  # the coef end-point rule (kernels/layout.py)
+from ...tuning import TORCH
+from ...kernels.layout import (
     ENTROPY, KL, LOGPROBS, LSE_MIXTURE, LSE_POLICY, LSE_REF, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS,
     REF_LOGPROBS, grad_outputs,
 )

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import cuda_impl, torch_impl
+from ..backends.cuda import library as cuda_impl
+from ..backends.torch import common as torch_impl
 from .checks import check_float, check_same_device
 from .registry import Family, Implementation, Scalars, resolve_backend
 
