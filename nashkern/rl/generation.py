@@ -36,7 +36,7 @@ from typing import Callable, ContextManager, Optional
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import naive, ops
 from .checks import check_fields
 from .engines import all_ranks_done
 
@@ -77,13 +77,13 @@ class GenerationOutput:
 
 
 def mix_logits(z: Tensor, r: Optional[Tensor], coef: float) -> Tensor:
-    """``(1−c)·z + c·r`` in float32, exact at ``c = 0`` and ``c = 1`` (masked -inf stays -inf)."""
-    z = z.float()
-    if r is None or coef == 0:
-        return z.clone()
-    if coef == 1:
-        return r.float().clone()
-    return (1 - coef) * z + coef * r.float()
+    """``(1−c)·z + c·r`` in float32 (``r`` None: ``z``), a fresh tensor the logits processors
+    may write into. The end-point rule (exact at ``c = 0`` / ``1``: a masked -inf stays -inf) is
+    :func:`nashkern.naive.mix_logits`, the ops' own."""
+    if r is None:
+        return z.float().clone()
+    mixed = naive.mix_logits(z.float(), r.float(), coef)
+    return mixed.clone() if coef in (0, 1) else mixed  # an end point returns an input itself
 
 
 def process_logits(logits: Tensor, seen: Optional[Tensor], params: SamplingParams) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationMixin
 
-from .. import ops
+from .. import naive, ops
 
 
 def mixture_log_softmax(logits: torch.Tensor, ref_logits: torch.Tensor, coef: float) -> torch.Tensor:
@@ -23,8 +23,9 @@ def mixture_log_softmax(logits: torch.Tensor, ref_logits: torch.Tensor, coef: fl
 
     The mixture's log-normaliser is read off :func:`nashkern.ops.mixture_logprobs` at each
     row's most likely token (finite unless the whole row is -inf):
-    ``L = m[t] − log π_mix(t)``."""
-    mixed = (1 - coef) * logits.float() + coef * ref_logits.float()
+    ``L = m[t] − log π_mix(t)``. The mixture follows the ops' end-point rule
+    (:func:`nashkern.naive.mix_logits`): at ``coef`` 0 / 1 a -inf in the unused model is ignored."""
+    mixed = naive.mix_logits(logits.float(), ref_logits.float(), coef)
     target = mixed.argmax(-1)
     lp = ops.mixture_logprobs(logits, ref_logits, target, coef=float(coef))
     lse = mixed.gather(-1, target[..., None])[..., 0] - lp
