@@ -2,7 +2,7 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder and install as ``nashkern.kernels``.
 The optional CUDA kernels (``csrc/``) are compiled by nvcc into ``nashkern/_nashkern_cuda.so``
-(loaded with ctypes by ``nashkern/backends/cuda_impl.py``; no torch C++ extension) by the
+(loaded with ctypes by ``nashkern/backends/cuda/library.py``; no torch C++ extension) by the
 ``build_cuda`` step below, when a CUDA toolchain is found and torch has CUDA:
 
   NASHKERN_BUILD_CUDA=1       build even without a CUDA-enabled torch (and fail if it cannot)

@@ -126,8 +126,8 @@ def skip_reason(case: Case, device: str) -> Optional[str]:
         if device != "cuda":
             return "needs CUDA (the Triton CPU interpreter is for the tests, not for timing)"
     if p.backend == "cuda":
-        from nashkern.backends.cuda import library as cuda_impl
-        reason = cuda_impl.unavailable_reason()
+        from nashkern.backends.cuda import library as cuda_lib
+        reason = cuda_lib.unavailable_reason()
         if reason is not None:
             return f"CUDA backend unavailable: {reason}"
     if p.needs_cuda and device != "cuda":

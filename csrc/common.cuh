@@ -3,7 +3,7 @@
 // walker and the block reductions (with their host emulations).
 //
 // Everything marked NK_HD is __host__ __device__: the kernels' per-thread work is written once
-// and also runs on the host (the nashkern_emu_* entry points), so that the arithmetic of the
+// and also runs on the host (the entry points with `launch.emulate` set), so that the arithmetic of the
 // kernels is testable on machines without a GPU. Only the reductions across threads (warp
 // shuffles, shared memory) have a device and a host version, the host one reproducing the device
 // one's order of operations exactly.
@@ -163,7 +163,7 @@ struct Raw16 {
 
 // Host emulation only: set when a 16-byte access is not 16-byte aligned (on the device that
 // access would fault), so that the emulation checks the row walk's alignment logic too. The
-// nashkern_emu_* entry points clear it before running and report NASHKERN_EMISALIGNED after.
+// emulated calls (`launch.emulate`) clear it before running and report NASHKERN_EMISALIGNED after.
 inline bool& emu_misaligned() {
   static thread_local bool flag = false;
   return flag;

@@ -335,24 +335,13 @@ long long nashkern_mixture_sample_workspace(long long B, long long V, int num_sm
   return nk::sample_workspace_bytes(plan, B);
 }
 
-int nashkern_mixture_sample(
-    const void* logits, int logits_dtype, long long logits_stride, const void* ref, int ref_dtype,
-    long long ref_stride, const int64_t* seed, int64_t* out, void* workspace,
-    long long workspace_bytes, long long B, long long V, double coef, double temperature,
-    int num_sms, int threads_override, int splits_override, int device, unsigned long long stream) {
-  return nk::mixture_sample(false, logits, logits_dtype, logits_stride, ref, ref_dtype, ref_stride,
-                            seed, out, workspace, workspace_bytes, B, V, coef, temperature,
-                            num_sms, threads_override, splits_override, device, stream);
-}
-
-int nashkern_emu_mixture_sample(
-    const void* logits, int logits_dtype, long long logits_stride, const void* ref, int ref_dtype,
-    long long ref_stride, const int64_t* seed, int64_t* out, void* workspace,
-    long long workspace_bytes, long long B, long long V, double coef, double temperature,
-    int num_sms, int threads_override, int splits_override, int device, unsigned long long stream) {
-  return nk::mixture_sample(true, logits, logits_dtype, logits_stride, ref, ref_dtype, ref_stride,
-                            seed, out, workspace, workspace_bytes, B, V, coef, temperature,
-                            num_sms, threads_override, splits_override, device, stream);
+int nashkern_mixture_sample(const NashkernMixtureSampleArgs* a) {
+  if (a == nullptr) return NASHKERN_EINVAL_POINTER;
+  const NashkernLaunch& l = a->launch;
+  return nk::mixture_sample(l.emulate != 0, a->logits, a->logits_dtype, a->logits_stride, a->ref,
+                            a->ref_dtype, a->ref_stride, a->seed, a->out, a->workspace,
+                            a->workspace_bytes, a->B, a->V, a->coef, a->temperature, l.num_sms,
+                            l.threads_override, l.splits_override, l.device, l.stream);
 }
 
 }  // extern "C"

@@ -567,21 +567,7 @@ __global__ void __launch_bounds__(cfg::kBwdThreads)
 }
 
 // ---- host side: parameters, plans, launches and emulation ---------------------------------
-struct FwdArgs {  // the C arguments, as received
-  const void* logits;
-  int logits_dtype;
-  long long logits_stride_g, logits_stride_r;
-  const void* ref;
-  int ref_dtype;
-  long long ref_stride_g, ref_stride_r;
-  const int64_t* targets;
-  long long R, N, V;
-  int has_coef;
-  double coef, temperature;
-  int has_softcap;
-  double softcap;
-  long long ignore_index;
-};
+using FwdArgs = NashkernTokenStatsArgs;  // the C arguments, as received (nashkern_cuda.h)
 
 // Validates the shared arguments and fills the shape / scalar part of the parameters.
 int make_params(const FwdArgs& a, TokenStatsParams* p) {
@@ -791,12 +777,6 @@ int token_stats_probe() {
 }  // namespace nk
 
 // ---- C interface (nashkern_cuda.h) -----------------------------------------------------------
-#define NK_FWD_ARGS                                                                             \
-  nk::FwdArgs{logits,       logits_dtype, logits_stride_g, logits_stride_r, ref,          \
-              ref_dtype,    ref_stride_g, ref_stride_r,    targets,         R,            \
-              N,            V,            has_coef,        coef,            temperature,  \
-              has_softcap,  softcap,      ignore_index}
-
 extern "C" {
 
 long long nashkern_token_stats_forward_workspace(long long N, long long V, int num_sms,
@@ -807,48 +787,20 @@ long long nashkern_token_stats_forward_workspace(long long N, long long V, int n
   return nk::fwd_workspace_bytes(plan, N);
 }
 
-int nashkern_token_stats_forward(
-    const void* logits, int logits_dtype, long long logits_stride_g, long long logits_stride_r,
-    const void* ref, int ref_dtype, long long ref_stride_g, long long ref_stride_r,
-    const int64_t* targets, float* stats, float* lse, void* workspace, long long workspace_bytes,
-    long long R, long long N, long long V, int has_coef, double coef, double temperature,
-    int has_softcap, double softcap, long long ignore_index, int num_sms, int threads_override,
-    int splits_override, int device, unsigned long long stream) {
-  return nk::token_stats_forward(false, NK_FWD_ARGS, stats, lse, workspace, workspace_bytes,
-                                 num_sms, threads_override, splits_override, device, stream);
+int nashkern_token_stats_forward(const NashkernTokenStatsArgs* a) {
+  if (a == nullptr) return NASHKERN_EINVAL_POINTER;
+  const NashkernLaunch& l = a->launch;
+  return nk::token_stats_forward(l.emulate != 0, *a, a->stats, a->lse, a->workspace,
+                                 a->workspace_bytes, l.num_sms, l.threads_override,
+                                 l.splits_override, l.device, l.stream);
 }
 
-int nashkern_emu_token_stats_forward(
-    const void* logits, int logits_dtype, long long logits_stride_g, long long logits_stride_r,
-    const void* ref, int ref_dtype, long long ref_stride_g, long long ref_stride_r,
-    const int64_t* targets, float* stats, float* lse, void* workspace, long long workspace_bytes,
-    long long R, long long N, long long V, int has_coef, double coef, double temperature,
-    int has_softcap, double softcap, long long ignore_index, int num_sms, int threads_override,
-    int splits_override, int device, unsigned long long stream) {
-  return nk::token_stats_forward(true, NK_FWD_ARGS, stats, lse, workspace, workspace_bytes,
-                                 num_sms, threads_override, splits_override, device, stream);
-}
-
-int nashkern_token_stats_backward(
-    const float* grad_stats, const void* logits, int logits_dtype, long long logits_stride_g,
-    long long logits_stride_r, const void* ref, int ref_dtype, long long ref_stride_g,
-    long long ref_stride_r, const int64_t* targets, const float* stats, const float* lse,
-    void* grad_logits, void* grad_ref, long long R, long long N, long long V, int has_coef,
-    double coef, double temperature, int has_softcap, double softcap, long long ignore_index,
-    int threads_override, int device, unsigned long long stream) {
-  return nk::token_stats_backward(false, NK_FWD_ARGS, grad_stats, stats, lse, grad_logits,
-                                  grad_ref, threads_override, device, stream);
-}
-
-int nashkern_emu_token_stats_backward(
-    const float* grad_stats, const void* logits, int logits_dtype, long long logits_stride_g,
-    long long logits_stride_r, const void* ref, int ref_dtype, long long ref_stride_g,
-    long long ref_stride_r, const int64_t* targets, const float* stats, const float* lse,
-    void* grad_logits, void* grad_ref, long long R, long long N, long long V, int has_coef,
-    double coef, double temperature, int has_softcap, double softcap, long long ignore_index,
-    int threads_override, int device, unsigned long long stream) {
-  return nk::token_stats_backward(true, NK_FWD_ARGS, grad_stats, stats, lse, grad_logits,
-                                  grad_ref, threads_override, device, stream);
+int nashkern_token_stats_backward(const NashkernTokenStatsArgs* a) {
+  if (a == nullptr) return NASHKERN_EINVAL_POINTER;
+  const NashkernLaunch& l = a->launch;
+  return nk::token_stats_backward(l.emulate != 0, *a, a->grad_stats, a->stats, a->lse,
+                                  a->grad_logits, a->grad_ref, l.threads_override, l.device,
+                                  l.stream);
 }
 
 }  // extern "C"

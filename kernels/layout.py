@@ -8,6 +8,8 @@ never the other way round.
   float32 (row ``PART_*`` of split ``s`` of token ``n`` at ``(PART_* * splits + s) * N + n``):
   per model the online ``(max, sum exp, sum exp * shifted, sum exp * (a - b), target logit)``.
 * Split planning: how many programs share one row's vocabulary (:func:`plan_vocab_splits`).
+* :class:`Scalars` ``(coef, temperature, softcap, ignore_index)``: validated once by the op
+  (``Scalars.checked``), then passed whole to every backend, strategy and kernel host wrapper.
 * The coef end-point rule: the mixture ``(1 - c) a + c b`` is the
   policy exactly at ``c == 0`` and the reference exactly at ``c == 1`` (never ``0 * -inf``).
   Triton applies it in-kernel (``kernels/common.py: mix``), CUDA through its ``MixMode``
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Tuple
+import math
+from dataclasses import astuple, dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -36,6 +40,85 @@ NUM_LSE = 3
  PART_MAX_B, PART_SUM_B, PART_TGT_B,
  PART_MAX_M, PART_SUM_M, PART_TGT_M) = range(11)
 NUM_PARTIALS = 11
+
+# ----------------------------------------------------------------------------------------------
+# The scalar schema every op shares (``nashkern.ops.Scalars``)
+# ----------------------------------------------------------------------------------------------
+_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, _NUMBER) and not isinstance(x, bool)
+
+
+def _shown(x):
+    """``x`` for an error message; under ``torch.compile`` a constant (dynamo cannot format a
+    SymFloat into a string; the compile error then carries the message)."""
+    return "a value traced by torch.compile" if torch.compiler.is_compiling() else x
+
+
+def _finite_positive(x) -> bool:
+    """``0 < x < inf`` (False for NaN); plain comparisons, so that it traces under
+    ``torch.compile(dynamic=True)`` where ``x`` is a SymFloat (``math.isfinite`` is not)."""
+    return bool(x > 0) and bool(x < math.inf)
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """The scalar parameters of every op, validated once per call (:meth:`checked`).
+
+    coef: weight of the reference in the geometric mixture ``(1 - coef) z + coef z_ref``, in
+    [0, 1] (0 = the policy exactly, 1 = the reference exactly), or None (no mixture);
+    temperature: T > 0; softcap: s > 0 or None; ignore_index: target value of skipped positions.
+    """
+
+    coef: Optional[float] = None
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    ignore_index: int = -100
+
+    @classmethod
+    def checked(cls, coef=None, temperature=1.0, softcap=None, ignore_index=-100) -> "Scalars":
+        """Validate the user's scalars (TypeError / ValueError naming the argument) and return
+        them as Python floats / int (SymFloats / SymInts under ``torch.compile`` stay symbolic)."""
+        if coef is not None:
+            if not _is_number(coef):
+                raise TypeError(f"coef must be a Python float in [0, 1], got {type(coef).__name__}")
+            if not (bool(coef >= 0) and bool(coef <= 1)):  # False for NaN
+                raise ValueError(f"coef must be in [0, 1] (0 = policy, 1 = reference), got {_shown(coef)}")
+        if not _is_number(temperature):
+            raise TypeError(f"temperature must be a Python float > 0, got {type(temperature).__name__}")
+        if not _finite_positive(temperature):
+            raise ValueError(f"temperature must be a finite float > 0, got {_shown(temperature)}")
+        if softcap is not None:
+            if not _is_number(softcap):
+                raise TypeError(f"softcap must be None or a Python float > 0, got {type(softcap).__name__}")
+            if not _finite_positive(softcap):
+                raise ValueError(f"softcap must be None or a finite float > 0, got {_shown(softcap)}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        return cls(None if coef is None else _as_float(coef), _as_float(temperature),
+                   None if softcap is None else _as_float(softcap), ignore_index)
+
+    def as_args(self) -> Tuple:
+        """``(coef, temperature, softcap, ignore_index)``: how the custom ops' schemas take them
+        (below the custom ops every backend, strategy and kernel host wrapper receives the
+        ``Scalars`` whole)."""
+        return astuple(self)
+
+    def kernel_args(self) -> Dict[str, object]:
+        """The scalar arguments of the Triton kernels: absent values as 0 (their ``HAS_*``
+        flags say absent), the temperature as its inverse."""
+        return dict(coef=0.0 if self.coef is None else float(self.coef),
+                    inv_temperature=1.0 / self.temperature,
+                    softcap=0.0 if self.softcap is None else float(self.softcap),
+                    ignore_index=self.ignore_index)
+
+
+def _as_float(x):
+    return x if isinstance(x, torch.SymFloat) else float(x)
+
+
 
 #: Floating dtypes every kernel accepts (arithmetic is fp32 whatever the input dtype).
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -577,16 +577,14 @@ def linear_token_stats_forward(
     ref_hidden: Optional[torch.Tensor],
     ref_weight: Optional[torch.Tensor],
     ref_bias: Optional[torch.Tensor],
+    scalars: layout.Scalars,
     *,
-    coef: Optional[float],
-    temperature: float,
-    softcap: Optional[float],
-    ignore_index: int,
     config,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed statistics ``[5, N]`` and log-sum-exps ``[3, N]`` (float32) of the logits
     ``hidden @ weight.T + bias`` (and the reference's), streamed over vocabulary tiles.
     ``config``: a ``nashkern.tuning.LinearTokenStatsTriton`` (``tuning.config_for``)."""
+    coef, softcap = scalars.coef, scalars.softcap
     _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
     cfg = config
     (n, d), v = hidden.shape, weight.shape[0]
@@ -608,14 +606,15 @@ def linear_token_stats_forward(
         _fwd_kernel[(n_row_blocks, splits)](
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, partials,
             n, v, d, ref_hidden.shape[1] if has_ref else 0, splits, tiles_per_split,
-            1.0 / temperature, softcap or 0.0, coef or 0.0,
+            1.0 / scalars.temperature, softcap or 0.0, coef or 0.0,
             HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
             HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_FWD, BLOCK_D=cfg.BLOCK_D,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _merge_kernel[(n_row_blocks,)](
-            partials, targets, stats, lse, n, splits, ignore_index, **flags, BLOCK_N=cfg.BLOCK_N,
+            partials, targets, stats, lse, n, splits, scalars.ignore_index, **flags,
+            BLOCK_N=cfg.BLOCK_N,
         )
     return stats, lse
 
@@ -631,11 +630,8 @@ def linear_token_stats_backward(
     ref_bias: Optional[torch.Tensor],
     stats: torch.Tensor,
     lse: torch.Tensor,
+    scalars: layout.Scalars,
     *,
-    coef: Optional[float],
-    temperature: float,
-    softcap: Optional[float],
-    ignore_index: int,
     needs_input_grad: Tuple[bool, bool, bool, bool, bool, bool],
     config,
     split_grad_operand: bool = False,
@@ -650,6 +646,7 @@ def linear_token_stats_backward(
     6 N*D*V backward FLOPs per model, error ~eps(dtype) relative to the largest gradient entry);
     True feeds it as hi + lo in the model's dtype (two dots each, 10 N*D*V FLOPs), so gradients
     match float32 math up to the output rounding."""
+    coef, softcap = scalars.coef, scalars.softcap
     _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
     n, d = hidden.shape
     for name, t, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
@@ -674,8 +671,8 @@ def linear_token_stats_backward(
         _bwd_kernel[grid](
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
             grad_stats.contiguous(), stats.contiguous(), lse.contiguous(), *grads,
-            n, v, d, ref_hidden.shape[1] if has_ref else 0, ignore_index,
-            1.0 / temperature, softcap or 0.0, coef or 0.0,
+            n, v, d, ref_hidden.shape[1] if has_ref else 0, scalars.ignore_index,
+            1.0 / scalars.temperature, softcap or 0.0, coef or 0.0,
             HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
             HAS_TARGETS=targets is not None, HAS_MIX=coef is not None and targets is not None,
             HAS_SOFTCAP=softcap is not None,

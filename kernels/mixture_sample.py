@@ -145,17 +145,16 @@ def _mixture_sample_merge_kernel(
 def mixture_sample(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
-    seed: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor],
+    scalars: layout.Scalars,
     *,
-    coef: float,
-    temperature: float,
     generator: Optional[torch.Generator] = None,
     config,
 ) -> torch.Tensor:
     """One Gumbel-max sample per row from ``mix(logits / T, ref_logits / T, coef)``.
 
     logits, ref_logits: ``[B, V]``, unit stride over V, fp32/bf16/fp16 (may differ).
-    seed: optional int64 ``[1]`` tensor on the logits' device; by default one is drawn from
+    seed: int64 ``[1]`` tensor on the logits' device, or None: then one is drawn from
     ``generator`` (the device's default generator when None) on the device, without a sync.
     Returns int64 ``[B]``: the sampled column, or -1 for a row with a NaN or no finite entry.
     ``config``: a ``nashkern.tuning.MixtureSampleTriton`` (``tuning.config_for``). The scalars
@@ -176,7 +175,7 @@ def mixture_sample(
     if B == 0:
         return out
 
-    cfg = config
+    cfg, coef = config, scalars.coef
     n_counters = triton.cdiv(V, 4)
     block_k = min(cfg.BLOCK_V // 4, triton.next_power_of_2(n_counters))
     num_splits, tiles_per_split = plan_vocab_splits(B, triton.cdiv(n_counters, block_k), device,
@@ -191,7 +190,7 @@ def mixture_sample(
         _mixture_sample_kernel[(B, num_splits)](
             logits, logits.stride(0), ref_logits, ref_logits.stride(0), seed, out, part_score,
             part_col, V, n_counters, tiles_per_split * block_k, num_splits, float(coef),
-            1.0 / temperature, HAS_POLICY=coef < 1.0, HAS_REF=coef > 0.0, IS_SPLIT=is_split,
+            1.0 / scalars.temperature, HAS_POLICY=coef < 1.0, HAS_REF=coef > 0.0, IS_SPLIT=is_split,
             BLOCK_K=block_k, num_warps=cfg.num_warps,
         )
         if is_split:

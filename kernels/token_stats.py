@@ -402,20 +402,24 @@ def _ref_args(ref_logits: Optional[torch.Tensor]) -> Tuple:
     return ref_logits, ref_logits.stride(0), ref_logits.stride(1)
 
 
+def _flags(targets, ref_logits, scalars: layout.Scalars):
+    """The compile-time flags of the forward and backward kernels."""
+    return dict(HAS_TARGETS=targets is not None, HAS_REF=ref_logits is not None,
+                HAS_MIX=targets is not None and scalars.coef is not None,
+                HAS_SOFTCAP=scalars.softcap is not None)
+
+
 def token_stats_forward(
     logits: torch.Tensor,
     targets: Optional[torch.Tensor],
     ref_logits: Optional[torch.Tensor],
+    scalars: layout.Scalars,
     *,
-    coef: Optional[float],
-    temperature: float,
-    softcap: Optional[float],
-    ignore_index: int,
     config,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed float32 ``stats [5, N]`` and ``lse [3, N]`` of ``[G, R, V]`` logits (DESIGN.md).
     ``config``: a ``nashkern.tuning.TokenStatsTriton`` (``tuning.config_for``)."""
-    check_token_stats_inputs(logits, targets, ref_logits, coef)
+    check_token_stats_inputs(logits, targets, ref_logits, scalars.coef)
     G, R, V = logits.shape
     N = G * R
     device = logits.device
@@ -429,28 +433,18 @@ def token_stats_forward(
     partials = split_workspace(num_splits, N, device) if is_split else None
 
     ref, ref_stride_g, ref_stride_r = _ref_args(ref_logits)
-    scalars = dict(
-        coef=float(coef) if coef is not None else 0.0,
-        inv_temperature=1.0 / temperature,
-        softcap=float(softcap) if softcap is not None else 0.0,
-        ignore_index=ignore_index,
-    )
-    flags = dict(
-        HAS_TARGETS=targets is not None,
-        HAS_REF=ref_logits is not None,
-        HAS_MIX=targets is not None and coef is not None,
-        HAS_SOFTCAP=softcap is not None,
-    )
+    args = scalars.kernel_args()
+    flags = _flags(targets, ref_logits, scalars)
     with layout.device_guard(device):
         _token_stats_fwd_kernel[(N, num_splits)](
             logits, logits.stride(0), logits.stride(1), ref, ref_stride_g, ref_stride_r, targets,
             stats, lse, partials, N, R, V, tiles_per_split * block_v, num_splits,
-            **scalars, **flags, IS_SPLIT=is_split, BLOCK_V=block_v, num_warps=config.num_warps,
+            **args, **flags, IS_SPLIT=is_split, BLOCK_V=block_v, num_warps=config.num_warps,
         )
         if is_split:
             _token_stats_merge_kernel[(N,)](
                 partials, logits, logits.stride(0), logits.stride(1), ref, ref_stride_g,
-                ref_stride_r, targets, stats, lse, N, R, num_splits, **scalars, **flags,
+                ref_stride_r, targets, stats, lse, N, R, num_splits, **args, **flags,
                 BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=1,
             )
     return stats, lse
@@ -463,11 +457,8 @@ def token_stats_backward(
     ref_logits: Optional[torch.Tensor],
     stats: torch.Tensor,
     lse: torch.Tensor,
+    scalars: layout.Scalars,
     *,
-    coef: Optional[float],
-    temperature: float,
-    softcap: Optional[float],
-    ignore_index: int,
     needs_grad_logits: bool,
     needs_grad_ref: bool,
     config,
@@ -479,7 +470,7 @@ def token_stats_backward(
     ``out``: optional (grad_logits, grad_ref) destinations, contiguous ``[G, R, V]`` in the
     inputs' dtypes; they may be the inputs themselves (the chunked linear strategy turns its
     logits buffer into gradients in place: each program reads its tile before writing it)."""
-    check_token_stats_inputs(logits, targets, ref_logits, coef)
+    check_token_stats_inputs(logits, targets, ref_logits, scalars.coef)
     G, R, V = logits.shape
     N = G * R
     for name, x, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
@@ -499,14 +490,8 @@ def token_stats_backward(
             grad_stats.contiguous(), logits, logits.stride(0), logits.stride(1), ref,
             ref_stride_g, ref_stride_r, targets, stats.contiguous(), lse.contiguous(),
             grad_logits, grad_ref, N, R, V,
-            coef=float(coef) if coef is not None else 0.0,
-            inv_temperature=1.0 / temperature,
-            softcap=float(softcap) if softcap is not None else 0.0,
-            ignore_index=ignore_index,
-            HAS_TARGETS=targets is not None,
-            HAS_REF=ref_logits is not None,
-            HAS_MIX=targets is not None and coef is not None,
-            HAS_SOFTCAP=softcap is not None,
+            **scalars.kernel_args(),
+            **_flags(targets, ref_logits, scalars),
             HAS_GRAD_LOGITS=needs_grad_logits,
             HAS_GRAD_REF=needs_grad_ref,
             BLOCK_V=block_v,

@@ -107,7 +107,7 @@ class MixtureSampleTriton:
 
 @dataclass(frozen=True)
 class ChunkedLinear:
-    """The chunked strategy of ``linear_token_stats`` (nashkern/backends/chunked.py): rows per
+    """The chunked strategy of ``linear_token_stats`` (nashkern/backends/linear_token_stats_chunked.py): rows per
     chunk from a memory budget. Estimated, not measured on a GPU."""
 
     #: Bytes of the reusable ``[C, V]`` logits buffers (policy, plus the reference's when given,

@@ -24,7 +24,9 @@ import torch
 
 from nashkern import ops
 from nashkern.ops.token_stats import token_stats_op
-from nashkern.backends.cuda import library as cuda_impl
+from nashkern.backends.cuda import library as cuda_lib
+from nashkern.backends.cuda import mixture_sample as cuda_mixture_sample
+from nashkern.kernels.layout import Scalars
 from nashkern.memory import AllocationRecorder
 from nashkern.naive import naive_mixture_logits, naive_token_stats
 
@@ -43,12 +45,12 @@ def cuda_library():
     if not path:
         if build_cuda.find_nvcc() is not None:
             path = build_cuda.build_cached()
-        elif cuda_impl.DEFAULT_LIBRARY_PATH.is_file():
-            path = cuda_impl.DEFAULT_LIBRARY_PATH
+        elif cuda_lib.DEFAULT_LIBRARY_PATH.is_file():
+            path = cuda_lib.DEFAULT_LIBRARY_PATH
         else:
             pytest.skip("nvcc not found and nashkern/_nashkern_cuda.so is not built")
-    with cuda_impl.use_library(path) as lib:
-        assert lib is not None, cuda_impl.unavailable_reason()
+    with cuda_lib.use_library(path) as lib:
+        assert lib is not None, cuda_lib.unavailable_reason()
         yield lib
 
 
@@ -58,12 +60,12 @@ def device(request, cuda_library, monkeypatch):
     if request.param == "gpu":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
-        reason = cuda_impl.unavailable_reason()
+        reason = cuda_lib.unavailable_reason()
         if reason is not None:
             pytest.skip(reason)
         return "cuda"
-    # CPU tensors: let backend='cuda' through to cuda_impl, which runs the emulation.
-    monkeypatch.setattr(cuda_impl, "EMULATE_ON_CPU", True)
+    # CPU tensors: let backend='cuda' through to the CUDA backend, which runs the emulation.
+    monkeypatch.setattr(cuda_lib, "EMULATE_ON_CPU", True)
     return "cpu"
 
 
@@ -72,8 +74,8 @@ def plan(request, monkeypatch):
     """'split': force 3 blocks per row and 32 threads per block (the split + merge kernels and
     multi-warp-free reductions, on small shapes); 'planned': the launch plan."""
     if request.param == "split":
-        monkeypatch.setitem(cuda_impl.PLAN_OVERRIDES, "splits", 3)
-        monkeypatch.setitem(cuda_impl.PLAN_OVERRIDES, "threads", 32)
+        monkeypatch.setitem(cuda_lib.PLAN_OVERRIDES, "splits", 3)
+        monkeypatch.setitem(cuda_lib.PLAN_OVERRIDES, "threads", 32)
     return request.param
 
 
@@ -366,28 +368,29 @@ def test_mixture_sample_independent_of_plan_and_layout(device, monkeypatch):
     base = _sample(z.contiguous(), r, seed=5)
     assert torch.equal(_sample(z, r, seed=5), base)
     for threads, splits in ((32, 1), (64, 5), (256, 2)):
-        monkeypatch.setitem(cuda_impl.PLAN_OVERRIDES, "threads", threads)
-        monkeypatch.setitem(cuda_impl.PLAN_OVERRIDES, "splits", splits)
+        monkeypatch.setitem(cuda_lib.PLAN_OVERRIDES, "threads", threads)
+        monkeypatch.setitem(cuda_lib.PLAN_OVERRIDES, "splits", splits)
         assert torch.equal(_sample(z, r, seed=5), base), (threads, splits)
 
 
 def test_gpu_samples_match_the_emulation(cuda_library):
     """The device and the host emulation draw the same Gumbel noise: nearly all rows agree (a
     rare disagreement is possible where two scores differ by an ulp of the noise's log)."""
-    if not torch.cuda.is_available() or cuda_impl.unavailable_reason() is not None:
+    if not torch.cuda.is_available() or cuda_lib.unavailable_reason() is not None:
         pytest.skip("needs a CUDA device")
     B, V = 64, 4099
     z = torch.randn(B, V) * 3
     r = torch.randn(B, V) * 3
     seed = torch.tensor([1234567890123], dtype=torch.int64)
-    gpu = cuda_impl.mixture_sample(z.cuda().bfloat16(), r.cuda().bfloat16(), seed.cuda(),
-                                   coef=0.3, temperature=0.9).cpu()
-    emu = cuda_impl.mixture_sample(z.bfloat16(), r.bfloat16(), seed, coef=0.3, temperature=0.9)
+    gpu = cuda_mixture_sample.mixture_sample(z.cuda().bfloat16(), r.cuda().bfloat16(), seed.cuda(),
+                                                 Scalars(0.3, 0.9)).cpu()
+    emu = cuda_mixture_sample.mixture_sample(z.bfloat16(), r.bfloat16(), seed,
+                                             Scalars(0.3, 0.9))
     assert (gpu == emu).double().mean().item() >= 0.95, (gpu, emu)
 
 
 def test_every_cuda_launch_runs_under_the_inputs_device_guard(cuda_library, monkeypatch):
-    """cuda_impl enters kernels/layout.py's device_guard with the inputs' device around each
+    """The CUDA backend enters kernels/layout.py's device_guard with the inputs' device around each
     launch (recorded on the host emulation; on a GPU it is torch.cuda.device(index))."""
     import contextlib
 
@@ -396,7 +399,7 @@ def test_every_cuda_launch_runs_under_the_inputs_device_guard(cuda_library, monk
     seen = []
     monkeypatch.setattr(layout, "device_guard",
                         lambda device: seen.append(device) or contextlib.nullcontext())
-    monkeypatch.setattr(cuda_impl, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(cuda_lib, "EMULATE_ON_CPU", True)
     z = torch.randn(2, 3, 37, requires_grad=True)
     r = torch.randn(2, 3, 37)
     t = torch.randint(0, 37, (2, 3))

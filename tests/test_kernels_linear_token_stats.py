@@ -19,11 +19,13 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from nashkern.kernels import linear_token_stats as lts  # noqa: E402
+from nashkern.kernels.layout import Scalars  # noqa: E402
 from nashkern.naive import mix_logits, naive_linear_token_stats, softcap_logits  # noqa: E402
 from nashkern.tuning import LinearTokenStatsTriton  # noqa: E402
 from nashkern.types import (  # noqa: E402
     ENTROPY, KL, LOGPROBS, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS, REF_LOGPROBS,
 )
+from oracle import assert_within  # noqa: E402
 
 # The interpreter evaluates masked-out lanes too (e.g. log(0) in padding rows); those values are
 # discarded by tl.where / masked stores, so numpy's floating-point warnings are noise here.
@@ -101,26 +103,6 @@ def _reference(inputs, grad_stats, *, coef, temperature, softcap, fields=None):
     return stats, torch.stack(lse), {k: None if v is None else next(grads) for k, v in x.items()}
 
 
-def _assert_close(name, ours, ref, out_dtype=torch.float32, atol_scale=2e-6, rtol=2e-5):
-    """Identical non-finite entries; finite ones within ``atol_scale * max|ref| + rtol * |ref|``
-    plus one rounding of the output dtype (gradients come back in the input dtype)."""
-    ours = ours.detach().double().cpu()
-    ref = ref.detach().double().cpu()
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    finite = torch.isfinite(ref)
-    same = (ours == ref) | (ours.isnan() & ref.isnan())
-    assert bool(same[~finite].all()), f"{name}: non-finite entries differ"
-    if not finite.any():
-        return
-    scale = ref[finite].abs().max().item()
-    tol = atol_scale * max(scale, 1e-30) + (rtol + torch.finfo(out_dtype).eps) * ref.abs()
-    err = (ours - ref).abs()
-    bad = finite & ~(err <= tol)
-    assert not bool(bad.any()), (
-        f"{name}: max err {err[finite].max().item():.3e} (scale {scale:.3e}) "
-        f"at {bad.nonzero()[:5].tolist()}")
-
-
 def _needed_grads(inputs, grads, needs):
     """``(name, input, gradient)`` for each needed gradient, after checking that unneeded ones
     are None and needed ones have their input's shape and dtype."""
@@ -140,14 +122,14 @@ def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats
     if grad_stats is None:
         grad_stats = torch.randn(NUM_STATS, n, generator=torch.Generator().manual_seed(1))
     grad_stats = grad_stats.to(DEVICE)
-    kw = dict(coef=coef, temperature=temperature, softcap=softcap, ignore_index=IGNORE,
-              config=config)
+    kw = dict(config=config)
     args = [inputs[k] for k in ("hidden", "weight", "targets", "bias", "ref_hidden",
-                                "ref_weight", "ref_bias")]
+                                "ref_weight", "ref_bias")] + [Scalars(coef, temperature, softcap,
+                                                                      IGNORE)]
     stats, lse = lts.linear_token_stats_forward(*args, **kw)
     assert stats.shape == (NUM_STATS, n) and stats.dtype == torch.float32
     assert lse.shape == (NUM_LSE, n) and lse.dtype == torch.float32
-    grads = lts.linear_token_stats_backward(grad_stats, *args, stats, lse, **kw,
+    grads = lts.linear_token_stats_backward(grad_stats, *args[:-1], stats, lse, args[-1], **kw,
                                             needs_input_grad=needs,
                                             split_grad_operand=split_grad_operand)
     ref_stats, ref_lse, ref_grads = _reference(inputs, grad_stats, coef=coef,
@@ -156,9 +138,9 @@ def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats
     sel = slice(None) if rows is None else rows
     # Statistics: absolute error scaled by each field's magnitude.
     for k in range(NUM_STATS):
-        _assert_close(f"stats[{k}]", stats[k][sel], ref_stats[k][sel], atol_scale=1e-5, rtol=0.0)
+        assert_within(f"stats[{k}]", stats[k][sel], ref_stats[k][sel], atol_scale=1e-5, rtol=0.0)
     for k in range(NUM_LSE):
-        _assert_close(f"lse[{k}]", lse[k][sel], ref_lse[k][sel], atol_scale=1e-6, rtol=0.0)
+        assert_within(f"lse[{k}]", lse[k][sel], ref_lse[k][sel], atol_scale=1e-6, rtol=0.0)
     ours = dict(zip(GRAD_NAMES, grads))
     for name, x, g in _needed_grads(inputs, ours, needs):
         # bf16/fp16 logit gradients enter the tensor cores as hi + lo in the input dtype (about
@@ -168,7 +150,7 @@ def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats
         ref = ref_grads[name]
         if name in ("hidden", "ref_hidden"):
             g, ref = g[sel], ref[sel]
-        _assert_close(f"d {name}", g, ref, x.dtype, atol_scale=atol)
+        assert_within(f"d {name}", g, ref, x.dtype, atol_scale=atol)
     return stats, ours
 
 
@@ -253,7 +235,7 @@ def test_needs_input_grad_subset():
     _check(inputs, coef=0.3, needs=(False, False, True, False, True, True))  # ref_bias is None
     args = [inputs[k] for k in ("hidden", "weight", "targets", "bias", "ref_hidden",
                                 "ref_weight", "ref_bias")]
-    kw = dict(coef=0.3, temperature=1.0, softcap=None, ignore_index=IGNORE, config=CFG)
-    stats, lse = lts.linear_token_stats_forward(*args, **kw)
-    assert lts.linear_token_stats_backward(torch.ones_like(stats), *args, stats, lse, **kw,
+    scalars, kw = Scalars(0.3, 1.0, None, IGNORE), dict(config=CFG)
+    stats, lse = lts.linear_token_stats_forward(*args, scalars, **kw)
+    assert lts.linear_token_stats_backward(torch.ones_like(stats), *args, stats, lse, scalars, **kw,
                                            needs_input_grad=(False,) * 6) == (None,) * 6

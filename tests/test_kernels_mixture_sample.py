@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from nashkern import tuning  # noqa: E402
 from nashkern.kernels import layout  # noqa: E402
 from nashkern.kernels import mixture_sample as ms  # noqa: E402
+from nashkern.kernels.layout import Scalars  # noqa: E402
 from nashkern.naive import naive_mixture_logits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,7 +28,7 @@ CFG = tuning.config_for("mixture_sample", torch.device(DEVICE))
 
 def _sample(z, r, coef, temperature=1.0, seed=None, config=CFG):
     gen = None if seed is None else torch.Generator(device=DEVICE).manual_seed(seed)
-    return ms.mixture_sample(z, r, coef=coef, temperature=temperature, generator=gen,
+    return ms.mixture_sample(z, r, None, Scalars(coef, temperature), generator=gen,
                              config=config)
 
 
@@ -46,8 +47,8 @@ def test_reproducible_per_seed():
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     seed = torch.tensor([12345], device=DEVICE)  # the caller's own seed tensor
-    assert torch.equal(ms.mixture_sample(z, r, seed, coef=0.4, temperature=0.8, config=CFG),
-                       ms.mixture_sample(z, r, seed, coef=0.4, temperature=0.8, config=CFG))
+    assert torch.equal(ms.mixture_sample(z, r, seed, Scalars(0.4, 0.8), config=CFG),
+                       ms.mixture_sample(z, r, seed, Scalars(0.4, 0.8), config=CFG))
 
 
 def test_frequencies_match_mixture_softmax():

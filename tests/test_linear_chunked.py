@@ -18,8 +18,9 @@ if not torch.cuda.is_available():
 
 from nashkern import ops  # noqa: E402
 from nashkern.backends import linear_token_stats_chunked as chunked  # noqa: E402
-from nashkern.backends.cuda import library as cuda_impl  # noqa: E402
-from nashkern.backends.torch import common as torch_impl  # noqa: E402
+from nashkern.backends.cuda import library as cuda_lib  # noqa: E402
+from nashkern.backends.torch import token_stats as torch_token_stats  # noqa: E402
+from nashkern.kernels.layout import Scalars  # noqa: E402
 from nashkern.kernels.layout import (  # noqa: E402
     ENTROPY, KL, LOGPROBS, MIXTURE_LOGPROBS, NUM_LSE, NUM_STATS, REF_LOGPROBS,
 )
@@ -30,10 +31,10 @@ from nashkern.ops.linear_token_stats import resolve_strategy  # noqa: E402
 from nashkern.ops.registry import Implementation  # noqa: E402
 from nashkern.tuning import ChunkedLinear  # noqa: E402
 
-from oracle import _max_err  # noqa: E402
+from oracle import _max_err, assert_within  # noqa: E402
 from test_cuda_backend import cuda_library  # noqa: E402,F401  (the fixture)
 from test_kernels_linear_token_stats import (  # noqa: E402
-    DEVICE, GRAD_NAMES, IGNORE, NEG_INF, _assert_close, _make_inputs, _needed_grads, _reference,
+    DEVICE, GRAD_NAMES, IGNORE, NEG_INF, _make_inputs, _needed_grads, _reference,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter padding lanes
@@ -54,8 +55,8 @@ def epilogue(request):
         pytest.importorskip("triton")
     if request.param == "cuda":
         request.getfixturevalue("cuda_library")
-        if DEVICE == "cuda" and cuda_impl.unavailable_reason() is not None:
-            pytest.skip(cuda_impl.unavailable_reason())
+        if DEVICE == "cuda" and cuda_lib.unavailable_reason() is not None:
+            pytest.skip(cuda_lib.unavailable_reason())
     return request.param
 
 
@@ -66,11 +67,12 @@ def _impl(epilogue, config):
 
 
 def _run(impl, inputs, grad_stats, needs, **kw):
-    args = [inputs[k] for k in ARG_NAMES]
-    stats, lse = impl.linear_token_stats_forward(*args, **kw)
+    """``kw``: the fields of :class:`Scalars`."""
+    args, scalars = [inputs[k] for k in ARG_NAMES], Scalars(**kw)
+    stats, lse = impl.linear_token_stats_forward(*args, scalars)
     assert stats.shape == (NUM_STATS, args[0].shape[0]) and stats.dtype == torch.float32
     assert lse.shape == (NUM_LSE, args[0].shape[0]) and lse.dtype == torch.float32
-    grads = impl.linear_token_stats_backward(grad_stats, *args, stats, lse, **kw,
+    grads = impl.linear_token_stats_backward(grad_stats, *args, stats, lse, scalars,
                                              needs_input_grad=needs)
     return stats, lse, dict(zip(GRAD_NAMES, grads))
 
@@ -97,14 +99,14 @@ def _native(inputs, grad_stats, *, coef, temperature, softcap, fields=None):
 
 
 def _close(name, ours, ref, nat, out_dtype, atol_scale):
-    """``_assert_close`` of the fused kernel's tests, plus 4x eager-in-the-model-dtype's error
+    """``oracle.assert_within`` of the fused kernel's tests, plus 4x eager-in-the-model-dtype's error
     against float64 (``nat``, bf16/fp16) in the absolute tolerance."""
     if nat is not None:
         ref64 = ref.detach().double().cpu()
         finite = torch.isfinite(ref64)
         scale = ref64[finite].abs().max().item() if finite.any() else 0.0
         atol_scale += 4.0 * _max_err(nat.detach().cpu(), ref64) / max(scale, 1e-30)
-    _assert_close(name, ours, ref, out_dtype, atol_scale=atol_scale, rtol=0.0)
+    assert_within(name, ours, ref, out_dtype, atol_scale=atol_scale, rtol=0.0)
 
 
 def _check(impl, inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats=None,
@@ -224,9 +226,9 @@ def _spy_epilogue(ref_seen):
     reference logits."""
     def backward(grad_stats, logits, targets, ref_logits, *args, **kw):
         ref_seen.append(ref_logits is not None)
-        return torch_impl.token_stats_backward(grad_stats, logits, targets, ref_logits, *args,
+        return torch_token_stats.token_stats_backward(grad_stats, logits, targets, ref_logits, *args,
                                                **kw)
-    return Implementation(torch_impl.token_stats_forward, backward)
+    return Implementation(torch_token_stats.token_stats_forward, backward)
 
 
 @pytest.mark.parametrize("coef,fields,needs_ref", [

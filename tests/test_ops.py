@@ -10,7 +10,8 @@ import torch
 from nashkern import ops
 from nashkern.naive import naive_linear_token_stats, naive_token_stats
 
-from nashkern.backends.torch import common as torch_impl
+from nashkern import tuning
+from nashkern.backends.torch import token_stats as torch_token_stats
 from nashkern.ops.token_stats import FAMILY as TOKEN_STATS_FAMILY
 from nashkern.tuning import TorchChunking
 
@@ -21,7 +22,7 @@ from oracle import assert_close, compare, logit_inputs
 def small_torch_tiles(monkeypatch):
     """Tiny row blocks and vocabulary tiles, so that the torch backend's online merging across
     tiles and blocks is exercised by these small shapes."""
-    monkeypatch.setattr(torch_impl, "TORCH", TorchChunking(
+    monkeypatch.setattr(tuning, "TORCH", TorchChunking(
         logits_tile_elements=1024, linear_rows=4, linear_vocab_tile=64))
 
 
@@ -72,7 +73,7 @@ def test_strided_leading_dims_without_copy(backend, device, monkeypatch):
     assert not inputs["logits"].is_contiguous()
     seen = []
     if backend == "torch":  # the backend must receive the strided [G, R, V] view itself
-        original = torch_impl.token_stats_forward
+        original = torch_token_stats.token_stats_forward
 
         def spy(logits, *args, **kwargs):
             seen.append(logits.is_contiguous())

@@ -9,8 +9,8 @@ import torch
 
 from nashkern import ops
 from nashkern.backends import linear_token_stats_chunked as chunked
-from nashkern.backends.cuda import library as cuda_impl
-from nashkern.backends.torch import common as torch_impl
+from nashkern.backends.cuda import library as cuda_lib
+from nashkern.backends.torch import token_stats as torch_token_stats
 from nashkern.kernels import layout
 from nashkern.ops import registry
 from nashkern.ops.linear_token_stats import FAMILY as LINEAR_FAMILY, STRATEGIES, resolve_strategy
@@ -25,11 +25,11 @@ def fake_cuda_library(monkeypatch):
     """A loaded CUDA library as far as nashkern can tell: a stand-in module for the ctypes
     library, torch reporting a CUDA device, and the kernels loading on it."""
     stand_in = types.ModuleType("_nashkern_cuda_stand_in")
-    monkeypatch.setattr(cuda_impl, "load_library", lambda path=None: stand_in)
-    monkeypatch.setattr(cuda_impl, "_device_reason", lambda device: None)
+    monkeypatch.setattr(cuda_lib, "load_library", lambda path=None: stand_in)
+    monkeypatch.setattr(cuda_lib, "_device_reason", lambda device: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert cuda_impl.unavailable_reason() is None
+    assert cuda_lib.unavailable_reason() is None
     return stand_in
 
 
@@ -100,9 +100,9 @@ def test_cuda_backend_implements_linear_token_stats_through_the_chunked_strategy
             return fn(*args, **kw)
         return run
 
-    monkeypatch.setattr(cuda_impl, "EMULATE_ON_CPU", True)
+    monkeypatch.setattr(cuda_lib, "EMULATE_ON_CPU", True)
     monkeypatch.setattr(strategy, "epilogue", registry.Implementation(
-        recording(torch_impl.token_stats_forward), recording(torch_impl.token_stats_backward)))
+        recording(torch_token_stats.token_stats_forward), recording(torch_token_stats.token_stats_backward)))
     g = torch.Generator().manual_seed(0)
     h = torch.randn(5, 16, generator=g, requires_grad=True)
     w = torch.randn(37, 16, generator=g)
@@ -117,7 +117,7 @@ def test_cuda_backend_implements_linear_token_stats_through_the_chunked_strategy
 
 
 def test_auto_without_cuda_library_prefers_triton_on_gpu(monkeypatch):
-    monkeypatch.setattr(cuda_impl, "unavailable_reason", lambda: "not built")
+    monkeypatch.setattr(cuda_lib, "unavailable_reason", lambda: "not built")
     for family in ops.FAMILIES:
         assert registry.resolve_backend(family, "auto", CUDA0) == (
             "triton" if HAS_TRITON else "torch")
@@ -126,7 +126,7 @@ def test_auto_without_cuda_library_prefers_triton_on_gpu(monkeypatch):
 
 def test_explicit_backend_lacking_the_op_is_a_clear_error(fake_cuda_library):
     torch_only = registry.Family("torch_only_op", (), {
-        "torch": registry.Implementation(torch_impl.token_stats_forward)})
+        "torch": registry.Implementation(torch_token_stats.token_stats_forward)})
     with pytest.raises(ValueError, match=r"backend='cuda' does not implement torch_only_op; "
                                          r"backends that do: torch"):
         registry.resolve_backend(torch_only, "cuda", CUDA0)

@@ -37,21 +37,22 @@ logits are not recomputed when nothing needs them (no reference gradient, no KL 
 gradient): the usual frozen reference of Nash-MD / XPO / Online DPO losses built on log-probs.
 
 The epilogue is a backend's implementation of the logits-input ``token_stats`` op (the
-``token_stats`` family's table entry, ``nashkern/ops/stats.py``: ``forward``, ``backward`` with
-``out=``, ``config_kwargs(device)``): ``torch_impl`` (the CPU path), the Triton kernels of
-``kernels/token_stats.py`` and the CUDA kernels of ``csrc/token_stats.cu`` (``cuda_impl``).
-``nashkern/ops/linear_stats.py`` declares one chunked implementation per such backend.
+``token_stats`` family's table entry, ``nashkern/ops/token_stats.py``: ``forward``, ``backward`` with
+``out=``, ``config_kwargs(device)``): ``backends/torch/token_stats.py`` (the CPU path), the Triton kernels of
+``kernels/token_stats.py`` and the CUDA kernels of ``csrc/token_stats.cu``
+(``backends/cuda/token_stats.py``).
+``nashkern/ops/linear_token_stats.py`` declares one chunked implementation per such backend.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import tuning
-from ..kernels.layout import NUM_LSE, NUM_STATS
-from .torch.common import _active_fields, _needs_ref_tiles, _upstream
+from ..kernels.layout import NUM_LSE, NUM_STATS, Scalars
+from .torch.common import active_fields, needs_ref_tiles, upstream
 
 
 def chunk_rows(N: int, V: int, itemsizes: Sequence[int], budget: int, row_align: int) -> int:
@@ -157,7 +158,7 @@ class ChunkedLinearTokenStats:
                            for h, b in zip(heads, bufs)]
 
     def linear_token_stats_forward(self, hidden, weight, targets, bias, ref_hidden, ref_weight,
-                                   ref_bias, *, coef, temperature, softcap, ignore_index,
+                                   ref_bias, scalars: Scalars, *,
                                    config: Optional[tuning.ChunkedLinear] = None):
         N, V = hidden.shape[0], weight.shape[0]
         stats = torch.zeros(NUM_STATS, N, device=hidden.device)
@@ -166,14 +167,12 @@ class ChunkedLinearTokenStats:
         epilogue_config = self.epilogue.config_kwargs(hidden.device)
         for n0, n1, (z, r) in self._chunks(N, V, heads, self._cfg(config)):
             stats[:, n0:n1], lse[:, n0:n1] = self.epilogue.forward(
-                z, None if targets is None else targets[n0:n1], r, coef=coef,
-                temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-                **epilogue_config)
+                z, None if targets is None else targets[n0:n1], r, scalars, **epilogue_config)
         return stats, lse
 
     def linear_token_stats_backward(self, grad_stats, hidden, weight, targets, bias, ref_hidden,
-                                    ref_weight, ref_bias, stats, lse, *, coef, temperature,
-                                    softcap, ignore_index, needs_input_grad: Sequence[bool],
+                                    ref_weight, ref_bias, stats, lse, scalars: Scalars, *,
+                                    needs_input_grad: Sequence[bool],
                                     config: Optional[tuning.ChunkedLinear] = None):
         inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
         need = [bool(n) and x is not None for n, x in zip(needs_input_grad, inputs)]
@@ -181,9 +180,9 @@ class ChunkedLinearTokenStats:
             return (None,) * 6
         N, V = hidden.shape[0], weight.shape[0]
         has_ref = ref_hidden is not None
-        grad = _upstream(grad_stats, targets, ignore_index, coef, has_ref)
-        active = _active_fields(grad)
-        use_ref = _needs_ref_tiles(has_ref, any(need[3:]), active)
+        grad = upstream(grad_stats, targets, scalars, has_ref)
+        active = active_fields(grad)
+        use_ref = needs_ref_tiles(has_ref, any(need[3:]), active)
         heads = [_Head.of(hidden, weight, bias),
                  _Head.of(ref_hidden, ref_weight, ref_bias) if use_ref else None]
 
@@ -209,15 +208,17 @@ class ChunkedLinearTokenStats:
             epilogue_config = self.epilogue.config_kwargs(hidden.device)
             bufs = [None if h is None else torch.empty(N * Cv, dtype=h.weight.dtype,
                                                        device=h.weight.device) for h in heads]
-            valid = None if targets is None else targets != ignore_index
+            valid = None if targets is None else targets != scalars.ignore_index
+            # targets local to each chunk, ignored rows at -1 (see _local_targets); without the
+            # reference's tiles no mixture term is computed
+            local = replace(scalars, coef=scalars.coef if use_ref else None, ignore_index=-1)
             for v0 in range(0, V, Cv):
                 v1 = min(V, v0 + Cv)
                 z, r = [None if h is None else h.columns_into(b, v0, v1).unsqueeze(0)
                         for h, b in zip(heads, bufs)]
                 dz, dr = self.epilogue.backward(
-                    grad, z, _local_targets(targets, valid, v0, v1), r, stats, lse,
-                    coef=coef if use_ref else None, temperature=temperature, softcap=softcap,
-                    ignore_index=-1, needs_grad_logits=any(need[:3]),
+                    grad, z, _local_targets(targets, valid, v0, v1), r, stats, lse, local,
+                    needs_grad_logits=any(need[:3]),
                     needs_grad_ref=any(need[3:]), out=(z, r), **epilogue_config)
                 for k, (d_logits, head) in enumerate(((dz, heads[0]), (dr, heads[1]))):
                     if d_logits is None:

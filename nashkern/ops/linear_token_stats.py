@@ -6,10 +6,10 @@ Public op: :func:`linear_token_stats`, funnelled into the custom op
 ``lse [3, N]``) and its backward op. :data:`FAMILY` declares one backend table per strategy
 (:data:`STRATEGIES`): ``"fused"``, the streaming torch path and the Triton kernels of
 ``kernels/linear_token_stats.py``; ``"chunked"``, cuBLAS GEMMs into a budgeted ``[C, V]`` buffer
-plus each backend's logits-input ``token_stats`` implementation (``nashkern/backends/chunked.py``)
+plus each backend's logits-input ``token_stats`` implementation (``nashkern/backends/linear_token_stats_chunked.py``)
 for torch, Triton and CUDA (the only way the CUDA backend of ``csrc/`` implements this op).
 :func:`resolve_strategy` holds the ``"auto"`` rule. With ``process_group=`` (a head sharded by
-vocabulary rows) the op runs :data:`VOCAB_PARALLEL` (``backends/vocab_parallel.py``) through its
+vocabulary rows) the op runs :data:`VOCAB_PARALLEL` (``backends/linear_token_stats_vocab_parallel.py``) through its
 own autograd instead of the custom op.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..backends import linear_token_stats_vocab_parallel as vocab_parallel
 from ..backends.linear_token_stats_chunked import ChunkedLinearTokenStats
-from ..backends.torch import common as torch_impl
+from ..backends.torch import linear_token_stats as torch_linear_token_stats
 from ..kernels.layout import NUM_LSE, NUM_STATS
 from ..types import TokenStats
 from .token_stats import FAMILY as TOKEN_STATS_FAMILY
@@ -58,7 +58,7 @@ def linear_token_stats_op(
     impl = FAMILY.implementation(backend, strategy)
     return impl.launch("forward", hidden.device, _dims(hidden, weight),
                        hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-                       **Scalars(coef, temperature, softcap, ignore_index).as_kwargs())
+                       Scalars(coef, temperature, softcap, ignore_index))
 
 
 def _dims(hidden: Tensor, weight: Tensor):
@@ -89,8 +89,7 @@ def linear_token_stats_backward_op(
     grads = impl.launch(
         "backward", hidden.device, _dims(hidden, weight),
         grad_stats, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, stats, lse,
-        **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
-        needs_input_grad=tuple(needs_input_grad),
+        Scalars(coef, temperature, softcap, ignore_index), needs_input_grad=tuple(needs_input_grad),
     )
     return [empty_like_nothing(hidden) if g is None else g for g in grads]
 
@@ -139,8 +138,8 @@ STRATEGIES = ("auto", "chunked", "fused")
 #: floor). Torch: its own 512-row x 2048-column tiles; Triton: kernels/linear_token_stats.py.
 #: No "cuda": csrc/ has no fused-linear kernels.
 _FUSED = {
-    "torch": Implementation(torch_impl.linear_token_stats_forward,
-                            torch_impl.linear_token_stats_backward),
+    "torch": Implementation(torch_linear_token_stats.linear_token_stats_forward,
+                            torch_linear_token_stats.linear_token_stats_backward),
 }
 if triton_linear_token_stats is not None:
     _FUSED["triton"] = Implementation(triton_linear_token_stats.linear_token_stats_forward,
@@ -164,7 +163,7 @@ FAMILY = Family("linear_token_stats", (linear_token_stats_op, linear_token_stats
 
 
 #: ``process_group=`` given: the head sharded by vocabulary rows across the group
-#: (``backends/vocab_parallel.py``: each rank streams its shard, O(N) all-reduces merge the
+#: (``backends/linear_token_stats_vocab_parallel.py``: each rank streams its shard, O(N) all-reduces merge the
 #: partial statistics). Not a strategy of the custom op: a process group cannot enter a
 #: ``torch.library`` schema, so :class:`_VocabParallelLinearTokenStats` is its autograd (graph
 #: break under ``torch.compile``). Torch only today: a Triton / CUDA shard pass is not written.
@@ -182,10 +181,10 @@ class _VocabParallelLinearTokenStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef,
                 temperature, softcap, ignore_index, backend, process_group, vocab_start):
         ctx.impl = VOCAB_PARALLEL[backend]
-        ctx.kwargs = dict(Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
-                          process_group=process_group, vocab_start=vocab_start)
+        ctx.scalars = Scalars(coef, temperature, softcap, ignore_index)
+        ctx.kwargs = dict(process_group=process_group, vocab_start=vocab_start)
         stats, lse = ctx.impl.forward(hidden, weight, targets, bias, ref_hidden, ref_weight,
-                                      ref_bias, **ctx.kwargs)
+                                      ref_bias, ctx.scalars, **ctx.kwargs)
         ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
                               stats, lse)
         return stats
@@ -199,8 +198,8 @@ class _VocabParallelLinearTokenStats(torch.autograd.Function):
         needs = tuple(bool(ctx.needs_input_grad[i]) and x is not None
                       for i, x in zip(_GRAD_INPUTS, inputs))
         d = ctx.impl.backward(grad_stats.contiguous(), hidden, weight, targets, bias, ref_hidden,
-                              ref_weight, ref_bias, stats, lse, needs_input_grad=needs,
-                              **ctx.kwargs)
+                              ref_weight, ref_bias, stats, lse, ctx.scalars,
+                              needs_input_grad=needs, **ctx.kwargs)
         d = [g if need else None for g, need in zip(d, needs)]
         return (d[0], d[1], None, d[2], d[3], d[4], d[5]) + (None,) * 7
 
@@ -311,7 +310,7 @@ def linear_token_stats(
     ``ref_weight``, ``ref_bias`` are this rank's rows, the shards in rank order (any sizes >= 1),
     ``hidden`` / ``ref_hidden`` and ``targets`` (global ids) are the same on every rank, and so
     are the returned statistics; ``d_hidden`` is summed over the group, ``d_weight`` / ``d_bias``
-    stay this rank's rows. Torch path only (``backends/vocab_parallel.py``; DESIGN.md says what
+    stay this rank's rows. Torch path only (``backends/linear_token_stats_vocab_parallel.py``; DESIGN.md says what
     it communicates and when it pays). Every rank must call it, with the same N and the
     same inputs requiring grad (the backward all-reduces d_hidden).
     """

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends.cuda import library as cuda_impl
-from ..backends.torch import common as torch_impl
+from ..backends.cuda import mixture_sample as cuda_mixture_sample
+from ..backends.torch import mixture_sample as torch_mixture_sample
 from .checks import check_float, check_same_device
 from .registry import Family, Implementation, Scalars, resolve_backend
 
@@ -31,7 +31,7 @@ def mixture_sample_op(
         return logits.new_empty(0, dtype=torch.long)
     impl = FAMILY.implementation(backend)
     return impl.launch("forward", logits.device, dict(N=logits.shape[0], V=logits.shape[1]),
-                       logits, ref_logits, seed, coef=coef, temperature=temperature)
+                       logits, ref_logits, seed, Scalars(coef, temperature))
 
 
 @mixture_sample_op.register_fake
@@ -39,18 +39,9 @@ def _(logits, ref_logits, seed, coef, temperature, backend):
     return logits.new_empty(logits.shape[0], dtype=torch.long)
 
 
-def _torch_mixture_sample(logits, ref_logits, seed, *, coef, temperature):
-    """The torch backend draws its uniforms from a generator seeded by ``seed`` (one host read:
-    this is the CPU path)."""
-    gen = torch.Generator(device=logits.device)
-    gen.manual_seed(int(seed.item()))
-    return torch_impl.mixture_sample(logits, ref_logits, coef=coef, temperature=temperature,
-                                     generator=gen)
-
-
 _BACKENDS = {
-    "torch": Implementation(_torch_mixture_sample),
-    "cuda": Implementation(cuda_impl.mixture_sample),
+    "torch": Implementation(torch_mixture_sample.mixture_sample_from_seed),
+    "cuda": Implementation(cuda_mixture_sample.mixture_sample),
 }
 if triton_mixture_sample is not None:
     _BACKENDS["triton"] = Implementation(triton_mixture_sample.mixture_sample,

@@ -1,7 +1,8 @@
-"""The op registry: the scalar schema every op shares, the declared backend tables, and the one
-rule that picks a backend.
+"""The op registry: the declared backend tables and the one rule that picks a backend (the
+scalar schema every op shares, :class:`Scalars`, is defined in ``kernels/layout.py``, below
+every backend, which receive it whole).
 
-Each op family (``stats.py``, ``linear_stats.py``, ``sampling.py`` beside this file) declares a
+Each op family (``token_stats.py``, ``linear_token_stats.py``, ``mixture_sample.py`` beside this file) declares a
 :class:`Family`: its ``torch.library`` custom ops and a table ``{backend: Implementation}`` of
 the functions that implement it, imported normally. Nothing is looked up by name: the import
 graph is the data path. ``"auto"`` picks, per op, the fastest backend that implements THAT op on
@@ -10,93 +11,20 @@ for a backend that lacks the op is a ``ValueError`` naming the backends that hav
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .. import tuning
-from ..backends.cuda import library as cuda_impl
+from ..backends.cuda import library as cuda_library
+from ..kernels.layout import Scalars  # noqa: F401  (the scalar schema: nashkern.ops.Scalars)
 
 #: What ``backend=`` accepts.
 BACKENDS = ("auto", "torch", "triton", "cuda")
 #: ``"auto"`` on a CUDA device: the first of these that implements the op and can run here.
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
-
-_NUMBER = (int, float, torch.SymInt, torch.SymFloat)
-
-
-# ----------------------------------------------------------------------------------------------
-# The scalar schema
-# ----------------------------------------------------------------------------------------------
-def _is_number(x) -> bool:
-    return isinstance(x, _NUMBER) and not isinstance(x, bool)
-
-
-def _shown(x):
-    """``x`` for an error message; under ``torch.compile`` a constant (dynamo cannot format a
-    SymFloat into a string; the compile error then carries the message)."""
-    return "a value traced by torch.compile" if torch.compiler.is_compiling() else x
-
-
-def _finite_positive(x) -> bool:
-    """``0 < x < inf`` (False for NaN); plain comparisons, so that it traces under
-    ``torch.compile(dynamic=True)`` where ``x`` is a SymFloat (``math.isfinite`` is not)."""
-    return bool(x > 0) and bool(x < math.inf)
-
-
-@dataclass(frozen=True)
-class Scalars:
-    """The scalar parameters of every op, validated once per call (:meth:`checked`).
-
-    coef: weight of the reference in the geometric mixture ``(1 - coef) z + coef z_ref``, in
-    [0, 1] (0 = the policy exactly, 1 = the reference exactly), or None (no mixture);
-    temperature: T > 0; softcap: s > 0 or None; ignore_index: target value of skipped positions.
-    """
-
-    coef: Optional[float] = None
-    temperature: float = 1.0
-    softcap: Optional[float] = None
-    ignore_index: int = -100
-
-    @classmethod
-    def checked(cls, coef=None, temperature=1.0, softcap=None, ignore_index=-100) -> "Scalars":
-        """Validate the user's scalars (TypeError / ValueError naming the argument) and return
-        them as Python floats / int (SymFloats / SymInts under ``torch.compile`` stay symbolic)."""
-        if coef is not None:
-            if not _is_number(coef):
-                raise TypeError(f"coef must be a Python float in [0, 1], got {type(coef).__name__}")
-            if not (bool(coef >= 0) and bool(coef <= 1)):  # False for NaN
-                raise ValueError(f"coef must be in [0, 1] (0 = policy, 1 = reference), got {_shown(coef)}")
-        if not _is_number(temperature):
-            raise TypeError(f"temperature must be a Python float > 0, got {type(temperature).__name__}")
-        if not _finite_positive(temperature):
-            raise ValueError(f"temperature must be a finite float > 0, got {_shown(temperature)}")
-        if softcap is not None:
-            if not _is_number(softcap):
-                raise TypeError(f"softcap must be None or a Python float > 0, got {type(softcap).__name__}")
-            if not _finite_positive(softcap):
-                raise ValueError(f"softcap must be None or a finite float > 0, got {_shown(softcap)}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        return cls(None if coef is None else _as_float(coef), _as_float(temperature),
-                   None if softcap is None else _as_float(softcap), ignore_index)
-
-    def as_kwargs(self) -> Dict[str, object]:
-        """``coef=, temperature=, softcap=, ignore_index=``: how backends receive them."""
-        return dict(coef=self.coef, temperature=self.temperature, softcap=self.softcap,
-                    ignore_index=self.ignore_index)
-
-    def as_args(self) -> Tuple:
-        """``(coef, temperature, softcap, ignore_index)``: how the custom ops' schemas take them."""
-        return astuple(self)
-
-
-def _as_float(x):
-    return x if isinstance(x, torch.SymFloat) else float(x)
-
 
 # ----------------------------------------------------------------------------------------------
 # Backend tables
@@ -175,8 +103,8 @@ def _interpreted() -> bool:
 
 def _cuda_emulated(device: torch.device) -> bool:
     """CPU tensors with ``backend="cuda"`` run the library's host emulation when the tests ask
-    for it (``cuda_impl.EMULATE_ON_CPU``)."""
-    return device.type == "cpu" and cuda_impl.EMULATE_ON_CPU
+    for it (``cuda_library.EMULATE_ON_CPU``)."""
+    return device.type == "cpu" and cuda_library.EMULATE_ON_CPU
 
 
 def _cuda_backend_reason(device: torch.device) -> Optional[str]:
@@ -184,8 +112,8 @@ def _cuda_backend_reason(device: torch.device) -> Optional[str]:
     (never raises: a broken build must not break `import nashkern` or the other backends)."""
     try:
         if _cuda_emulated(device):
-            return None if cuda_impl.load_library() is not None else cuda_impl.unavailable_reason()
-        return cuda_impl.unavailable_reason()
+            return None if cuda_library.load_library() is not None else cuda_library.unavailable_reason()
+        return cuda_library.unavailable_reason()
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
 

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backends.cuda import library as cuda_impl
-from ..backends.torch import common as torch_impl
+from ..backends.cuda import token_stats as cuda_token_stats
+from ..backends.torch import token_stats as torch_token_stats
 from ..kernels.layout import NUM_LSE, NUM_STATS
 from ..types import TokenStats
 from .checks import check_float, check_same_device, check_targets, unpack_stats
@@ -41,7 +41,7 @@ def token_stats_op(
         backend = "torch"  # nothing to launch; the torch path returns empty results
     impl = FAMILY.implementation(backend)
     return impl.launch("forward", logits.device, _dims(logits), logits, targets, ref_logits,
-                       **Scalars(coef, temperature, softcap, ignore_index).as_kwargs())
+                       Scalars(coef, temperature, softcap, ignore_index))
 
 
 def _dims(logits: Tensor):
@@ -69,7 +69,7 @@ def token_stats_backward_op(
     impl = FAMILY.implementation(backend)
     d_logits, d_ref = impl.launch(
         "backward", logits.device, _dims(logits), grad_stats, logits, targets, ref_logits, stats,
-        lse, **Scalars(coef, temperature, softcap, ignore_index).as_kwargs(),
+        lse, Scalars(coef, temperature, softcap, ignore_index),
         needs_grad_logits=needs_grad_logits, needs_grad_ref=needs_grad_ref,
     )
     return (empty_like_nothing(logits) if d_logits is None else d_logits,
@@ -114,8 +114,8 @@ token_stats_backward_op.register_autograd(
 # The declared backend table
 # ----------------------------------------------------------------------------------------------
 _BACKENDS = {
-    "torch": Implementation(torch_impl.token_stats_forward, torch_impl.token_stats_backward),
-    "cuda": Implementation(cuda_impl.token_stats_forward, cuda_impl.token_stats_backward),
+    "torch": Implementation(torch_token_stats.token_stats_forward, torch_token_stats.token_stats_backward),
+    "cuda": Implementation(cuda_token_stats.token_stats_forward, cuda_token_stats.token_stats_backward),
 }
 if triton_token_stats is not None:
     _BACKENDS["triton"] = Implementation(triton_token_stats.token_stats_forward,

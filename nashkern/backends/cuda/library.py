@@ -2,8 +2,8 @@
 
 The kernels are plain CUDA C++ compiled by nvcc into ``nashkern/_nashkern_cuda.so`` (no torch
 headers: ``NASHKERN_BUILD_CUDA=1 pip install -e .`` or ``make cuda``); their C interface is
-``csrc/nashkern_cuda.h``. This module implements the backend contract of DESIGN.md on top of it:
-check the arguments, allocate outputs (and the small split workspaces) with torch, pass raw
+``csrc/nashkern_cuda.h``. This module loads it and plans launches; ``token_stats.py`` and ``mixture_sample.py``
+beside it implement the backend contract of DESIGN.md on top of it: check the arguments, allocate outputs (and the small split workspaces) with torch, pass raw
 pointers, element strides, dtype codes and ``torch.cuda.current_stream().cuda_stream`` to the C
 launcher, and turn a non-zero return code into an exception. Nothing here synchronises with the
 host.
@@ -31,13 +31,13 @@ from ...kernels import layout
 from ...kernels.layout import NUM_LSE, NUM_STATS
 
 #: ``csrc/nashkern_cuda.h``: NASHKERN_CUDA_ABI_VERSION.
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_NAME = "_nashkern_cuda.so"
 #: Where the build puts the library; ``NASHKERN_CUDA_LIB`` overrides it.
 DEFAULT_LIBRARY_PATH = Path(__file__).resolve().parents[2] / LIBRARY_NAME
 BUILD_HINT = "NASHKERN_BUILD_CUDA=1 pip install -e . (or make cuda)"
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 #: Plan of the host emulation (CPU tensors): the SM count its launch planning assumes, and
 #: optional thread / split overrides (0 = planned). Tests change these to reach the split paths.
@@ -49,50 +49,51 @@ EMULATE_ON_CPU = False
 
 _c_int, _c_ll, _c_ull, _c_double, _c_void_p = (
     ctypes.c_int, ctypes.c_longlong, ctypes.c_ulonglong, ctypes.c_double, ctypes.c_void_p)
-_FWD_ARGS = [
-    _c_void_p, _c_int, _c_ll, _c_ll,     # logits, dtype, stride_g, stride_r
-    _c_void_p, _c_int, _c_ll, _c_ll,     # ref, dtype, stride_g, stride_r
-    _c_void_p, _c_void_p, _c_void_p,     # targets, stats, lse
-    _c_void_p, _c_ll,                    # workspace, workspace_bytes
-    _c_ll, _c_ll, _c_ll,                 # R, N, V
-    _c_int, _c_double, _c_double,        # has_coef, coef, temperature
-    _c_int, _c_double, _c_ll,            # has_softcap, softcap, ignore_index
-    _c_int, _c_int, _c_int,              # num_sms, threads_override, splits_override
-    _c_int, _c_ull,                      # device, stream
-]
-_BWD_ARGS = [
-    _c_void_p,                           # grad_stats
-    _c_void_p, _c_int, _c_ll, _c_ll,     # logits, dtype, stride_g, stride_r
-    _c_void_p, _c_int, _c_ll, _c_ll,     # ref, dtype, stride_g, stride_r
-    _c_void_p, _c_void_p, _c_void_p,     # targets, stats, lse
-    _c_void_p, _c_void_p,                # grad_logits, grad_ref
-    _c_ll, _c_ll, _c_ll,                 # R, N, V
-    _c_int, _c_double, _c_double,        # has_coef, coef, temperature
-    _c_int, _c_double, _c_ll,            # has_softcap, softcap, ignore_index
-    _c_int, _c_int, _c_ull,              # threads_override, device, stream
-]
-_SAMPLE_ARGS = [
-    _c_void_p, _c_int, _c_ll,            # logits, dtype, row stride
-    _c_void_p, _c_int, _c_ll,            # ref, dtype, row stride
-    _c_void_p, _c_void_p,                # seed, out
-    _c_void_p, _c_ll,                    # workspace, workspace_bytes
-    _c_ll, _c_ll, _c_double, _c_double,  # B, V, coef, temperature
-    _c_int, _c_int, _c_int,              # num_sms, threads_override, splits_override
-    _c_int, _c_ull,                      # device, stream
-]
+
+
+class LaunchArgs(ctypes.Structure):
+    """``NashkernLaunch`` (csrc/nashkern_cuda.h): where and how a call runs."""
+    _fields_ = [("num_sms", _c_int), ("threads_override", _c_int), ("splits_override", _c_int),
+                ("emulate", _c_int), ("device", _c_int), ("stream", _c_ull)]
+
+
+class TokenStatsArgs(ctypes.Structure):
+    """``NashkernTokenStatsArgs``: the arguments of the token_stats forward and backward."""
+    _fields_ = [
+        ("logits", _c_void_p), ("logits_dtype", _c_int), ("logits_stride_g", _c_ll),
+        ("logits_stride_r", _c_ll),
+        ("ref", _c_void_p), ("ref_dtype", _c_int), ("ref_stride_g", _c_ll),
+        ("ref_stride_r", _c_ll),
+        ("targets", _c_void_p), ("R", _c_ll), ("N", _c_ll), ("V", _c_ll),
+        ("has_coef", _c_int), ("coef", _c_double), ("temperature", _c_double),
+        ("has_softcap", _c_int), ("softcap", _c_double), ("ignore_index", _c_ll),
+        ("stats", _c_void_p), ("lse", _c_void_p), ("workspace", _c_void_p),
+        ("workspace_bytes", _c_ll), ("grad_stats", _c_void_p), ("grad_logits", _c_void_p),
+        ("grad_ref", _c_void_p), ("launch", LaunchArgs),
+    ]
+
+
+class MixtureSampleArgs(ctypes.Structure):
+    """``NashkernMixtureSampleArgs``: the arguments of the sampler."""
+    _fields_ = [
+        ("logits", _c_void_p), ("logits_dtype", _c_int), ("logits_stride", _c_ll),
+        ("ref", _c_void_p), ("ref_dtype", _c_int), ("ref_stride", _c_ll),
+        ("seed", _c_void_p), ("out", _c_void_p), ("workspace", _c_void_p),
+        ("workspace_bytes", _c_ll), ("B", _c_ll), ("V", _c_ll), ("coef", _c_double),
+        ("temperature", _c_double), ("launch", LaunchArgs),
+    ]
+
+
 _SIGNATURES = {
     "nashkern_abi_version": ([], _c_int),
     "nashkern_error_string": ([_c_int], ctypes.c_char_p),
     "nashkern_device_check": ([_c_int], _c_int),
     "nashkern_philox4x32_10": ([_c_void_p, _c_void_p, _c_void_p], None),
     "nashkern_token_stats_forward_workspace": ([_c_ll, _c_ll, _c_int, _c_int], _c_ll),
-    "nashkern_token_stats_forward": (_FWD_ARGS, _c_int),
-    "nashkern_emu_token_stats_forward": (_FWD_ARGS, _c_int),
-    "nashkern_token_stats_backward": (_BWD_ARGS, _c_int),
-    "nashkern_emu_token_stats_backward": (_BWD_ARGS, _c_int),
+    "nashkern_token_stats_forward": ([ctypes.POINTER(TokenStatsArgs)], _c_int),
+    "nashkern_token_stats_backward": ([ctypes.POINTER(TokenStatsArgs)], _c_int),
     "nashkern_mixture_sample_workspace": ([_c_ll, _c_ll, _c_int, _c_int], _c_ll),
-    "nashkern_mixture_sample": (_SAMPLE_ARGS, _c_int),
-    "nashkern_emu_mixture_sample": (_SAMPLE_ARGS, _c_int),
+    "nashkern_mixture_sample": ([ctypes.POINTER(MixtureSampleArgs)], _c_int),
 }
 
 _lock = threading.Lock()
@@ -182,7 +183,7 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def _library() -> ctypes.CDLL:
+def loaded() -> ctypes.CDLL:
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"nashkern CUDA kernels unavailable: {_lib_error}")
@@ -190,10 +191,10 @@ def _library() -> ctypes.CDLL:
 
 
 def _error_string(rc: int) -> str:
-    return _library().nashkern_error_string(rc).decode(errors="replace")
+    return loaded().nashkern_error_string(rc).decode(errors="replace")
 
 
-def _check(rc: int, what: str) -> None:
+def check_rc(rc: int, what: str) -> None:
     if rc != 0:
         raise RuntimeError(f"nashkern CUDA {what} failed: {_error_string(rc)}")
 
@@ -201,7 +202,7 @@ def _check(rc: int, what: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------------
-class _Launch:
+class Launch:
     """Where and how a call runs: the device kernels on a CUDA tensor's device and current
     stream, or the host emulation for CPU tensors."""
 
@@ -215,7 +216,7 @@ class _Launch:
         if self.emulate:
             self.index, self.stream, self.num_sms = 0, 0, EMULATED_NUM_SMS
         else:
-            _library()
+            loaded()
             self.index = device.index if device.index is not None else torch.cuda.current_device()
             reason = _device_reason(self.index)
             if reason is not None:
@@ -223,8 +224,10 @@ class _Launch:
             self.stream = torch.cuda.current_stream(self.index).cuda_stream
             self.num_sms = _num_sms(self.index)
 
-    def fn(self, name: str):
-        return getattr(_library(), f"nashkern_emu_{name}" if self.emulate else f"nashkern_{name}")
+    def args(self) -> LaunchArgs:
+        """The call's ``NashkernLaunch`` (``emulate`` set for CPU tensors)."""
+        return LaunchArgs(self.num_sms, self.threads, self.splits, int(self.emulate), self.index,
+                          self.stream)
 
     def guard(self):
         """The launch's device guard (``kernels/layout.py: device_guard``): the C launcher
@@ -238,116 +241,8 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _ptr(x: Optional[torch.Tensor]) -> Optional[int]:
+def ptr(x: Optional[torch.Tensor]) -> Optional[int]:
     return None if x is None else x.data_ptr()
-
-
-def _rows_3d(x: torch.Tensor) -> Tuple[int, int]:
-    """(stride_g, stride_r) of a [G, R, V] view in elements."""
-    return x.stride(0), x.stride(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Token statistics over logits (contract: DESIGN.md)
-# ----------------------------------------------------------------------------------------------
-def _scalar_args(coef, temperature, softcap, ignore_index):
-    return (int(coef is not None), float(coef or 0.0), float(temperature),
-            int(softcap is not None), float(softcap or 0.0), int(ignore_index))
-
-
-def _ref_args(ref_logits, logits):
-    if ref_logits is None:
-        return None, _DTYPE_CODES[logits.dtype], 0, 0
-    return (ref_logits.data_ptr(), _DTYPE_CODES[ref_logits.dtype], *_rows_3d(ref_logits))
-
-
-def token_stats_forward(logits, targets, ref_logits, *, coef, temperature, softcap, ignore_index):
-    """stats ``[5, N]`` and lse ``[3, N]`` (float32) of ``[G, R, V]`` logits."""
-    layout.check_token_stats_inputs(logits, targets, ref_logits, coef)
-    G, R, V = logits.shape
-    N = G * R
-    launch = _Launch(logits.device)
-    stats = torch.empty((NUM_STATS, N), dtype=torch.float32, device=logits.device)
-    lse = torch.empty((NUM_LSE, N), dtype=torch.float32, device=logits.device)
-    ws_bytes = _library().nashkern_token_stats_forward_workspace(N, V, launch.num_sms,
-                                                                 launch.splits)
-    workspace = (torch.empty(ws_bytes, dtype=torch.uint8, device=logits.device)
-                 if ws_bytes > 0 else None)
-    with launch.guard():
-        rc = launch.fn("token_stats_forward")(
-            logits.data_ptr(), _DTYPE_CODES[logits.dtype], *_rows_3d(logits),
-            *_ref_args(ref_logits, logits), _ptr(targets), stats.data_ptr(), lse.data_ptr(),
-            _ptr(workspace), ws_bytes, R, N, V,
-            *_scalar_args(coef, temperature, softcap, ignore_index),
-            launch.num_sms, launch.threads, launch.splits, launch.index, launch.stream)
-    _check(rc, "token_stats_forward")
-    return stats, lse
-
-
-def token_stats_backward(grad_stats, logits, targets, ref_logits, stats, lse, *, coef,
-                         temperature, softcap, ignore_index, needs_grad_logits, needs_grad_ref,
-                         out=None):
-    """(grad_logits, grad_ref_logits): contiguous ``[G, R, V]`` in the inputs' dtypes, or None.
-    ``out``: optional destinations, possibly the inputs themselves (each thread reads its
-    columns before writing their gradients)."""
-    layout.check_token_stats_inputs(logits, targets, ref_logits, coef)
-    G, R, V = logits.shape
-    N = G * R
-    needs_grad_ref = bool(needs_grad_ref) and ref_logits is not None
-    if not (needs_grad_logits or needs_grad_ref):
-        return None, None
-    for name, x, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
-                          ("lse", lse, NUM_LSE)):
-        if x.shape != (rows, N) or x.device != logits.device:
-            raise ValueError(f"{name} must be a [{rows}, {N}] tensor on the logits' device")
-    grad_stats = grad_stats.to(torch.float32).contiguous()
-    stats = stats.to(torch.float32).contiguous()
-    lse = lse.to(torch.float32).contiguous()
-    grad_logits, grad_ref = layout.grad_outputs(logits, ref_logits, needs_grad_logits,
-                                                needs_grad_ref, out)
-    launch = _Launch(logits.device)
-    with launch.guard():
-        rc = launch.fn("token_stats_backward")(
-            grad_stats.data_ptr(), logits.data_ptr(), _DTYPE_CODES[logits.dtype],
-            *_rows_3d(logits), *_ref_args(ref_logits, logits), _ptr(targets),
-            stats.data_ptr(), lse.data_ptr(), _ptr(grad_logits), _ptr(grad_ref), R, N, V,
-            *_scalar_args(coef, temperature, softcap, ignore_index),
-            launch.threads, launch.index, launch.stream)
-    _check(rc, "token_stats_backward")
-    return grad_logits, grad_ref
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-# ----------------------------------------------------------------------------------------------
-def mixture_sample(logits, ref_logits, seed, *, coef, temperature):
-    """Gumbel-max sample of each row of mix(z / T, r / T, coef): ``[B, V]`` -> int64 ``[B]``
-    (-1 for rows with no finite mixture logit or with a NaN). ``seed``: int64 ``[1]`` on the
-    logits' device, read by the kernel (no host synchronisation)."""
-    layout.check_logits_view("logits", logits, 2)
-    layout.check_logits_view("ref_logits", ref_logits, 2)
-    if ref_logits.shape != logits.shape or ref_logits.device != logits.device:
-        raise ValueError("ref_logits must match logits in shape and device")
-    if (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != logits.device):
-        raise ValueError("seed must be an int64 tensor of one element on the logits' device")
-    seed = seed.reshape(1).contiguous()
-    B, V = logits.shape
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    if B == 0:
-        return out
-    launch = _Launch(logits.device)
-    ws_bytes = _library().nashkern_mixture_sample_workspace(B, V, launch.num_sms, launch.splits)
-    workspace = (torch.empty(ws_bytes, dtype=torch.uint8, device=logits.device)
-                 if ws_bytes > 0 else None)
-    with launch.guard():
-        rc = launch.fn("mixture_sample")(
-            logits.data_ptr(), _DTYPE_CODES[logits.dtype], logits.stride(0),
-            ref_logits.data_ptr(), _DTYPE_CODES[ref_logits.dtype], ref_logits.stride(0),
-            seed.data_ptr(), out.data_ptr(), _ptr(workspace), ws_bytes, B, V, float(coef),
-            float(temperature), launch.num_sms, launch.threads, launch.splits, launch.index,
-            launch.stream)
-    _check(rc, "mixture_sample")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,5 +253,5 @@ def philox4x32_10(ctr, key) -> Tuple[int, int, int, int]:
     c = (ctypes.c_uint32 * 4)(*ctr)
     k = (ctypes.c_uint32 * 2)(*key)
     out = (ctypes.c_uint32 * 4)()
-    _library().nashkern_philox4x32_10(c, k, out)
+    loaded().nashkern_philox4x32_10(c, k, out)
     return tuple(out)
