@@ -170,3 +170,17 @@ def test_processors():
     assert torch.equal(mix_logits(x, torch.full_like(x, float("-inf")), 0.0), x)
     with pytest.raises(ValueError):
         SamplingParams(temperature=0)
+
+
+def test_mixture_log_softmax_end_points_ignore_the_unused_model():
+    """The wrapper's mixture follows the ops' end-point rule: at coef 0 / 1 a -inf logit of the
+    model weighted 0 is ignored (it used to give 0 * -inf = NaN)."""
+    from nashkern.rl.mixture_wrapper import mixture_log_softmax
+
+    gen = torch.Generator().manual_seed(0)
+    z, r = torch.randn(2, 3, 11, generator=gen), torch.randn(2, 3, 11, generator=gen)
+    masked_r, masked_z = r.clone(), z.clone()
+    masked_r[..., 4] = float("-inf")
+    masked_z[..., 7] = float("-inf")
+    torch.testing.assert_close(mixture_log_softmax(z, masked_r, 0.0), torch.log_softmax(z, -1))
+    torch.testing.assert_close(mixture_log_softmax(masked_z, r, 1.0), torch.log_softmax(r, -1))
