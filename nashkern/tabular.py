@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -117,7 +118,8 @@ class PreferenceGame:
         mu = _as_policy("mu", self.mu, P.shape[0])
         if bool((mu <= 0).any()):
             raise ValueError("mu (the reference policy) must be positive on every response")
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau >= 0):
+        if not (isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
+                and math.isfinite(self.tau) and self.tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
         object.__setattr__(self, "P", P)
         object.__setattr__(self, "mu", mu)
@@ -168,8 +170,9 @@ def _step_size(eta: Step, t: int) -> float:
 
 
 def _run(game: PreferenceGame, steps: int, pi0: Optional[Tensor], update) -> Tensor:
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    steps = int(steps)
     pi = game.mu.clone() if pi0 is None else _as_policy("pi0", pi0, game.n)
     out = torch.empty(steps + 1, game.n, dtype=DTYPE)
     out[0] = pi

@@ -169,6 +169,13 @@ def test_vocab_parallel_linear_token_stats(tmp_path):
             assert nan[f"{k}_nan_in_row"] and nan[f"{k}_others_equal"], (k, nan)
         assert not nan["ref_logprobs_nan_in_row"] and nan["ref_logprobs_others_equal"], nan
         assert rank_res["empty"] == {"shape": [0], "d_hidden": [0, 16], "d_weight_zero": True}
+    # ranks passing different N: a nashkern error on both ranks, the group usable afterwards
+    for rank, rank_res in enumerate(res["ranks"]):
+        diff = rank_res["different_tokens"]
+        assert "every rank must pass the same tokens" in diff["message"], diff
+        assert f"N = {rank + 2} on rank {rank}" in diff["message"], diff
+        assert "the ranks passed N = [2, 3]" in diff["message"], diff
+        assert diff["after_shape"] == [3], diff
 
 
 @pytest.fixture

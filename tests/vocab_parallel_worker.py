@@ -150,6 +150,23 @@ def check_empty():
                 d_weight_zero=bool((w.grad == 0).all()))
 
 
+def check_different_tokens():
+    """Rank r passes N = r + 2 tokens: a ValueError on every rank naming N (not a gloo abort),
+    then the group still works (a correct call after it)."""
+    rank = dist.get_rank()
+    w = torch.randn(BOUNDS[rank + 1] - BOUNDS[rank], D)
+    try:
+        ops.linear_token_stats(torch.randn(rank + 2, D), w, torch.zeros(rank + 2,
+                                                                        dtype=torch.long),
+                               process_group=dist.group.WORLD)
+        message = ""
+    except ValueError as e:
+        message = str(e)
+    after = ops.linear_token_stats(torch.randn(3, D), w, torch.zeros(3, dtype=torch.long),
+                                   process_group=dist.group.WORLD)
+    return dict(message=message, after_shape=list(after.logprobs.shape))
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -159,6 +176,7 @@ def main(out):
         res[name] = check(name, opts, rank, world, torch.Generator().manual_seed(i))
     res["nan_row"] = check_nan_row(rank, torch.Generator().manual_seed(99))
     res["empty"] = check_empty()
+    res["different_tokens"] = check_different_tokens()
     results = [None] * world
     dist.all_gather_object(results, res)
     if rank == 0:

@@ -79,6 +79,30 @@ def _nash_demo(args) -> int:
     return run(args)
 
 
+def _int_at_least(low: int):
+    """argparse ``type``: an int >= ``low`` (argparse names the option in its message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """argparse ``type``: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     from .. import __version__
 
@@ -86,13 +110,14 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"nashkern {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ops-demo", help=demo.__doc__)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tokens", type=_int_at_least(1), default=2048)
+    p.add_argument("--hidden", type=_int_at_least(1), default=256)
+    p.add_argument("--vocab", type=_int_at_least(1), default=32000)
     p.set_defaults(func=demo)
     t = sub.add_parser("demo", help="a tiny Nash-MD training run on the CPU (built-in model, "
                                     "prompts and rule reward)")
-    t.add_argument("--steps", type=int, default=60)
+    t.add_argument("--steps", type=_int_at_least(0), default=60,
+                   help="optimizer steps (0: build the model and trainer, take no step)")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--max-new-tokens", type=int, default=16)
     t.add_argument("--learning-rate", type=float, default=3e-3)
@@ -105,7 +130,7 @@ def main(argv=None) -> int:
     n = sub.add_parser("nash-demo", help="Nash-MD and Nash-EMA vs self-play, best response and "
                                          "RLHF on a non-transitive preference: tabular and the "
                                          "LM trainers; prints a table, writes exploitability.png")
-    n.add_argument("--beta", type=float, default=0.1,
+    n.add_argument("--beta", type=_positive_float, default=0.1,
                    help="tau (the KL weight) of the LM and of the first tabular game (the "
                         "second: tau/2)")
     n.add_argument("--mixture-coef", type=float, default=0.5, help="c = eta * tau")

@@ -56,6 +56,9 @@ def run(args) -> int:
           f"parameters, vocabulary {len(tok)}), {args.steps} steps of {args.batch_size} prompts, "
           f"{args.max_new_tokens} new tokens, beta {args.beta}, mixture_coef {args.mixture_coef}; "
           f"reward = 10 x vowel fraction\n")
+    if args.steps == 0:  # max_steps=0 would mean "train for num_train_epochs" to Trainer
+        print("--steps 0: no training step taken")
+        return 0
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start

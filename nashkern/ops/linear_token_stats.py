@@ -14,6 +14,7 @@ own autograd instead of the custom op.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -204,16 +205,25 @@ class _VocabParallelLinearTokenStats(torch.autograd.Function):
         return (d[0], d[1], None, d[2], d[3], d[4], d[5]) + (None,) * 7
 
 
-def _vocab_shards(process_group, rows: int, device: torch.device) -> Tuple[int, int]:
-    """(global vocabulary size, this rank's first row): one all-gather of the shard sizes."""
+def _vocab_shards(process_group, rows: int, device: torch.device,
+                  tokens: int = 0) -> Tuple[int, int]:
+    """(global vocabulary size, this rank's first row): one all-gather of the shard sizes and
+    of each rank's number of tokens ``N``, which must agree (every rank computes the same
+    tokens' statistics over its rows; different N would leave the ranks' all-reduces of
+    different sizes, an abort inside the collective library)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group was given but torch.distributed is not initialised; "
                          "call torch.distributed.init_process_group first (or pass "
                          "process_group=None for an unsharded head)")
-    mine = torch.tensor([rows], dtype=torch.long, device=device)  # NCCL: a CUDA tensor
+    mine = torch.tensor([rows, tokens], dtype=torch.long, device=device)  # NCCL: a CUDA tensor
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
     dist.all_gather(gathered, mine, group=process_group)
-    sizes = [int(x) for x in gathered]
+    sizes = [int(x[0]) for x in gathered]
+    counts = [int(x[1]) for x in gathered]
+    if len(set(counts)) > 1:  # every rank sees the same gathered values: all raise, none hangs
+        raise ValueError(f"process_group: every rank must pass the same tokens (hidden's leading "
+                         f"dims, N = {tokens} on rank {dist.get_rank(process_group)}); the "
+                         f"ranks passed N = {counts}")
     if min(sizes) < 1:
         raise ValueError(f"process_group: every rank's weight shard needs >= 1 row, got shard "
                          f"sizes {sizes}")
@@ -336,7 +346,8 @@ def linear_token_stats(
         check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
     if process_group is not None:
         backend = _vocab_parallel_backend(backend, strategy)
-        vocab, vocab_start = _vocab_shards(process_group, vocab, hidden.device)
+        vocab, vocab_start = _vocab_shards(process_group, vocab, hidden.device,
+                                           tokens=math.prod(lead))
     else:
         backend = resolve_backend(FAMILY, backend, hidden.device)
         strategy = resolve_strategy(strategy, backend, hidden.device)

@@ -7,6 +7,7 @@ per prompt, e.g. ``prompt, policy, mixture, probability, policy_score, mixture_s
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Dict, List, Optional
 
@@ -21,6 +22,12 @@ def _markdown_table(columns: List[str], rows: List[List[Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _json_safe(row: Dict[str, Any]) -> Dict[str, Any]:
+    """``row`` with non-finite floats as None (JSON has no NaN / Infinity)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in row.items()}
 
 
 class LogCompletionsCallback(TrainerCallback):
@@ -47,8 +54,8 @@ class LogCompletionsCallback(TrainerCallback):
         rows = [{**r, "step": state.global_step} for r in samples[: self.num_prompts]]
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            for r in rows:  # strict JSON: a NaN / inf score (nonfinite_scores="skip") is null
+                f.write(json.dumps(_json_safe(r), allow_nan=False) + "\n")
         report_to = args.report_to or []
         if "wandb" in report_to:
             self._log_wandb(rows)

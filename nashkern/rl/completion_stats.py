@@ -18,6 +18,7 @@ chunks, fed to ``ops.token_stats``, with a warning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
@@ -35,6 +36,10 @@ class HeadSpec:
     bias: Optional[Tensor]
     scale: float = 1.0          # logits = scale · (h W^T + b)
     softcap: Optional[float] = None
+
+
+class _Unfused(Exception):
+    """Internal: go straight to the unfused path (the reason is already set)."""
 
 
 class HeadNotFusable(Exception):
@@ -104,10 +109,38 @@ def _head_spec(m, head) -> Optional[HeadSpec]:
 
 
 def _head_logits(h: Tensor, spec: HeadSpec) -> Tensor:
-    z = torch.nn.functional.linear(h, spec.weight, spec.bias) * spec.scale
+    """The head applied to ``h [..., D]`` in float32 (``[..., V]``): the model may hold its
+    weight in bf16/fp16 while its hidden states come out of an autocast region in float32, or
+    the reverse, so both sides are brought to float32 (the head check only: one ``V × D`` copy,
+    once per model)."""
+    bias = None if spec.bias is None else spec.bias.float()
+    z = torch.nn.functional.linear(h.float(), spec.weight.float(), bias) * spec.scale
     if spec.softcap:
         z = spec.softcap * torch.tanh(z / spec.softcap)
     return z
+
+
+#: Packages whose forward hooks are part of the engine or the model's own machinery (ZeRO-3's
+#: gather / release, FSDP's, transformers' output recording, accelerate's, PEFT's), not logit
+#: post-processing a user added.
+_ENGINE_HOOK_PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "nashkern")
+
+
+def user_hooks(module) -> list:
+    """The forward (pre-)hooks on ``module`` that were not registered by an engine or by
+    transformers / PEFT (see ``_ENGINE_HOOK_PACKAGES``): e.g. a user's vocabulary mask on
+    ``lm_head``. The fused path never builds the logits such a hook would act on."""
+    found = []
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for fn in hooks.values():
+            inner = fn
+            while isinstance(inner, functools.partial):
+                inner = inner.func
+            inner = getattr(inner, "__func__", inner)  # a bound method
+            owner = getattr(inner, "__module__", None) or type(inner).__module__ or ""
+            if owner.split(".")[0] not in _ENGINE_HOOK_PACKAGES:
+                found.append(fn)
+    return found
 
 
 def _run_body(model, input_ids, attention_mask):
@@ -141,7 +174,7 @@ def _separable(m, spec, hidden, logits) -> bool:
         ok = spec is not None and logits is not None and logits.shape[-1] == spec.weight.shape[0]
         if ok:
             with torch.no_grad():
-                got = _head_logits(hidden[:, -1].detach(), spec).float()
+                got = _head_logits(hidden[:, -1].detach(), spec)
                 want = logits[:, -1].detach().float()
                 rtol, atol = _logits_tolerance(want)
                 ok = got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol)
@@ -156,7 +189,9 @@ def _through_head(inner, forward, input_ids, attention_mask, head_fn, *args):
     whole while it runs (and again for its backward)."""
     hidden, logits = _run_body(forward, input_ids, attention_mask)
     head = inner.get_output_embeddings()
-    if head is None:
+    if head is None or user_hooks(head):
+        # a hook on the head (e.g. a vocabulary mask) acts on logits the fused path never
+        # builds: not separable, and the head is not called (the hook would get no logits)
         return None
 
     def head_forward(h, z):
@@ -186,6 +221,11 @@ def _policy_head(inner, spec, hidden, logits, ctx, targets, ref):
         return None
     h = hidden[:, ctx - 1:-1]
     w, b = spec.weight, spec.bias
+    if h.dtype != w.dtype:
+        # mixed precision: the body's output can come out of autocast in float32 while the head
+        # is bf16 / fp16 (or the reverse); the head computes in its weight's dtype, as the
+        # model's own head under autocast would (a [B, C, D] cast, differentiable)
+        h = h.to(w.dtype)
     if spec.scale != 1.0:
         h = h * spec.scale
         b = None if b is None else b * spec.scale
@@ -228,10 +268,17 @@ def completion_stats(model, input_ids: Tensor, attention_mask: Tensor, context_l
     if engines.inner_module(ref_wrapper) is engines.inner_module(model):
         ref_wrapper = model  # the PEFT base: the policy's wrapper, adapters disabled
     owned = engines.head_weight_owned_by_engine(ref_wrapper)
+    hooked = [type(m).__name__ for m in (engines.inner_module(model),
+                                          engines.inner_module(ref_wrapper)) if user_hooks(m)]
     out, why = None, ("the output head could not be separated from the model body (no 2-D "
-                      "output embedding, unknown logit post-processing, or policy and reference "
-                      "heads of different kinds)")
+                      "output embedding, unknown logit post-processing such as a forward hook "
+                      "on the head, or policy and reference heads of different kinds)")
+    if hooked:  # the model-level hook would receive the fused statistics, not the model's output
+        why = (f"a forward hook on the model ({', '.join(hooked)}) post-processes its output, "
+               "which the fused path does not build")
     try:  # the head is read at every call: adapters on it change while training
+        if hooked:
+            raise _Unfused
         with torch.no_grad(), ref_ctx():
             ref = engines.redirect(ref_wrapper, _through_head, input_ids, attention_mask,
                                    _reference_head, context_length, owned)
@@ -240,6 +287,8 @@ def completion_stats(model, input_ids: Tensor, attention_mask: Tensor, context_l
                                    context_length, targets, ref)
     except HeadNotFusable as e:
         why = f"the fused path cannot include the output head this step: {e}"
+    except _Unfused:
+        pass
     if out is not None:
         return CompletionStats(*out)
     names = f"{type(engines.inner_module(model)).__name__} / " \

@@ -30,6 +30,7 @@ mode, does not turn the cache off), and their previous mode is restored afterwar
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import naive, ops
+from . import engines
 from .checks import check_fields
 from .engines import all_ranks_done
 
@@ -183,14 +185,41 @@ def _new_cache(model, implementation: Optional[str] = None, max_cache_len: int =
         return DynamicCache()
 
 
+def cache_argument(model) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` where its forward
+    names it (transformers renames ``past_key_values``, the old name deprecated and scheduled for
+    removal), else ``past_key_values`` (older releases; a forward of ``**kwargs`` only). Read once
+    per model class from the forward's signature."""
+    cls = type(model)
+    name = _CACHE_ARGUMENT.get(cls)
+    if name is None:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        # the new name where the forward knows it (it may still list the old one, deprecated)
+        name = "cache" if "cache" in params else "past_key_values"
+        _CACHE_ARGUMENT[cls] = name
+    return name
+
+
+_CACHE_ARGUMENT: dict = {}
+
+
 def _forward_last_logits(model, ids, mask, pos, cache):
-    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-              use_cache=True)
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    inner = engines.inner_module(model)
+    if hasattr(inner, "get_base_model"):  # PEFT passes the cache on to the base model's forward
+        inner = inner.get_base_model()
+    kw[cache_argument(inner)] = cache
     try:
         out = model(**kw, logits_to_keep=1)
     except TypeError:
         out = model(**kw)
-    return out.logits[:, -1].float(), out.past_key_values
+    returned = getattr(out, "past_key_values", None)
+    if returned is None:
+        returned = getattr(out, "cache", None)
+    return out.logits[:, -1].float(), cache if returned is None else returned
 
 
 @contextlib.contextmanager

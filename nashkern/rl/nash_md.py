@@ -22,6 +22,7 @@ from .judges import judge_probabilities
 from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, nash_md_loss
 from .mixture_wrapper import GeometricMixtureWrapper  # noqa: F401  (TRL 1.13's import path)
+from .model_card import NASH_MD_PAPER
 from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
 from .scoring import preference_probability
 
@@ -64,6 +65,8 @@ class NashMDTrainer(OnlinePreferenceTrainer):
 
     config_class = NashMDConfig
     _tag_names = ["nashkern", "nash-md"]
+    _method_name = "Nash-MD"
+    _paper = NASH_MD_PAPER
     _default_output_dir = "nash-md"
     _reward_tokenizer_from_path = False  # TRL 1.13's Nash-MD scores with the policy's tokenizer
 

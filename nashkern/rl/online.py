@@ -20,8 +20,10 @@ logits) → its loss (:mod:`nashkern.rl.losses`) → ``self._record_metrics``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -352,6 +354,9 @@ class OnlinePreferenceTrainer(Trainer):
     _reward_tokenizer_from_path = True
     _tag_names = ["nashkern"]
     _default_output_dir = "online-preference"
+    #: the method and its paper, named in the model card (model_card.Paper or None)
+    _method_name = "online preference optimisation"
+    _paper = None
 
     def __init__(self, model: Union[str, nn.Module], ref_model: Optional[nn.Module] = None,
                  reward_funcs: Optional[Union[RewardFunc, List[RewardFunc]]] = None,
@@ -413,6 +418,11 @@ class OnlinePreferenceTrainer(Trainer):
             if isinstance(f, ModelRewardFunc):
                 f.model.to(self.accelerator.device)
         self.generation_config = self._make_generation_config(args, tok)
+        try:  # the sampling parameters of every step, checked now rather than at step 1
+            self._sampling_params()
+        except ValueError as e:
+            raise ValueError(f"{e} (the generation config built from the config's sampling "
+                             f"fields and generation_kwargs={args.generation_kwargs!r})") from None
         self.stats: Dict[str, List[float]] = defaultdict(list)
         self.last_samples: List[Dict[str, Any]] = []
         self._generator = None
@@ -420,6 +430,7 @@ class OnlinePreferenceTrainer(Trainer):
         self._evaluating = False  # inside evaluate(): metrics go to _eval_stats
         self._eval_stats: Dict[str, List[float]] = defaultdict(list)
         self._truncation_warned = False
+        self._keep = None  # bool [B]: the prompts kept by the last _kept_rows (None: not run)
 
     # -- set-up steps (called once, in this order, by __init__) ----------------------------------
     def _check_scorers(self, args, reward_model, judge, reward_funcs):
@@ -683,11 +694,21 @@ class OnlinePreferenceTrainer(Trainer):
         cfg = getattr(model, "config", None)
         cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
         limit = getattr(cfg, "max_position_embeddings", None)
-        if isinstance(limit, int) and args.max_length is not None and args.max_length > limit:
+        self._position_limit = limit if isinstance(limit, int) else None
+        if not isinstance(limit, int):
+            return
+        if args.max_length is not None and args.max_length > limit:
             raise ValueError(f"max_length ({args.max_length}) exceeds the model's "
                              f"max_position_embeddings ({limit}); set max_length <= {limit} "
                              "(prompts longer than max_length - max_new_tokens are truncated "
                              "from the left)")
+        new_tokens = (args.generation_kwargs or {}).get("max_new_tokens", args.max_new_tokens)
+        where = "generation_kwargs['max_new_tokens']" \
+            if "max_new_tokens" in (args.generation_kwargs or {}) else "max_new_tokens"
+        # a prompt keeps at least one token: generation spans up to max_new_tokens + 1 positions
+        if isinstance(new_tokens, int) and new_tokens + 1 > limit:
+            raise ValueError(f"{where} ({new_tokens}) + 1 prompt token exceeds the model's "
+                             f"max_position_embeddings ({limit}): set {where} <= {limit - 1}")
 
     def _check_datasets(self, tokenizer=None, **datasets):
         """Every given dataset has a 'prompt' column, at least one row and well-formed prompts
@@ -725,8 +746,14 @@ class OnlinePreferenceTrainer(Trainer):
         """Keyword arguments of :func:`~nashkern.rl.generation.generate` for this step."""
         tok = self.processing_class
         params = self._sampling_params()
-        # max_new_tokens >= max_length (a warning at config time, as TRL): prompts keep 1 token
-        max_length = max(self.args.max_length, params.max_new_tokens + 1)
+        # max_new_tokens >= max_length (a warning at config time, as TRL): prompts keep 1 token.
+        # max_length=None: no length limit of the config's; prompts are cut only to what the
+        # model's positions hold (max_position_embeddings, when the config has one)
+        max_length = self.args.max_length
+        if max_length is None:
+            max_length = self._position_limit
+        if max_length is not None:
+            max_length = max(max_length, params.max_new_tokens + 1)
         return dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                     params=params, max_length=max_length, generator=generator,
                     cache_implementation=getattr(self.generation_config,
@@ -739,8 +766,17 @@ class OnlinePreferenceTrainer(Trainer):
         policy, ref = self.model_wrapped, self.ref_model
         gather = self.args.ds3_gather_for_generation
         return dict(synced_gpus=engines.needs_synced_generation(policy, ref),
-                    gather_context=lambda: engines.generation_context(policy, ref,
-                                                                      gather_zero3=gather))
+                    gather_context=lambda: self._generation_context(policy, ref, gather))
+
+    @contextlib.contextmanager
+    def _generation_context(self, policy, ref, gather_zero3: bool):
+        """The engine's gathering (:func:`~nashkern.rl.engines.generation_context`) under the
+        training's mixed precision (``bf16`` / ``fp16``: accelerate's autocast): generation calls
+        the unwrapped models, bypassing the engine's own input casting, so a reference whose
+        nested FSDP1 units compute in bf16 would otherwise get float32 inputs from its root."""
+        with self.accelerator.autocast(), engines.generation_context(
+                policy, ref, gather_zero3=gather_zero3):
+            yield
 
     def _ref(self, unwrapped):
         """``(reference model, context factory)``: the given / copied reference, or the PEFT
@@ -829,6 +865,7 @@ class OnlinePreferenceTrainer(Trainer):
         if self.args.nonfinite_scores == "skip":
             dropped = self.accelerator.gather((~keep).sum().reshape(1)).sum()
             self._record_metrics({"scores/nonfinite_count": float(dropped)})
+        self._keep = keep.detach()
         return keep
 
     def _pair_logps(self, model, pairs, ref, ref_ctx):
@@ -861,7 +898,13 @@ class OnlinePreferenceTrainer(Trainer):
         """Append one value per metric to ``self.stats``: tensors (per prompt, ``[B]``) are
         gathered across processes and averaged; floats (schedules) are kept as they are."""
         stats = self._eval_stats if self._evaluating else self.stats
+        keep = self._keep
         for k, v in metrics.items():
+            if isinstance(v, torch.Tensor) and k.startswith("loss/") and keep is not None \
+                    and v.dim() == 1 and v.shape[0] == keep.shape[0] and not bool(keep.all()):
+                # nonfinite_scores="skip": a dropped prompt's loss terms are no loss values
+                # (NaN: averaged out below, as its scores are), not zeros
+                v = torch.where(keep.to(v.device), v.detach().float(), float("nan"))
             if isinstance(v, torch.Tensor):
                 v = self.accelerator.gather_for_metrics(v.detach().float().reshape(-1))
                 # rows dropped under nonfinite_scores="skip" carry NaN scores: averaged out
@@ -882,6 +925,7 @@ class OnlinePreferenceTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         self._warn_long_prompts(inputs)
+        self._keep = None
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         if self.args.n_gpu > 1:
@@ -889,7 +933,44 @@ class OnlinePreferenceTrainer(Trainer):
         check_finite_loss(loss, int(self.state.global_step))
         loss = loss / self.args.gradient_accumulation_steps
         self.accelerator.backward(loss)
+        if self.args.nonfinite_scores == "skip":
+            self._rescale_for_dropped_micro_batches(model)
         return loss.detach()
+
+    def _rescale_for_dropped_micro_batches(self, model) -> None:
+        """``nonfinite_scores="skip"``: a micro-batch whose prompts were all dropped contributes
+        no gradient (its loss is 0), but the others were divided by the full number of
+        micro-batches. At the last micro-batch of the accumulation window (after the backward:
+        the gradients are reduced, nothing clipped or stepped yet) the accumulated gradient is
+        multiplied by ``micro-batches / non-empty micro-batches``, counted over all processes,
+        so it is the mean over the micro-batches that had data. (One small all-reduce per
+        optimizer step, in "skip" mode only.) Under DeepSpeed the engine steps inside its
+        backward: there the scale cannot be corrected, and a warning says so once."""
+        keep = self._keep
+        empty = keep is not None and not bool(keep.any())
+        self._window = getattr(self, "_window", [0, 0])
+        self._window[0] += 1
+        self._window[1] += 0 if empty else 1
+        if not self.accelerator.sync_gradients:
+            return
+        counts = torch.tensor(self._window, dtype=torch.float32, device=self.accelerator.device)
+        self._window = [0, 0]
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        total, nonempty = float(counts[0]), float(counts[1])
+        if nonempty in (0.0, total):
+            return
+        if engines.engine_of(model) in ("zero3", "deepspeed"):
+            if not getattr(self, "_skip_scale_warned", False):
+                self._skip_scale_warned = True
+                warnings.warn(f"nonfinite_scores='skip': {int(total - nonempty)} of {int(total)} "
+                              "micro-batches of this step had every prompt dropped; under "
+                              "DeepSpeed their zero gradient is averaged in (the step is "
+                              "scaled by the fraction of micro-batches with data)", UserWarning)
+            return
+        factor = total / nonempty
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
     def _warn_long_prompts(self, inputs) -> None:
         """Prompts longer than ``max_length - max_new_tokens`` tokens are truncated from the left
@@ -905,12 +986,67 @@ class OnlinePreferenceTrainer(Trainer):
                           "(further truncations are not reported)", UserWarning)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
-        """Refuses to save non-finite weights (a NaN model never reaches disk unannounced)."""
+        """Refuses to save non-finite weights (a NaN model never reaches disk unannounced).
+        A save the user asks for writes the model card (``README.md``) next to the weights
+        (checkpoints write it into ``output_dir``, ``push_to_hub`` writes its own)."""
         bad = nonfinite_parameters(self.model) if self.model is not None else []
         if bad:
             raise FloatingPointError(f"not saving the model to {output_dir or self.args.output_dir}"
                                      f": non-finite weights in {bad}")
-        return super().save_model(output_dir, _internal_call)
+        out = super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self.create_model_card(output_dir=output_dir)
+        return out
+
+    def _save_checkpoint(self, model, trial):
+        """The model card in ``output_dir`` with every checkpoint (as TRL 1.13), then the
+        checkpoint."""
+        self.create_model_card()
+        return super()._save_checkpoint(model, trial)
+
+    def create_model_card(self, model_name: Optional[str] = None,
+                          dataset_name: Optional[Union[str, List[str]]] = None,
+                          tags: Optional[Union[str, List[str]]] = None, *,
+                          output_dir: Optional[str] = None, dataset=None, finetuned_from=None,
+                          license: Optional[str] = None, language=None, **unused) -> None:
+        """Write ``README.md`` (:func:`~nashkern.rl.model_card.model_card`) into ``output_dir``
+        (default ``args.output_dir``), on the main process: TRL 1.13's arguments
+        (``model_name``, ``dataset_name``, ``tags``; what ``push_to_hub(**kwargs)`` passes on),
+        and ``transformers.Trainer``'s ``dataset`` / ``finetuned_from`` / ``license`` /
+        ``language``; the remaining ones of ``Trainer.create_model_card`` (``tasks``,
+        ``dataset_tags``, ``dataset_args``) are accepted and not used. The base model is
+        ``finetuned_from``, else the policy's ``config._name_or_path``; the tags are
+        ``generated_from_trainer``, the trainer's own, the model's ``model_tags`` and ``tags``."""
+        from .model_card import model_card
+
+        unknown = set(unused) - {"tasks", "dataset_tags", "dataset_args"}
+        if unknown:
+            raise TypeError(f"create_model_card() got unexpected keyword arguments "
+                            f"{sorted(unknown)}")
+        if not self.is_world_process_zero():
+            return
+        out = output_dir or self.args.output_dir
+        if model_name is None:
+            model_name = (self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id
+                          else os.path.basename(os.path.normpath(out)))
+        inner = engines.inner_module(self.model)
+        base = getattr(getattr(inner, "config", None), "_name_or_path", None)
+        if hasattr(inner, "get_base_model"):  # PEFT: the base model's path
+            base = getattr(getattr(inner.get_base_model(), "config", None), "_name_or_path",
+                           base)
+        tag_list = ["generated_from_trainer", *self._tag_names,
+                    *(getattr(inner, "model_tags", None) or []),
+                    *([tags] if isinstance(tags, str) else (tags or []))]
+        if dataset_name is None:
+            dataset_name = dataset
+        text = model_card(model_name=model_name, trainer_name=type(self).__name__,
+                          method=self._method_name, paper=self._paper,
+                          base_model=finetuned_from or base or None, dataset_name=dataset_name,
+                          tags=tag_list, hub_model_id=getattr(self, "hub_model_id", None),
+                          license=license, language=language)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+            f.write(text)
 
     # -- evaluation: the method's loss and metrics on eval prompts, no update -----------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -943,6 +1079,8 @@ class OnlinePreferenceTrainer(Trainer):
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         if self.stats and self.model is not None and "loss" in logs:
             for k, v in self.stats.items():
-                logs[k] = sum(v) / len(v)
+                finite = [x for x in v if np.isfinite(x)]
+                if finite:  # all-NaN: every prompt of the window dropped (no value to log)
+                    logs[k] = sum(finite) / len(finite)
             self.stats.clear()
         return super().log(logs, start_time)

@@ -19,6 +19,7 @@ import torch
 
 from .generation import generate
 from .losses import LOSS_TYPES, dpo_loss
+from .model_card import ONLINE_DPO_PAPER
 from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
 from .pairs import chosen_rejected_from_preference
 
@@ -44,6 +45,8 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
 
     config_class = OnlineDPOConfig
     _tag_names = ["nashkern", "online-dpo"]
+    _method_name = "Online DPO"
+    _paper = ONLINE_DPO_PAPER
     _default_output_dir = "online-dpo"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

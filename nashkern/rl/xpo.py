@@ -22,6 +22,7 @@ import torch
 
 from .generation import generate
 from .losses import xpo_loss
+from .model_card import XPO_PAPER
 from .online import OnlinePreferenceTrainer, _as_list
 from .online_dpo import OnlineDPOConfig
 from .pairs import chosen_rejected_from_preference, concat_generations
@@ -49,6 +50,8 @@ class XPOTrainer(OnlinePreferenceTrainer):
 
     config_class = XPOConfig
     _tag_names = ["nashkern", "xpo"]
+    _method_name = "XPO"
+    _paper = XPO_PAPER
     _default_output_dir = "xpo"
 
     @property
