@@ -290,7 +290,8 @@ def test_model_level_forward_hook_is_not_fed_the_fused_statistics(tmp_path):
     model = tiny_causal_lm()
     calls = []
     model.register_forward_hook(lambda m, a, out: calls.append(out.logits.shape))
-    with pytest.raises(ValueError, match=r"forward hook on the model \(Qwen2ForCausalLM\).*"
+    with pytest.raises(ValueError, match=r"forward hook on the policy \(Qwen2ForCausalLM\) and "
+                                         r"the reference \(Qwen2ForCausalLM\).*"
                                          r"allow_unfused_head=True"):
         _trainer("xpo", tmp_path, model=model).train()
     tr = _trainer("xpo", tmp_path, model=model, allow_unfused_head=True)
@@ -357,6 +358,7 @@ def test_skip_all_dropped_micro_batch_neither_scales_gradient_nor_logs_zero_loss
     def run(prompts, accumulation, out):
         Trainer, Config = TRAINERS[name]
         tr = InOrder(model=tiny_causal_lm(tie_word_embeddings=False),
+                     ref_model=tiny_causal_lm(seed=1, tie_word_embeddings=False),
                      args=_args(Config, out, gradient_accumulation_steps=accumulation, **kw),
                      processing_class=make_tokenizer(), reward_funcs=_nan_for(drop),
                      train_dataset=Dataset.from_dict({"prompt": prompts}))
@@ -458,7 +460,7 @@ def test_geometric_mixture_wrapper_end_point_with_masked_reference():
 # ------------------------------------------------------------------------------------------------
 # 5. the KV-cache argument of the installed transformers
 # ------------------------------------------------------------------------------------------------
-def test_cache_argument_follows_the_forward_signature():
+def test_cache_argument_follows_the_forward_signature(caplog):
     """The sampler passes the KV cache under the name the model's forward declares: ``cache``
     where it names it (transformers >= the rename; ``past_key_values`` is deprecated there),
     else ``past_key_values``; and the installed transformers' Qwen2 gets the one it declares
@@ -505,6 +507,7 @@ def test_cache_argument_follows_the_forward_signature():
                        params=SamplingParams(max_new_tokens=4),
                        generator=torch.Generator().manual_seed(0))
     assert rec.keys and all(k == [expected] for k in rec.keys)
+    assert "deprecated" not in caplog.text, caplog.text
     plain = generate(model, ids, torch.ones_like(ids), eos_token_id=1, pad_token_id=0,
                      params=SamplingParams(max_new_tokens=4),
                      generator=torch.Generator().manual_seed(0))

@@ -268,13 +268,14 @@ def completion_stats(model, input_ids: Tensor, attention_mask: Tensor, context_l
     if engines.inner_module(ref_wrapper) is engines.inner_module(model):
         ref_wrapper = model  # the PEFT base: the policy's wrapper, adapters disabled
     owned = engines.head_weight_owned_by_engine(ref_wrapper)
-    hooked = [type(m).__name__ for m in (engines.inner_module(model),
-                                          engines.inner_module(ref_wrapper)) if user_hooks(m)]
+    hooked = [f"the {role} ({type(m).__name__})" for role, m in (
+        ("policy", engines.inner_module(model)), ("reference", engines.inner_module(ref_wrapper)))
+        if user_hooks(m)]
     out, why = None, ("the output head could not be separated from the model body (no 2-D "
                       "output embedding, unknown logit post-processing such as a forward hook "
                       "on the head, or policy and reference heads of different kinds)")
     if hooked:  # the model-level hook would receive the fused statistics, not the model's output
-        why = (f"a forward hook on the model ({', '.join(hooked)}) post-processes its output, "
+        why = (f"a forward hook on {' and '.join(hooked)} post-processes the model's output, "
                "which the fused path does not build")
     try:  # the head is read at every call: adapters on it change while training
         if hooked:

@@ -216,9 +216,9 @@ def _forward_last_logits(model, ids, mask, pos, cache):
         out = model(**kw, logits_to_keep=1)
     except TypeError:
         out = model(**kw)
-    returned = getattr(out, "past_key_values", None)
+    returned = getattr(out, "cache", None)  # the new name first: reading the old one warns
     if returned is None:
-        returned = getattr(out, "cache", None)
+        returned = getattr(out, "past_key_values", None)
     return out.logits[:, -1].float(), cache if returned is None else returned
 
 
