@@ -9,7 +9,14 @@ One launch does all the checks of its engine (a launch costs ~15-25 s of start-u
   2. the regression: different prompts per rank, long sampled generations (ranks finish at
      different steps; FSDP1 here with use_orig_params=True), the default reference (a copy of the policy: under ZeRO-3 of a
      zero.Init-ialised policy), 1 Nash-MD step and 1 XPO step; the reference must be sharded;
-  3. no fallback warning, the fused head used (``_nashkern_separable``) in every run.
+  3. bf16 mixed precision (``bf16=True``, TRL's default; CPU autocast and the engine's bf16
+     policy): the equivalence step of 1. again (compared with one process in bf16), 1 XPO step
+     with the default reference (the mixture / reference generation under the engine's bf16
+     units crashed on FSDP1); on FSDP2 and ZeRO-3 also a LoRA (PEFT) Nash-MD step, the
+     reference being the base model with the adapters disabled;
+  4. no fallback warning, the fused head used (``_nashkern_separable``) in every run.
+
+ENGINE ``ddp``: no plugin (accelerate's MULTI_CPU DDP), the same checks.
 """
 import faulthandler
 import json
@@ -48,7 +55,7 @@ def engine_args(engine, orig_params=False):
     """TrainingArguments fields selecting ``engine`` (None: one process, no engine); FSDP1 with
     flat parameters, or with ``orig_params`` (use_orig_params=True: outside the forward the head
     is a 1-D shard)."""
-    if engine is None:
+    if engine in (None, "ddp"):  # ddp: accelerate's own MULTI_CPU set-up (no plugin)
         return {}
     if engine == "zero3":
         return dict(deepspeed={
@@ -90,14 +97,15 @@ def force_engine():
             self.device = PartialState().device = torch.device("cpu")
         elif deepspeed_plugin is not None:
             self.distributed_type = DistributedType.DEEPSPEED
-            deepspeed_plugin.set_mixed_precision("no")
+            deepspeed_plugin.set_mixed_precision(str(self.mixed_precision))
             deepspeed_plugin.select(_from_accelerator_state=True)
             self.deepspeed_plugins = deepspeed_plugin
 
     AcceleratorState.__init__ = forced
 
 
-def make_trainer(cls, engine, out, *, ref=None, orig_params=False, **kw):
+def make_trainer(cls, engine, out, *, ref=None, orig_params=False, bf16=False, peft=False,
+                 **kw):
     """With ``ref``: the models are built before the config (full weights, the same as one
     process: under ZeRO-3 the engine partitions them), untied heads (a tied tiny model greedily
     repeats its last token, policy and reference alike) and a distinct reference. Without: the
@@ -110,7 +118,7 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, **kw):
     # float32 without activation checkpointing (the configs default to TRL's bf16 + checkpointing):
     # the comparison with one process is about the engines, at float32 reduction-order tolerance
     args = config_cls(output_dir=out, report_to="none", save_strategy="no", use_cpu=True,
-                      bf16=False, gradient_checkpointing=False,
+                      bf16=bf16, gradient_checkpointing=False,
                       disable_tqdm=True, seed=0, logging_steps=1,
                       **({} if engine is None else {"ddp_backend": "gloo"}),
                       **engine_args(engine, orig_params), **kw)
@@ -121,9 +129,22 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, **kw):
         def _get_train_sampler(self, *a, **k):  # rank r gets prompts [2r, 2r + 1]
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
+    peft_config = None
+    if peft:  # LoRA on the attention projections; the reference is the base (adapters off)
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "v_proj"])
     return Sequential(model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
-                       processing_class=make_tokenizer(),
+                       processing_class=make_tokenizer(), peft_config=peft_config,
                        train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def _local(p):
+    """This rank's values of parameter ``p`` (ZeRO-3 partition, FSDP2 DTensor shard, or p)."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def local_numel(model):
@@ -155,6 +176,84 @@ def full_params(tr):
         return None
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
     return {k: v.detach().float().cpu().clone() for k, v in full.items()}
+
+
+def regression(engine, out, result):
+    """Section 2 of main: fills result's steps, first_kl, ref_local_numel, full_numel, lengths
+    and ANDs the runs' fused flags into result["fused"]."""
+    import nashkern.rl.generation as generation
+
+    lengths = []
+    real_generate = generation.generate
+
+    def recording_generate(*a, **k):
+        o = real_generate(*a, **k)
+        lengths.append(int(o.completion_mask.sum(1).max()))  # this rank's own length
+        return o
+
+    import nashkern.rl.nash_md as nash_md
+    import nashkern.rl.xpo as xpo
+    nash_md.generate = xpo.generate = recording_generate
+    steps = {}
+    for cls, n in ((NashMDTrainer, 1), (XPOTrainer, 1)):
+        t2 = make_trainer(cls, engine, out, per_device_train_batch_size=1, max_steps=n,
+                          max_new_tokens=32, temperature=2.0, learning_rate=1e-2,
+                          orig_params=True)
+        t2.train()
+        result["fused"] = result["fused"] and bool(getattr(
+            engines.inner_module(t2.model_wrapped), "_nashkern_separable", False))
+        steps[cls.__name__] = t2.state.global_step
+        # the default reference is the policy's copy (under ZeRO-3 copied shard by shard)
+        if cls is NashMDTrainer:
+            result["first_kl"] = [h for h in t2.state.log_history
+                                  if "loss/kl" in h][0]["loss/kl"]
+        result.setdefault("ref_local_numel", local_numel(t2.ref_model))
+    result["steps"] = steps
+    result["full_numel"] = sum(getattr(p, "ds_numel", p.numel())
+                               for p in tiny_causal_lm().parameters())
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, lengths)
+    result["lengths"] = gathered
+
+
+def mixed_precision_run(engine, out):
+    """Section 3 of main (see the module docstring): bf16 runs, every engine; PEFT on FSDP2 and
+    ZeRO-3. Returns what the test compares (the bf16 equivalence step's logs and parameters)."""
+    res = {}
+    tr = make_trainer(NashMDTrainer, engine, out, ref=True, per_device_train_batch_size=2,
+                      bf16=True, **EQUIVALENCE)
+    tr.train()
+    res["mixed_precision"] = str(tr.accelerator.mixed_precision)
+    res["engine"] = engines.engine_of(tr.model_wrapped)
+    res["logs"] = [h for h in tr.state.log_history if "loss/kl" in h]
+    res["fused"] = bool(getattr(engines.inner_module(tr.model_wrapped), "_nashkern_separable",
+                                False))
+    res["params"] = full_params(tr)
+    t2 = make_trainer(XPOTrainer, engine, out, per_device_train_batch_size=1, max_steps=1,
+                      max_new_tokens=8, temperature=2.0, learning_rate=1e-2, bf16=True)
+    t2.train()
+    res["xpo_steps"] = t2.state.global_step
+    res["xpo_loss"] = [h for h in t2.state.log_history if "loss/kl" in h][0]["loss"]
+    res["fused"] = res["fused"] and bool(getattr(engines.inner_module(t2.model_wrapped),
+                                                 "_nashkern_separable", False))
+    if engine in ("fsdp2", "zero3"):
+        t3 = make_trainer(NashMDTrainer, engine, out, per_device_train_batch_size=1,
+                          max_steps=1, max_new_tokens=8, temperature=2.0, learning_rate=1e-1,
+                          bf16=True, peft=True)
+        def lora_shards():  # this rank's piece of every LoRA B matrix (zero at the start)
+            return {n: _local(p).detach().float().clone()
+                    for n, p in t3.model.named_parameters() if "lora_B" in n}
+
+        lora = lora_shards()
+        t3.train()
+        log = [h for h in t3.state.log_history if "loss/kl" in h][0]
+        moved = [n for n, v in lora_shards().items() if v.numel() and not torch.equal(v, lora[n])]
+        res["peft"] = dict(steps=t3.state.global_step, first_kl=log["loss/kl"],
+                           loss=log["loss"], is_peft=bool(t3.is_peft),
+                           ref_is_base=t3.ref_model is None,
+                           lora_local=len(lora), lora_moved=len(moved),
+                           engine=engines.engine_of(t3.model_wrapped))
+    return res
 
 
 def main(engine, out):
@@ -196,39 +295,15 @@ def main(engine, out):
                                        "_nashkern_separable", False))
         params = full_params(tr)
         # 2. the regression: different prompts per rank, long sampled generations, the
-        # default reference (a copy of the policy), Nash-MD then XPO
-        import nashkern.rl.generation as generation
-        lengths = []
-        real_generate = generation.generate
-
-        def recording_generate(*a, **k):
-            o = real_generate(*a, **k)
-            lengths.append(int(o.completion_mask.sum(1).max()))  # this rank's own length
-            return o
-
-        import nashkern.rl.nash_md as nash_md
-        import nashkern.rl.xpo as xpo
-        nash_md.generate = xpo.generate = recording_generate
-        steps = {}
-        for cls, n in ((NashMDTrainer, 1), (XPOTrainer, 1)):
-            t2 = make_trainer(cls, engine, out, per_device_train_batch_size=1, max_steps=n,
-                              max_new_tokens=32, temperature=2.0, learning_rate=1e-2,
-                              orig_params=True)
-            t2.train()
-            result["fused"] = result["fused"] and bool(getattr(
-                engines.inner_module(t2.model_wrapped), "_nashkern_separable", False))
-            steps[cls.__name__] = t2.state.global_step
-            # the default reference is the policy's copy (under ZeRO-3 copied shard by shard)
-            if cls is NashMDTrainer:
-                result["first_kl"] = [h for h in t2.state.log_history
-                                      if "loss/kl" in h][0]["loss/kl"]
-            result.setdefault("ref_local_numel", local_numel(t2.ref_model))
-        result["steps"] = steps
-        result["full_numel"] = sum(getattr(p, "ds_numel", p.numel())
-                                   for p in tiny_causal_lm().parameters())
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, lengths)
-        result["lengths"] = gathered
+        # default reference (a copy of the policy), Nash-MD then XPO (sharded engines: DDP's
+        # generation is not a collective)
+        if engine != "ddp":
+            regression(engine, out, result)
+        # 3. bf16 mixed precision (TRL's default bf16=True; on the CPU: autocast, the engines'
+        # bf16 parameter / compute policies): the equivalence step again, then 1 XPO step with
+        # the default reference; with PEFT (FSDP2, ZeRO-3) a LoRA Nash-MD step
+        result["bf16"] = mixed_precision_run(engine, out)
+        params_bf16 = result["bf16"].pop("params")
     result["fallback_warnings"] = [str(w.message) for w in caught
                                    if "chunked logits" in str(w.message)
                                    or "separated" in str(w.message)]
@@ -237,6 +312,7 @@ def main(engine, out):
     result["stats"] = stats
     if rank == 0:
         torch.save(params, os.path.join(out, "params.pt"))
+        torch.save(params_bf16, os.path.join(out, "params_bf16.pt"))
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
     dist.barrier()

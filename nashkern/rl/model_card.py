@@ -101,7 +101,8 @@ def model_card(*, model_name: str, trainer_name: str, method: str, paper: Option
     and its paper, how to load it, library versions, citations)."""
     datasets, tag_list = _as_list(dataset_name), list(dict.fromkeys(_as_list(tags)))
     base_id = hub_id(base_model)
-    meta = (([f"base_model: {base_id}"] if base_id else []) + _yaml_list("datasets", datasets)
+    hub_datasets = [d for d in datasets if hub_id(d)]  # local paths stay out of the metadata
+    meta = (([f"base_model: {base_id}"] if base_id else []) + _yaml_list("datasets", hub_datasets)
             + ["library_name: transformers", f"model_name: {model_name}"]
             + _yaml_list("tags", tag_list) + ([f"license: {license}"] if license else [])
             + _yaml_list("language", _as_list(language)))
