@@ -124,5 +124,5 @@ def main(argv=None) -> int:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub(dataset_name=script.dataset_name)
     return 0
