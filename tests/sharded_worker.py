@@ -92,6 +92,8 @@ def force_engine():
             return
         if fsdp_plugin is not None:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # what accelerate does on an accelerator
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             # FSDP1 compares its compute device "cpu" with accelerate's indexed "cpu:0"
             self.device = PartialState().device = torch.device("cpu")
@@ -100,6 +102,9 @@ def force_engine():
             deepspeed_plugin.set_mixed_precision(str(self.mixed_precision))
             deepspeed_plugin.select(_from_accelerator_state=True)
             self.deepspeed_plugins = deepspeed_plugin
+        # as accelerate's own set-up ends: every later AcceleratorState() (e.g. the autocast
+        # set-up of a bf16 run inside prepare_model) copies PartialState's fields back
+        PartialState._shared_state["distributed_type"] = self.distributed_type
 
     AcceleratorState.__init__ = forced
 
@@ -122,6 +127,9 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, bf16=False, p
                       disable_tqdm=True, seed=0, logging_steps=1,
                       **({} if engine is None else {"ddp_backend": "gloo"}),
                       **engine_args(engine, orig_params), **kw)
+    # set the devices up now (TrainingArguments._setup_devices resets accelerate's state): with
+    # bf16 it otherwise first runs inside train(), after the forced engine state was made
+    assert args.device is not None
     if not ref:
         policy, ref_model = tiny_causal_lm(seed=0), None
 
@@ -233,7 +241,7 @@ def mixed_precision_run(engine, out):
                       max_new_tokens=8, temperature=2.0, learning_rate=1e-2, bf16=True)
     t2.train()
     res["xpo_steps"] = t2.state.global_step
-    res["xpo_loss"] = [h for h in t2.state.log_history if "loss/kl" in h][0]["loss"]
+    res["xpo_loss"] = [h for h in t2.state.log_history if "loss/dpo" in h][0]["loss"]
     res["fused"] = res["fused"] and bool(getattr(engines.inner_module(t2.model_wrapped),
                                                  "_nashkern_separable", False))
     if engine in ("fsdp2", "zero3"):
