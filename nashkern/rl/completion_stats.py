@@ -38,10 +38,6 @@ class HeadSpec:
     softcap: Optional[float] = None
 
 
-class _Unfused(Exception):
-    """Internal: go straight to the unfused path (the reason is already set)."""
-
-
 class HeadNotFusable(Exception):
     """The output head carries something the fused path cannot fold into ``(W, b)`` this step
     (e.g. LoRA dropout in training mode, DoRA): the caller falls back, loudly."""
@@ -278,18 +274,15 @@ def completion_stats(model, input_ids: Tensor, attention_mask: Tensor, context_l
         why = (f"a forward hook on {' and '.join(hooked)} post-processes the model's output, "
                "which the fused path does not build")
     try:  # the head is read at every call: adapters on it change while training
-        if hooked:
-            raise _Unfused
-        with torch.no_grad(), ref_ctx():
-            ref = engines.redirect(ref_wrapper, _through_head, input_ids, attention_mask,
-                                   _reference_head, context_length, owned)
-        if ref is not None:
-            out = engines.redirect(model, _through_head, input_ids, attention_mask, _policy_head,
-                                   context_length, targets, ref)
+        if not hooked:
+            with torch.no_grad(), ref_ctx():
+                ref = engines.redirect(ref_wrapper, _through_head, input_ids, attention_mask,
+                                       _reference_head, context_length, owned)
+            if ref is not None:
+                out = engines.redirect(model, _through_head, input_ids, attention_mask,
+                                       _policy_head, context_length, targets, ref)
     except HeadNotFusable as e:
         why = f"the fused path cannot include the output head this step: {e}"
-    except _Unfused:
-        pass
     if out is not None:
         return CompletionStats(*out)
     names = f"{type(engines.inner_module(model)).__name__} / " \
