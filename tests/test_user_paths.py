@@ -122,6 +122,20 @@ def test_create_model_card_takes_trl_arguments(name, tmp_path):
     assert "# Model Card for saved" in saved
 
 
+def test_nash_ema_model_card_names_its_method(tmp_path):
+    """Nash-EMA (a Nash-MD subclass) is named as itself, with the paper both come from."""
+    from nashkern import NashEMAConfig, NashEMATrainer
+
+    tr = NashEMATrainer(model=tiny_causal_lm(), args=_args(NashEMAConfig, tmp_path),
+                        processing_class=make_tokenizer(), reward_funcs=vowel_count,
+                        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}))
+    tr.create_model_card(dataset_name="trl-lib/tldr")
+    text = (tmp_path / "README.md").read_text()
+    assert "This model was trained with Nash-EMA, a method introduced in [Nash Learning from " \
+           "Human Feedback](https://huggingface.co/papers/2312.00886)" in text
+    assert "`NashEMATrainer`" in text and "\n- nash-ema\n" in text
+
+
 class LocalHub:
     """Stand-in for ``transformers.trainer.hf_api()``: create_repo records the repo, and
     upload_folder copies the folder into ``root/<repo>`` (what the Hub would receive)."""
