@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from nashkern.rl.generation import (SamplingParams, generate, mix_logits, process_logits,
-                                 sample_next, truncate_prompts_left)
+from nashkern.rl.generation import (SamplingParams, derived_generator, generate, generate_pair,
+                                 mix_logits, process_logits, sample_next, truncate_prompts_left)
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm  # noqa: F401
 
 PROMPTS = ["hello there", "a", "what is two plus two?"]
@@ -78,12 +78,93 @@ def test_mixture_differs_from_policy_and_coef1_is_reference(tok, models):
     assert torch.equal(c.completion_ids, d.completion_ids)
 
 
+def _eos_likely_models():
+    """Tiny policy / reference whose rows stop at different steps (EOS made likely)."""
+    model, ref = tiny_causal_lm(seed=0), tiny_causal_lm(seed=1)
+    eos = make_tokenizer().eos_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[eos] *= 40.0
+        ref.model.embed_tokens.weight[eos] *= 40.0
+    return model, ref
+
+
+@pytest.mark.parametrize("coef,proc,cache", [
+    (0.5, {}, None), (1.0, {}, None), (0.0, {}, None),
+    (0.5, dict(top_k=10, top_p=0.9, repetition_penalty=1.3), None), (0.5, {}, "static")])
+def test_generate_pair_matches_two_generate_calls(tok, coef, proc, cache):
+    """One loop (policy over 2B rows, reference over the B mixture rows, each prompt prefilled
+    once per model) draws exactly what two generate calls draw with the same generators:
+    y from `generator`, y′ from `second_generator` — ids, masks and each output's length."""
+    model, ref = _eos_likely_models()
+    enc = tok(PROMPTS * 2, return_tensors="pt", padding=True)
+    params = SamplingParams(max_new_tokens=14, temperature=0.9, **proc)
+    kw = dict(params=params, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              cache_implementation=cache)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape),
+                                    with_kwargs=True)
+    y, y2 = generate_pair(model, enc.input_ids, enc.attention_mask, ref_model=ref, coef=coef,
+                          generator=torch.Generator().manual_seed(3),
+                          second_generator=torch.Generator().manual_seed(4), **kw)
+    prefill = calls[0]
+    calls.clear()
+    want_y = generate(model, enc.input_ids, enc.attention_mask,
+                      generator=torch.Generator().manual_seed(3), **kw)
+    want_y2 = generate(model, enc.input_ids, enc.attention_mask, ref_model=ref, coef=coef,
+                       generator=torch.Generator().manual_seed(4), **kw)
+    for got, want in ((y, want_y), (y2, want_y2)):
+        assert torch.equal(got.completion_ids, want.completion_ids)
+        assert torch.equal(got.completion_mask, want.completion_mask)
+        assert torch.equal(got.input_ids, want.input_ids)
+    if cache is None:  # the policy's prompt prefill runs once, over the B prompts
+        assert prefill[0] == enc.input_ids.shape[0]
+
+
+def test_generate_pair_second_policy_sample_is_generate_over_repeated_prompts(tok):
+    """Online DPO's pair: with no reference and no second generator, both samples come from one
+    sampler call per token over the 2B rows — exactly generate(prompts repeated twice)."""
+    model, _ = _eos_likely_models()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(params=SamplingParams(max_new_tokens=12), eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+    a, b = generate_pair(model, enc.input_ids, enc.attention_mask,
+                         generator=torch.Generator().manual_seed(9), **kw)
+    want = generate(model, enc.input_ids.repeat(2, 1), enc.attention_mask.repeat(2, 1),
+                    generator=torch.Generator().manual_seed(9), **kw)
+    assert torch.equal(torch.cat([a.completion_ids, b.completion_ids]), want.completion_ids)
+    assert torch.equal(torch.cat([a.completion_mask, b.completion_mask]), want.completion_mask)
+
+
+def test_generate_pair_default_second_stream(tok, models):
+    """Without a second generator the mixture sample draws from a stream derived from the
+    first generator's state: reproducible, not advancing it, unlike the policy's stream."""
+    model, ref = models
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = dict(params=SamplingParams(max_new_tokens=10), eos_token_id=-1,
+              pad_token_id=tok.pad_token_id, ref_model=ref, coef=0.5)
+    g = torch.Generator().manual_seed(11)
+    first = derived_generator(g)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(11).get_state())
+    assert torch.equal(first.get_state(), derived_generator(g).get_state())
+    assert not torch.equal(torch.rand(8, generator=first),
+                           torch.rand(8, generator=torch.Generator().manual_seed(11)))
+    y, y2 = generate_pair(model, enc.input_ids, enc.attention_mask,
+                          generator=torch.Generator().manual_seed(11), **kw)
+    again = generate_pair(model, enc.input_ids, enc.attention_mask,
+                          generator=torch.Generator().manual_seed(11), **kw)
+    want_y2 = generate(model, enc.input_ids, enc.attention_mask,
+                       generator=derived_generator(torch.Generator().manual_seed(11)), **kw)
+    assert torch.equal(y2.completion_ids, want_y2.completion_ids)
+    assert torch.equal(y.completion_ids, again[0].completion_ids)
+    assert torch.equal(y2.completion_ids, again[1].completion_ids)
+
+
 def test_eos_stops_each_row_and_pads(tok):
     model = tiny_causal_lm(seed=0)
     eos = tok.eos_token_id
     with torch.no_grad():  # make EOS likely so rows stop at different steps
         model.lm_head.weight[eos] += 0.0  # tied: edit the embedding row instead
-        model.model.embed_tokens.weight[eos] *= 12.0
+        model.model.embed_tokens.weight[eos] *= 40.0
     enc = tok(PROMPTS * 2, return_tensors="pt", padding=True)
     out = generate(model, enc.input_ids, enc.attention_mask, params=SamplingParams(max_new_tokens=30),
                    eos_token_id=eos, pad_token_id=tok.pad_token_id,

@@ -3,14 +3,15 @@ reference from the models' final hidden states and output embedding, through
 :func:`nashkern.ops.linear_token_stats`: no ``[B, T, V]`` logits, forward or backward.
 
 Each model runs once, as its own ``forward`` called through its engine wrapper (DDP, FSDP1,
-FSDP2, a DeepSpeed engine; :func:`~nashkern.rl.engines.redirect`), with
-``output_hidden_states=True`` and ``logits_to_keep=1``: ``hidden_states[-1]`` is the input of the
-head (after the final norm), and the fused statistics then run as the output head's forward, so
-every engine has the head's weight whole for them (and again for the backward) and reduces its
-gradient as usual. The head is ``get_output_embeddings()`` (tied embeddings are the same tensor);
+FSDP2, a DeepSpeed engine; :func:`~nashkern.rl.engines.redirect`), with ``logits_to_keep=1``;
+the input of the head (after the final norm) is the base model's output, read by a forward hook
+(no ``output_hidden_states``: the other layers' hidden states are not kept; the first call per
+model checks it against ``hidden_states[-1]``, :func:`_run_body`), and the fused statistics
+then run as the output head's forward, so every engine has the head's weight whole for them
+(and again for the backward) and reduces its gradient as usual. The head is ``get_output_embeddings()`` (tied embeddings are the same tensor);
 config ``logit_scale`` (Cohere: logits · s), ``logits_scaling`` (Granite: logits / s) and
 ``final_logit_softcapping`` (Gemma-2) are honoured. On the first call per model the last-position
-logits the model returned are compared with the head applied to ``hidden_states[-1]``; a model
+logits the model returned are compared with the head applied to the final hidden states; a model
 whose head cannot be separated this way (no output embedding, unknown post-processing) raises,
 unless ``allow_unfused`` (the config's ``allow_unfused_head``): then its own logits run in row
 chunks, fed to ``ops.token_stats``, with a warning.
@@ -139,14 +140,66 @@ def user_hooks(module) -> list:
     return found
 
 
-def _run_body(model, input_ids, attention_mask):
+def _decoder_of(inner) -> Optional[torch.nn.Module]:
+    """The base model (``get_decoder()``, else the ``base_model_prefix`` attribute) whose output
+    ``last_hidden_state`` is the head's input in transformers' causal LMs, or None."""
+    dec = None
+    try:
+        dec = inner.get_decoder()
+    except Exception:  # noqa: BLE001 - no decoder accessor
+        pass
+    if not isinstance(dec, torch.nn.Module):
+        prefix = getattr(inner, "base_model_prefix", None)
+        dec = getattr(inner, prefix, None) if isinstance(prefix, str) and prefix else None
+    return dec if isinstance(dec, torch.nn.Module) and dec is not inner else None
+
+
+def _run_body(inner, forward, input_ids, attention_mask):
+    """``(final hidden states [B, T, D], last-position logits)`` of one forward.
+
+    The final hidden states are read from the base model's output by a forward hook, so the
+    model is called without ``output_hidden_states`` (which keeps every layer's hidden states,
+    ``(L + 1)·B·T·D`` values, alive for the step; with activation checkpointing those are
+    exactly what checkpointing frees). The first call per model also asks for
+    ``output_hidden_states`` and uses the hook from then on only if its tensor is
+    ``hidden_states[-1]``; a model without a separate base model, or whose base output is not
+    the head's input, keeps ``output_hidden_states=True`` (decided once per model)."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-              output_hidden_states=True, use_cache=False)
+              use_cache=False)
+    hooked = getattr(inner, "_nashkern_final_hidden_hook", None)  # None: not decided yet
+    decoder = _decoder_of(inner) if hooked is not False else None
+    captured = []
+
+    def keep_output(module, args, output):
+        h = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state",
+                                                                None)
+        captured.append(h)
+
+    handle = decoder.register_forward_hook(keep_output) if decoder is not None else None
     try:
-        out = model(**kw, logits_to_keep=1)
-    except TypeError:  # no logits_to_keep: the check below then fails -> not separable
-        out = model(**kw)
+        if not hooked:  # undecided or not usable: the model's own hidden states
+            kw["output_hidden_states"] = True
+        try:
+            out = forward(**kw, logits_to_keep=1)
+        except TypeError:  # no logits_to_keep: the check below then fails -> not separable
+            out = forward(**kw)
+    finally:
+        if handle is not None:
+            handle.remove()
+    one = len(captured) == 1 and isinstance(captured[0], Tensor)
+    if hooked:
+        if not one:
+            raise RuntimeError(f"{type(inner).__name__}: the forward hook on its base model "
+                               f"({type(decoder).__name__}) fired {len(captured)} times, expected "
+                               "once per forward")
+        return captured[0], out.logits
+    if hooked is None:
+        last = out.hidden_states[-1] if getattr(out, "hidden_states", None) else None
+        usable = one and last is not None and (
+            captured[0] is last or (captured[0].shape == last.shape
+                                    and torch.equal(captured[0], last)))
+        object.__setattr__(inner, "_nashkern_final_hidden_hook", bool(usable))
     return out.hidden_states[-1], out.logits
 
 
@@ -183,7 +236,7 @@ def _through_head(inner, forward, input_ids, attention_mask, head_fn, *args):
     last-position logits), then ``head_fn(inner, spec, hidden, logits, *args)`` run as the output
     head's forward, so an engine that gathers weights per module (ZeRO-3) has the head's weight
     whole while it runs (and again for its backward)."""
-    hidden, logits = _run_body(forward, input_ids, attention_mask)
+    hidden, logits = _run_body(inner, forward, input_ids, attention_mask)
     head = inner.get_output_embeddings()
     if head is None or user_hooks(head):
         # a hook on the head (e.g. a vocabulary mask) acts on logits the fused path never

@@ -32,8 +32,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -325,3 +326,206 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
     completion_mask = torch.stack(masks, 1).long()
     prompt_mask = attention_mask[:, : input_ids.shape[1]]
     return GenerationOutput(input_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def _repeat_cache(cache, index: Tensor):
+    """Rows ``index`` of a prefilled KV cache (``[B] -> [len(index)]`` in the batch dimension,
+    e.g. ``[0..B-1, 0..B-1]``: every prompt twice), through transformers' ``reorder_cache``
+    (every layer's keys and values ``index_select``-ed; dynamic and static caches)."""
+    reorder = getattr(cache, "reorder_cache", None)
+    if reorder is None:
+        raise ValueError(f"generate_pair: the KV cache {type(cache).__name__} cannot repeat its "
+                         "rows (no reorder_cache)")
+    reorder(index)
+    return cache
+
+
+def derived_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """A second generator whose seed is a function of ``generator``'s current state, without
+    advancing it (``None`` for ``None``: both samples then draw from the global RNG). Seeded
+    through ``numpy.random.SeedSequence`` of (a word of the state, a constant), so its stream
+    shares nothing with ``generator``'s (a seed drawn from ``generator`` itself would be the
+    first seed its own sampler draws)."""
+    if generator is None:
+        return None
+    state = generator.get_state().numpy().tobytes()
+    words = np.frombuffer(state.ljust(-(-len(state) // 4) * 4, b"\0"), dtype=np.uint32)
+    seed = int(np.random.SeedSequence(words.tolist() + [0x6E6B6D78])
+               .generate_state(1, np.uint64)[0] >> np.uint64(1))
+    second = torch.Generator(device=generator.device)
+    second.manual_seed(seed)
+    return second
+
+
+@torch.no_grad()
+def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: int,
+                  pad_token_id: int, params: SamplingParams, ref_model=None, coef: float = 0.0,
+                  max_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                  second_generator: Optional[torch.Generator] = None,
+                  ref_context: Optional[Callable[[], ContextManager]] = None,
+                  cache_implementation: Optional[str] = None, synced_gpus: bool = False,
+                  gather_context: Optional[Callable[[], ContextManager]] = None
+                  ) -> Tuple[GenerationOutput, GenerationOutput]:
+    """Two samples per prompt in ONE decoding loop: ``y ~ π`` (the policy) and ``y′`` from the
+    geometric mixture ``π^(1−c)·μ^c`` (``coef`` = c; ``c = 1``: the reference alone, XPO's ỹ;
+    ``ref_model`` None or ``c = 0``: a second policy sample, Online DPO's pair).
+
+    Each prompt is prefilled once per model; the policy then decodes its ``2B`` rows (y rows,
+    then y′ rows, the prefilled cache repeated) and the reference only the ``B`` y′ rows, so
+    each model's weights are read once per token (two :func:`generate` calls read the
+    policy's twice and prefill it twice). Arguments as :func:`generate`.
+
+    Samples: ``y`` is what ``generate(model, ..., generator=generator)`` draws (the same
+    generator calls, identical ids up to batch-size-dependent rounding of the forwards). ``y′``
+    is what ``generate(..., ref_model, coef, generator=second_generator)`` draws;
+    ``second_generator`` defaults to :func:`derived_generator` of ``generator`` (a separate
+    stream: two back-to-back ``generate`` calls on one generator draw ``y′`` from where ``y``'s
+    loop left it, which depends on how many tokens ``y`` took, so that exact sequence cannot be
+    reproduced in one loop). A second *policy* sample (no reference in use) with no
+    ``second_generator`` is drawn together with ``y`` over the ``2B`` rows by ``generator``:
+    exactly ``generate(model, input_ids.repeat(2, 1), ...)``, both outputs then of the same
+    length. Otherwise each output is as long as its own samples (up to each group's last
+    unfinished step). ``cache_implementation="offloaded"`` runs the two :func:`generate`
+    calls (its cache rows are not repeated in place)."""
+    if not 0 <= coef <= 1:
+        raise ValueError(f"coef (mixture_coef) must be in [0, 1], got {coef}")
+    use_ref = ref_model is not None and coef > 0
+    second_uses_policy = not use_ref or coef < 1
+    joint = second_generator is None and not use_ref  # one sampler call over the 2B rows
+    if second_generator is None and not joint:
+        second_generator = derived_generator(generator)
+    common = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, params=params,
+                  max_length=max_length, cache_implementation=cache_implementation,
+                  synced_gpus=synced_gpus, gather_context=gather_context)
+    if cache_implementation == "offloaded":
+        if joint:
+            both = generate(model, input_ids.repeat(2, 1), attention_mask.repeat(2, 1),
+                            generator=generator, **common)
+            return _split_rows(both, input_ids.shape[0])
+        first = generate(model, input_ids, attention_mask, generator=generator, **common)
+        second = generate(model, input_ids, attention_mask, ref_model=ref_model, coef=coef,
+                          ref_context=ref_context, generator=second_generator, **common)
+        return first, second
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if max_length is not None:
+        input_ids, attention_mask = truncate_prompts_left(
+            input_ids, attention_mask, max_length - params.max_new_tokens)
+    attention_mask = attention_mask.to(torch.long)
+    ref_ctx = ref_context or contextlib.nullcontext
+    B, device = input_ids.shape[0], input_ids.device
+    P = 2 * B if second_uses_policy else B  # the policy's rows
+    twice = torch.cat([torch.arange(B, device=device)] * 2)
+    with _eval_mode(model, ref_model if use_ref else None), \
+            (gather_context or contextlib.nullcontext)():
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        slots = input_ids.shape[1] + params.max_new_tokens
+        cache = _new_cache(model, cache_implementation, slots)
+        if cache_implementation == "static" and P > B:
+            # a static cache sizes its tensors at the first forward: give it the 2B rows there
+            z, cache = _forward_last_logits(model, input_ids[twice], attention_mask[twice],
+                                            pos[twice], cache)
+        else:
+            z, cache = _forward_last_logits(model, input_ids, attention_mask, pos, cache)
+            if P > B:
+                cache = _repeat_cache(cache, twice)
+                z = z[twice]
+        r = ref_cache = None
+        if use_ref:
+            ref_cache = _new_cache(ref_model, cache_implementation, slots)
+            with ref_ctx():
+                r, ref_cache = _forward_last_logits(ref_model, input_ids, attention_mask, pos,
+                                                    ref_cache)
+        vocab = z.shape[-1]
+        seen = None
+        if params.repetition_penalty not in (None, 1.0):
+            seen = torch.zeros(B, vocab, dtype=torch.long, device=device).scatter_add_(
+                1, input_ids.clamp(0, vocab - 1), attention_mask) > 0
+            seen = seen[twice]  # [2B]: y rows, then y′ rows
+        finished = torch.zeros(2 * B, dtype=torch.bool, device=device)
+        group_done = [False, False]
+        lengths = [params.max_new_tokens, params.max_new_tokens]
+        tokens, masks = [], []
+        next_pos = pos[:, -1:]
+        rows = (slice(0, B), slice(B, 2 * B))
+        for step in range(params.max_new_tokens):
+            if joint:
+                sampled = sample_next(z, None, 0.0, params, seen, generator)
+            else:
+                parts = []
+                for g, (sl, gen) in enumerate(((rows[0], generator), (rows[1], second_generator))):
+                    if group_done[g]:  # its own loop would have stopped: no draw, padding
+                        parts.append(torch.full((B,), pad_token_id, dtype=torch.long,
+                                                device=device))
+                        continue
+                    if g == 0:
+                        pz, pr, c = z[:B], None, 0.0
+                    elif not use_ref:
+                        pz, pr, c = z[B:], None, 0.0
+                    elif coef == 1:
+                        pz, pr, c = r, None, 0.0  # as generate(ref_model, ...) samples
+                    else:
+                        pz, pr, c = z[B:], r, coef
+                    parts.append(sample_next(pz, pr, c, params,
+                                             None if seen is None else seen[sl], gen))
+                sampled = torch.cat(parts)
+            bad = (sampled < 0) | (sampled >= vocab)
+            tok = torch.where(finished, torch.full_like(sampled, pad_token_id), sampled)
+            tokens.append(tok)
+            masks.append(~finished)
+            finished = finished | (tok == eos_token_id)
+            # one host read per token: out-of-range id, each group finished
+            any_bad, done0, done1 = torch.stack(
+                [bad.any(), finished[:B].all(), finished[B:].all()]).tolist()
+            if any_bad:
+                _raise_sampled_out_of_range(sampled, bad, vocab)
+            if seen is not None:
+                seen[torch.arange(2 * B, device=device), tok] = True
+            for g, done in enumerate((done0, done1)):
+                if done and not group_done[g]:
+                    group_done[g], lengths[g] = True, step + 1
+            if step == params.max_new_tokens - 1 or all_ranks_done(
+                    done0 and done1, synced_gpus, device):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+            next_pos = next_pos + 1
+            pol_tok = tok if P > B else tok[:B]
+            pol_rows = twice if P > B else slice(None)
+            z, cache = _forward_last_logits(model, pol_tok[:, None], attention_mask[pol_rows],
+                                            next_pos[pol_rows], cache)
+            if use_ref:
+                with ref_ctx():
+                    r, ref_cache = _forward_last_logits(ref_model, tok[B:, None], attention_mask,
+                                                        next_pos, ref_cache)
+    completion_ids = torch.stack(tokens, 1)
+    completion_mask = torch.stack(masks, 1).long()
+    prompt_mask = attention_mask[:, : input_ids.shape[1]]
+    both = GenerationOutput(input_ids[twice], prompt_mask[twice], completion_ids, completion_mask)
+    if joint:
+        return _split_rows(both, B)
+    steps = completion_ids.shape[1]
+    return tuple(GenerationOutput(input_ids, prompt_mask, completion_ids[sl, :min(n, steps)],
+                                  completion_mask[sl, :min(n, steps)])
+                 for sl, n in zip(rows, lengths))
+
+
+def _split_rows(out: GenerationOutput, B: int) -> Tuple[GenerationOutput, GenerationOutput]:
+    """The first and the last ``B`` rows of a ``2B``-row output."""
+    return tuple(GenerationOutput(out.prompt_ids[sl], out.prompt_mask[sl],
+                                  out.completion_ids[sl], out.completion_mask[sl])
+                 for sl in (slice(0, B), slice(B, 2 * B)))
+
+
+def concat_rows(first: GenerationOutput, second: GenerationOutput) -> GenerationOutput:
+    """``first`` rows then ``second`` rows in one output (prompts of the same width; shorter
+    completions right-padded to the longer's length with id 0 under mask 0)."""
+    n = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
+
+    def widen(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, n - t.shape[1]))
+
+    return GenerationOutput(torch.cat([first.prompt_ids, second.prompt_ids]),
+                            torch.cat([first.prompt_mask, second.prompt_mask]),
+                            torch.cat([widen(first.completion_ids), widen(second.completion_ids)]),
+                            torch.cat([widen(first.completion_mask),
+                                       widen(second.completion_mask)]))

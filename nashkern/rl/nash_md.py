@@ -3,7 +3,8 @@
 :mod:`nashkern.rl.scoring`, :mod:`nashkern.rl.completion_stats` and :mod:`nashkern.rl.losses`.
 
 One step (``compute_loss``; ``training_step`` adds the backward):
-  1. policy completions and geometric-mixture completions (KV-cached, :func:`generate`);
+  1. policy completions and geometric-mixture completions (KV-cached, one loop,
+     :func:`generate_pair`);
   2. P(policy ≻ mixture) from the reward model / judge / reward functions;
   3. policy and reference per-token log-probs (and exact KL) of the policy completions from the
      final hidden states (:func:`completion_stats`, no ``[B, T, V]`` logits);
@@ -17,7 +18,7 @@ from typing import ClassVar, List, Tuple
 
 import torch
 
-from .generation import generate
+from .generation import generate, generate_pair
 from .judges import judge_probabilities
 from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, nash_md_loss
@@ -95,8 +96,7 @@ class NashMDTrainer(OnlinePreferenceTrainer):
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         beta, coef = self.beta, self.mixture_coef
         common = self._generation_kwargs(self._gen(ids.device))
-        pol = generate(unwrapped, ids, mask, **common)
-        mix = self._opponent_samples(unwrapped, ids, mask, ref, ref_ctx, coef, common)
+        pol, mix = self._samples(unwrapped, ids, mask, ref, ref_ctx, coef, common)
         pol_text = self._decode(pol.completion_ids, pol.completion_mask)
         mix_text = self._decode(mix.completion_ids, mix.completion_mask)
         pol_scores = mix_scores = None
@@ -132,6 +132,20 @@ class NashMDTrainer(OnlinePreferenceTrainer):
                     *( (pol_scores.tolist(), mix_scores.tolist()) if pol_scores is not None
                        else ([None] * len(pol_text), [None] * len(pol_text))))]
         return (loss, {"probability": probability}) if return_outputs else loss
+
+    def _samples(self, unwrapped, ids, mask, ref, ref_ctx, coef, common):
+        """``(y, y′)``: the policy's completions and the opponent's. Nash-MD: y ~ π and
+        y′ ~ π^(1−c)·μ^c in one decoding loop (:func:`generate_pair`: each prompt prefilled
+        once per model, the policy decoding the 2B rows and the reference the B mixture rows;
+        y′ from a stream derived from the step's generator). A subclass whose opponent is not
+        the mixture (it overrides :meth:`_opponent_samples`, e.g. Nash-EMA's averaged
+        weights) generates the two one after the other, the opponent's generator continuing
+        from the policy's draws."""
+        if type(self)._opponent_samples is not NashMDTrainer._opponent_samples:
+            pol = generate(unwrapped, ids, mask, **common)
+            return pol, self._opponent_samples(unwrapped, ids, mask, ref, ref_ctx, coef, common)
+        return generate_pair(unwrapped, ids, mask, ref_model=ref, coef=coef,
+                             ref_context=ref_ctx, **common)
 
     def _opponent_samples(self, unwrapped, ids, mask, ref, ref_ctx, coef, common):
         """The opponent's completions: the geometric mixture ``π^(1−c)·μ^c`` (the hook

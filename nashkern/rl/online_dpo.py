@@ -2,8 +2,9 @@
 machinery of :mod:`nashkern.rl.online`.
 
 One step (``compute_loss``; ``training_step`` adds the backward):
-  1. two policy completions per prompt: one KV-cached :func:`generate` call over the prompts
-     repeated twice (rows ``[0, B)`` the first samples, ``[B, 2B)`` the second);
+  1. two policy completions per prompt: one KV-cached decoding loop over the prompts repeated
+     twice, each prompt prefilled once (:func:`generate_pair`; rows ``[0, B)`` the first
+     samples, ``[B, 2B)`` the second);
   2. the preferred one of each pair from the judge, or from one scoring pass over the ``2B``
      completions (reward model / reward functions; a tie goes to the first);
   3. the ``2B`` sequences reordered ``chosen ‖ rejected`` (:mod:`nashkern.rl.pairs`), then ONE
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import generate
+from .generation import concat_rows, generate_pair
 from .losses import LOSS_TYPES, dpo_loss
 from .model_card import ONLINE_DPO_PAPER
 from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
@@ -54,8 +55,10 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
         ref, ref_ctx = self._ref(unwrapped)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         B, beta = ids.shape[0], self.beta
-        samples = generate(unwrapped, ids.repeat(2, 1), mask.repeat(2, 1),
-                           **self._generation_kwargs(self._gen(ids.device)))
+        # both samples in one loop over the 2B rows, each prompt prefilled once: the same
+        # draws as generate(ids.repeat(2, 1), ...) (generate_pair without a second generator)
+        samples = concat_rows(*generate_pair(unwrapped, ids, mask,
+                                             **self._generation_kwargs(self._gen(ids.device))))
         texts = self._decode(samples.completion_ids, samples.completion_mask)
         first_chosen, scores = self._preference(inputs, samples, texts)
         pairs = chosen_rejected_from_preference(samples, first_chosen)

@@ -2,8 +2,8 @@
 shared machinery of :mod:`nashkern.rl.online`.
 
 One step (``compute_loss``; ``training_step`` adds the backward):
-  1. a policy completion y and a reference completion ỹ per prompt (KV-cached :func:`generate`;
-     ỹ from the reference alone, i.e. the PEFT base with the adapters disabled when there is no
+  1. a policy completion y and a reference completion ỹ per prompt (KV-cached, one decoding
+     loop, :func:`generate_pair`; ỹ from the reference alone, i.e. the PEFT base with the adapters disabled when there is no
      ``ref_model``), stacked ``y ‖ ỹ`` on a common padding;
   2. chosen / rejected per prompt from the judge, or from one scoring pass over the ``2B``
      completions (reward model / reward functions; y is chosen when its score ≥ ỹ's);
@@ -20,7 +20,7 @@ from typing import ClassVar, List, Tuple
 
 import torch
 
-from .generation import generate
+from .generation import generate_pair
 from .losses import xpo_loss
 from .model_card import XPO_PAPER
 from .online import OnlinePreferenceTrainer, _as_list
@@ -62,14 +62,14 @@ class XPOTrainer(OnlinePreferenceTrainer):
         """``(y, ỹ)``: a policy completion and a reference completion of every prompt."""
         ref, ref_ctx = self._ref(unwrapped)
         kw = self._generation_kwargs(generator)
-        policy = generate(unwrapped, ids, mask, **kw)
-        # coef = 1: the reference alone (the policy is not run). Under PEFT without ref_model the
-        # reference is the base with the adapters really disabled (``disable_adapter`` held over
-        # the whole generation); the original sampled from ``get_base_model()``, which still
-        # carries the injected LoRA layers, i.e. from the policy.
-        reference = generate(unwrapped, ids, mask, ref_model=ref, coef=1.0, ref_context=ref_ctx,
+        # One decoding loop for both (generate_pair): y ~ π from `generator`, ỹ from coef = 1,
+        # the reference alone (the policy decodes only the y rows), from a stream derived from
+        # `generator`'s state. Under PEFT without ref_model the reference is the base with the
+        # adapters really disabled (``disable_adapter`` around each reference forward); the
+        # original sampled from ``get_base_model()``, which still carries the injected LoRA
+        # layers, i.e. from the policy.
+        return generate_pair(unwrapped, ids, mask, ref_model=ref, coef=1.0, ref_context=ref_ctx,
                              **kw)
-        return policy, reference
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
