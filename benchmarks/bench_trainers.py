@@ -63,8 +63,10 @@ DEFAULT_CACHE = REPO / "benchmarks" / ".cache" / "trainers"
 RESULT_TAG = "@@bench-trainers@@ "
 IMPLS = ("nashkern", "trl")
 METHODS = ("nash_md", "xpo")
-# issue 3 (Nash-MD) and issue 6 (XPO): TRL time / nashkern time >= x, nashkern peak / TRL peak <= y
-TARGETS = {"nash_md": {"time": 10.0, "memory": 0.5}, "xpo": {"time": 2.0, "memory": 0.5}}
+# TRL time / nashkern time >= x, nashkern peak / TRL peak <= y: Nash-MD from issue 24 (like for
+# like in fp32: quiet >= 4x at <= 0.65x, >= 2x with one competing busy process), XPO issue 6
+TARGETS = {"nash_md": {"time": 4.0, "memory": 0.65, "contended_time": 2.0},
+           "xpo": {"time": 2.0, "memory": 0.5}}
 DEFAULT_PYTHON = {"nashkern": REPO / ".venv" / "bin" / "python",
                   "trl": REPO / ".venv-trl" / "bin" / "python"}
 
@@ -273,6 +275,7 @@ def build_nashkern(args, method, model, reward, tok, dataset, out_dir, phases):
             if c.__module__.split(".")[0] == "nashkern"}
     for mod in mods:
         phases.wrap(mod, "generate", gen_name)
+        phases.wrap(mod, "generate_pair", "generate (all)")
         phases.wrap(mod, "reward_model_scores", "reward model")
         phases.wrap(mod, "completion_stats", "log-prob forward (policy+ref)")
     return trainer
@@ -368,6 +371,9 @@ def run_worker(args) -> dict:
         "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads",
                                                  "batch_size", "max_new_tokens")},
         "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "reward_parameter_bytes": sum(p.numel() * p.element_size()
+                                      for p in reward.parameters()),
         "warmup": args.warmup, "steps": args.steps, "step_times_s": times,
         "median_step_s": median, "step_cpu_s": cpu_times,
         "median_step_cpu_s": statistics.median(cpu_times[args.warmup:]) if timed else float("nan"),
@@ -381,6 +387,69 @@ def run_worker(args) -> dict:
         "loss": [h.get("loss") for h in trainer.state.log_history if "loss" in h],
         "profile": profile_out[0] if profile_out else None,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# contention and the memory-traffic floor
+# ----------------------------------------------------------------------------------------------
+BUSY_LOOP = "while True:\n    pass\n"
+
+
+@contextlib.contextmanager
+def competing_processes(n: int):
+    """``n`` busy processes (a pure-Python spin loop each: one core's worth of work, no memory
+    traffic) alive for the duration: the "contended" mode, one other busy process sharing the
+    cores as a CI runner or a laptop's other work would. Killed (by pid) on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
+    try:
+        time.sleep(0.5 if n else 0)
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def copy_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth, bytes/s, of ``torch`` copying a ``megabytes`` float32 buffer (read +
+    write counted) with ``threads`` intra-op threads: the best of ``repeats``. Measured in the
+    same run (and under the same contention) as the steps it is compared with."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = megabytes * 2**20 // 4
+        src, dst = torch.ones(n), torch.empty(n)
+        dst.copy_(src)  # fault the pages in
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t)
+        return 2 * n * 4 / best
+    finally:
+        torch.set_num_threads(old)
+
+
+def step_floor_bytes(r: dict, method: str) -> Dict[str, float]:
+    """Bytes one training step must move at least (fp32 weights; activations, KV caches and
+    the tokenizer neglected: they are < 1 % here), by phase, from the worker's model sizes:
+
+    * generation: every new token reads each sampling model's weights once (Nash-MD: the
+      policy and the reference, once each for both samples: the one-pass floor; XPO: policy and
+      reference, one sample each): ``T · 2 · W``;
+    * scoring: the reward model over the ``2B`` completions: ``W_rm``;
+    * statistics: the policy and the reference forward over the completions: ``2 · W``;
+    * backward: the policy's weights read again (activation gradients) and their gradient
+      written: ``2 · W``;
+    * optimizer (AdamW): read parameters, gradients and both moments, write parameters and
+      both moments: ``7 · W``.
+    ``W`` = the policy's parameter bytes (the reference is a copy)."""
+    W, W_rm = r["parameter_bytes"], r["reward_parameter_bytes"]
+    T = r["shape"]["max_new_tokens"]
+    return {"generation": T * 2 * W, "scoring": W_rm, "statistics": 2 * W, "backward": 2 * W,
+            "optimizer": 7 * W}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +510,9 @@ def fmt_bytes(n: Optional[float]) -> str:
 
 
 def print_table(results: Dict[str, dict], method: str) -> dict:
-    target = TARGETS[method]
+    target = dict(TARGETS[method])
+    if next(iter(results.values())).get("contended"):
+        target["time"] = target.get("contended_time", target["time"])
     print(f"\n{method}: batch {next(iter(results.values()))['shape']['batch_size']}, "
           f"max_new_tokens {next(iter(results.values()))['shape']['max_new_tokens']}, "
           f"vocab {next(iter(results.values()))['shape']['vocab']}")
@@ -471,6 +542,19 @@ def print_table(results: Dict[str, dict], method: str) -> dict:
             f"{impl:>10s} " + (f"{r['phases_median_s'][n]:8.3f}" if n in r["phases_median_s"]
                                else f"{'-':>8s}") for impl, r in results.items()))
     summary = {}
+    bandwidth = next(iter(results.values())).get("copy_bandwidth")
+    if bandwidth:
+        floor = step_floor_bytes(next(iter(results.values())), method)
+        floor_s = sum(floor.values()) / bandwidth
+        summary["floor_s"] = floor_s
+        print(f"\nmemory-traffic floor: {sum(floor.values()) / 1e9:.2f} GB per step ("
+              + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in floor.items())
+              + f") at {bandwidth / 1e9:.1f} GB/s (torch copy, this run, "
+              f"{next(iter(results.values()))['threads']} thread(s)) = {floor_s:.3f} s/step")
+        for impl, r in results.items():
+            print(f"  {impl}: {r['median_step_s']:.3f} s/step = "
+                  f"{r['median_step_s'] / floor_s:.1f}x the floor")
+            summary[f"{impl}_over_floor"] = r["median_step_s"] / floor_s
     if "nashkern" in results and "trl" in results:
         nk, tr = results["nashkern"], results["trl"]
         speed = tr["median_step_s"] / nk["median_step_s"]
@@ -478,9 +562,9 @@ def print_table(results: Dict[str, dict], method: str) -> dict:
         mem = nk["peak_rss_bytes"] / tr["peak_rss_bytes"]
         inc = ((nk["peak_rss_bytes"] - nk["rss_after_setup_bytes"])
                / max(tr["peak_rss_bytes"] - tr["rss_after_setup_bytes"], 1))
-        summary = {"speedup": speed, "cpu_time_speedup": cpu_speed, "memory_ratio": mem, "increment_ratio": inc,
-                   "time_target_met": speed >= target["time"],
-                   "memory_target_met": mem <= target["memory"]}
+        summary.update({"speedup": speed, "cpu_time_speedup": cpu_speed, "memory_ratio": mem,
+                        "increment_ratio": inc, "time_target_met": speed >= target["time"],
+                        "memory_target_met": mem <= target["memory"]})
         print(f"\ntime: TRL / nashkern = {speed:.2f}x (target >= {target['time']:g}x: "
               f"{'met' if summary['time_target_met'] else 'MISSED'}); "
               f"process CPU time per step: {cpu_speed:.2f}x")
@@ -495,7 +579,8 @@ CSV_FIELDS = ["timestamp", "device", "threads", "torch", "transformers", "trl", 
               "max_new_tokens", "warmup", "steps", "median_step_s", "step_times_s",
               "median_step_cpu_s",
               "rss_after_setup_bytes", "peak_rss_bytes", "eos_fraction_policy", "loadavg_1min",
-              "speedup_trl_over_nashkern", "memory_ratio_nashkern_over_trl", "note"]
+              "speedup_trl_over_nashkern", "memory_ratio_nashkern_over_trl", "contended",
+              "copy_bandwidth_gbs", "floor_s", "note"]
 
 
 def append_csv(path: str, results: Dict[str, dict], summary: dict, note: str) -> None:
@@ -533,9 +618,14 @@ def append_csv(path: str, results: Dict[str, dict], summary: dict, note: str) ->
                 "peak_rss_bytes": r["peak_rss_bytes"],
                 "loadavg_1min": " ".join(f"{x:.2f}" for x in r.get("loadavg_1min", [])),
                 "eos_fraction_policy": f"{statistics.mean(r['eos_fraction_policy'] or [0]):.4f}",
-                "speedup_trl_over_nashkern": f"{summary['speedup']:.3f}" if summary else "",
+                "speedup_trl_over_nashkern": (f"{summary['speedup']:.3f}"
+                                              if "speedup" in summary else ""),
                 "memory_ratio_nashkern_over_trl": (f"{summary['memory_ratio']:.4f}"
-                                                   if summary else ""),
+                                                   if "memory_ratio" in summary else ""),
+                "contended": r.get("contended", 0),
+                "copy_bandwidth_gbs": (f"{r['copy_bandwidth'] / 1e9:.2f}"
+                                       if r.get("copy_bandwidth") else ""),
+                "floor_s": f"{summary['floor_s']:.4f}" if summary.get("floor_s") else "",
                 "note": note})
 
 
@@ -550,11 +640,15 @@ def run_compare(args) -> int:
             return 2
     results = {}
     for i, impl in enumerate(args.impls):
-        print(f"[{impl}] {pythons[impl]} ({args.warmup} warm-up + {args.steps} timed steps)",
-              flush=True)
-        results[impl] = run_subprocess(pythons[impl], worker_argv(args, impl, i == 0),
-                                       args.threads, args.timeout)
+        print(f"[{impl}] {pythons[impl]} ({args.warmup} warm-up + {args.steps} timed steps"
+              + (f", {args.contended} competing busy process(es)" if args.contended else "")
+              + ")", flush=True)
+        with competing_processes(args.contended):
+            bandwidth = copy_bandwidth(args.threads) if args.floor else None
+            results[impl] = run_subprocess(pythons[impl], worker_argv(args, impl, i == 0),
+                                           args.threads, args.timeout)
         r = results[impl]
+        r["copy_bandwidth"], r["contended"] = bandwidth, args.contended
         print(f"[{impl}] median {r['median_step_s']:.3f} s/step "
               f"(CPU {r['median_step_cpu_s']:.3f} s), peak RSS {fmt_bytes(r['peak_rss_bytes'])} "
               f"({r['wall_s']:.0f} s wall; 1-min load average {r['loadavg_1min'][0]:.2f} before "
@@ -617,6 +711,11 @@ def parse_args(argv=None):
     p.add_argument("--csv", default=None, help="driver: append one row per impl")
     p.add_argument("--json", default=None, help="driver: write all results as JSON")
     p.add_argument("--note", default="", help="driver: free text stored in the CSV rows")
+    p.add_argument("--contended", type=int, default=0, metavar="N",
+                   help="driver: N competing busy processes (spin loops) run beside each worker "
+                        "(the 'contended' mode; 0: none)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="driver: skip the copy-bandwidth measurement and the floor")
     return p.parse_args(argv)
 
 

@@ -56,16 +56,32 @@ def test_driver_table_and_csv(tmp_path, capsys):
                 "warmup": 1, "steps": 2, "step_times_s": [step] * 3, "median_step_s": step,
                 "median_step_cpu_s": step, "rss_after_setup_bytes": 100 << 20,
                 "peak_rss_bytes": peak, "phases_median_s": {"generate": step / 2},
-                "eos_fraction_policy": [0.0], "eos_fraction_other": [0.0]}
+                "eos_fraction_policy": [0.0], "eos_fraction_other": [0.0],
+                "parameter_bytes": 10**6, "reward_parameter_bytes": 10**6,
+                "copy_bandwidth": 1e9, "contended": 0}
 
     results = {"nashkern": fake("nashkern", 1.0, 200 << 20), "trl": fake("trl", 20.0, 1000 << 20)}
     summary = mod.print_table(results, "nash_md")
     assert summary["speedup"] == pytest.approx(20.0)
     assert summary["memory_ratio"] == pytest.approx(0.2)
     assert summary["time_target_met"] and summary["memory_target_met"]
-    assert "met" in capsys.readouterr().out
+    # floor: (4 tokens x 2 + 2 + 2 + 7) policy sizes + the reward model, at 1 GB/s
+    assert summary["floor_s"] == pytest.approx((19 * 10**6 + 10**6) / 1e9)
+    assert summary["nashkern_over_floor"] == pytest.approx(1.0 / summary["floor_s"])
+    printed = capsys.readouterr().out
+    assert "met" in printed and "x the floor" in printed
     out = tmp_path / "t.csv"
     mod.append_csv(str(out), results, summary, "note")
     rows = list(csv.DictReader(open(out)))
     assert [r["impl"] for r in rows] == ["nashkern", "trl"]
     assert rows[1]["trl"] == "v" and rows[0]["speedup_trl_over_nashkern"] == "20.000"
+
+
+def test_contended_mode_and_copy_bandwidth():
+    """The competing busy process runs while the context is held and is gone after it; the
+    copy benchmark gives a plausible bandwidth."""
+    mod = load_script()
+    with mod.competing_processes(1) as procs:
+        assert len(procs) == 1 and procs[0].poll() is None
+    assert procs[0].poll() is not None
+    assert 1e8 < mod.copy_bandwidth(1, megabytes=16, repeats=2) < 1e13

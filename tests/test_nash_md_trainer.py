@@ -63,6 +63,13 @@ def test_train_with_reward_funcs_logs_metrics_and_updates_policy_only(tmp_path):
     assert len(logs) == 2
     assert METRICS | {"rewards/chosen", "rewards/rejected"} <= set(logs[0])
     assert logs[0]["beta"] == 0.1 and logs[0]["mixture_coef"] == 0.5
+    # per-phase wall time of every step (seconds), and they fit inside the step
+    phases = [f"time/{p}" for p in ("generation", "scoring", "statistics", "backward",
+                                     "optimizer")]
+    for h in logs:
+        assert all(h[k] > 0 for k in phases), h
+    total = sum(h["train_runtime"] for h in tr.state.log_history if "train_runtime" in h)
+    assert sum(h[k] for h in logs for k in phases) <= total
     assert all(torch.equal(a, b) for a, b in zip(ref_before, tr.ref_model.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.model.parameters()))
     assert all(p.grad is None for p in tr.ref_model.parameters())

@@ -515,17 +515,3 @@ def _split_rows(out: GenerationOutput, B: int) -> Tuple[GenerationOutput, Genera
                                   out.completion_ids[sl], out.completion_mask[sl])
                  for sl in (slice(0, B), slice(B, 2 * B)))
 
-
-def concat_rows(first: GenerationOutput, second: GenerationOutput) -> GenerationOutput:
-    """``first`` rows then ``second`` rows in one output (prompts of the same width; shorter
-    completions right-padded to the longer's length with id 0 under mask 0)."""
-    n = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
-
-    def widen(t: Tensor) -> Tensor:
-        return torch.nn.functional.pad(t, (0, n - t.shape[1]))
-
-    return GenerationOutput(torch.cat([first.prompt_ids, second.prompt_ids]),
-                            torch.cat([first.prompt_mask, second.prompt_mask]),
-                            torch.cat([widen(first.completion_ids), widen(second.completion_ids)]),
-                            torch.cat([widen(first.completion_mask),
-                                       widen(second.completion_mask)]))

@@ -96,29 +96,34 @@ class NashMDTrainer(OnlinePreferenceTrainer):
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         beta, coef = self.beta, self.mixture_coef
         common = self._generation_kwargs(self._gen(ids.device))
-        pol, mix = self._samples(unwrapped, ids, mask, ref, ref_ctx, coef, common)
-        pol_text = self._decode(pol.completion_ids, pol.completion_mask)
-        mix_text = self._decode(mix.completion_ids, mix.completion_mask)
-        pol_scores = mix_scores = None
-        if self.judge is not None:
-            pairs = list(zip(pol_text, mix_text))
-            probability = torch.tensor(judge_probabilities(self.judge, inputs["prompts"], pairs),
-                                       dtype=torch.float32, device=ids.device)
-        else:
-            pol_scores = self._scores(inputs, pol, pol_text)
-            mix_scores = self._scores(inputs, mix, mix_text)
-            probability = preference_probability(pol_scores, mix_scores)
-        keep = self._kept_rows((probability, pol_scores, mix_scores), len(pol_text), ids.device,
-                               inputs["prompts"])
-        ctx = pol.prompt_ids.shape[1]
-        st = completion_stats(model, pol.input_ids, pol.attention_mask, ctx, ref_model=ref,
-                              ref_context=ref_ctx, allow_unfused=self.args.allow_unfused_head)
-        cmask = pol.completion_mask
-        loss, score, kl_term = nash_md_loss(
-            st.logprobs, st.ref_logprobs, torch.where(keep, probability, 0.5),
-            cmask * keep[:, None], beta, token_kl=st.kl if args.kl_estimator == "full" else None)
-        if not bool(keep.all()):  # nonfinite_scores="skip": the mean over the kept prompts
-            loss = self._kept_mean(beta * kl_term - score, keep)
+        with self._timed("generation"):
+            pol, mix = self._samples(unwrapped, ids, mask, ref, ref_ctx, coef, common)
+        with self._timed("scoring"):
+            pol_text = self._decode(pol.completion_ids, pol.completion_mask)
+            mix_text = self._decode(mix.completion_ids, mix.completion_mask)
+            pol_scores = mix_scores = None
+            if self.judge is not None:
+                pairs = list(zip(pol_text, mix_text))
+                probability = torch.tensor(
+                    judge_probabilities(self.judge, inputs["prompts"], pairs),
+                    dtype=torch.float32, device=ids.device)
+            else:
+                pol_scores = self._scores(inputs, pol, pol_text)
+                mix_scores = self._scores(inputs, mix, mix_text)
+                probability = preference_probability(pol_scores, mix_scores)
+            keep = self._kept_rows((probability, pol_scores, mix_scores), len(pol_text),
+                                   ids.device, inputs["prompts"])
+        with self._timed("statistics"):
+            ctx = pol.prompt_ids.shape[1]
+            st = completion_stats(model, pol.input_ids, pol.attention_mask, ctx, ref_model=ref,
+                                  ref_context=ref_ctx, allow_unfused=self.args.allow_unfused_head)
+            cmask = pol.completion_mask
+            loss, score, kl_term = nash_md_loss(
+                st.logprobs, st.ref_logprobs, torch.where(keep, probability, 0.5),
+                cmask * keep[:, None], beta,
+                token_kl=st.kl if args.kl_estimator == "full" else None)
+            if not bool(keep.all()):  # nonfinite_scores="skip": the mean over the kept prompts
+                loss = self._kept_mean(beta * kl_term - score, keep)
         if self._records(model):
             self._record(st, cmask, probability, score, pol, mix, pol_scores, mix_scores, beta,
                          coef)

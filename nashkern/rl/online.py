@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PreTrainedTokenizerBase, Trainer,
+                          AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback,
                           TrainingArguments)
 
 from . import engines
@@ -344,6 +345,23 @@ _SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_
                     "repetition_penalty", "use_cache", "cache_implementation")
 
 
+class _OptimizerTimer(TrainerCallback):
+    """``time/optimizer`` of :meth:`OnlinePreferenceTrainer._timed`: from
+    ``on_pre_optimizer_step`` to ``on_optimizer_step`` (the optimizer's ``step``)."""
+
+    def __init__(self, trainer):
+        self._trainer, self._phase = trainer, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._phase = self._trainer._timed("optimizer")
+        self._phase.__enter__()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._phase is not None:
+            self._phase.__exit__(None, None, None)
+            self._phase = None
+
+
 class OnlinePreferenceTrainer(Trainer):
     """Base class of the online preference trainers (see the module docstring). Subclasses set
     ``config_class`` and implement ``compute_loss``."""
@@ -431,6 +449,7 @@ class OnlinePreferenceTrainer(Trainer):
         self._eval_stats: Dict[str, List[float]] = defaultdict(list)
         self._truncation_warned = False
         self._keep = None  # bool [B]: the prompts kept by the last _kept_rows (None: not run)
+        self.add_callback(_OptimizerTimer(self))
 
     # -- set-up steps (called once, in this order, by __init__) ----------------------------------
     def _check_scorers(self, args, reward_model, judge, reward_funcs):
@@ -913,6 +932,26 @@ class OnlinePreferenceTrainer(Trainer):
                     else float("nan")
             stats[k].append(float(v))
 
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        """Wall time of one phase of the step, logged as ``time/<phase>`` (seconds, the mean
+        over the micro-batches since the last log): ``generation``, ``scoring``, ``statistics``
+        (log-prob / KL forward and the loss), ``backward``, ``optimizer``. On a CUDA device the
+        phase boundaries synchronise the device (a few syncs per step, next to generation's one
+        per token) so that each phase is charged its own kernels."""
+        device = self.accelerator.device
+        sync = device.type == "cuda" and torch.cuda.is_available()
+        if sync:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(device)
+            stats = self._eval_stats if self._evaluating else self.stats
+            stats[f"time/{phase}"].append(time.perf_counter() - t0)
+
     def _records(self, model) -> bool:
         """Whether this ``compute_loss`` records metrics: in training and in ``evaluate()``."""
         return model.training or self._evaluating
@@ -932,7 +971,8 @@ class OnlinePreferenceTrainer(Trainer):
             loss = loss.mean()
         check_finite_loss(loss, int(self.state.global_step))
         loss = loss / self.args.gradient_accumulation_steps
-        self.accelerator.backward(loss)
+        with self._timed("backward"):
+            self.accelerator.backward(loss)
         if self.args.nonfinite_scores == "skip":
             self._rescale_for_dropped_micro_batches(model)
         return loss.detach()

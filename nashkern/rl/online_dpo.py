@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import concat_rows, generate_pair
+from .generation import generate_pair
 from .losses import LOSS_TYPES, dpo_loss
 from .model_card import ONLINE_DPO_PAPER
 from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
-from .pairs import chosen_rejected_from_preference
+from .pairs import chosen_rejected_from_preference, concat_generations
 
 
 @dataclass
@@ -57,12 +57,17 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
         B, beta = ids.shape[0], self.beta
         # both samples in one loop over the 2B rows, each prompt prefilled once: the same
         # draws as generate(ids.repeat(2, 1), ...) (generate_pair without a second generator)
-        samples = concat_rows(*generate_pair(unwrapped, ids, mask,
-                                             **self._generation_kwargs(self._gen(ids.device))))
-        texts = self._decode(samples.completion_ids, samples.completion_mask)
-        first_chosen, scores = self._preference(inputs, samples, texts)
-        pairs = chosen_rejected_from_preference(samples, first_chosen)
-        (pc, pr), (rc, rr) = self._pair_logps(model, pairs, ref, ref_ctx)
+        with self._timed("generation"):
+            samples = concat_generations(
+                *generate_pair(unwrapped, ids, mask,
+                               **self._generation_kwargs(self._gen(ids.device))),
+                pad_token_id=self.processing_class.pad_token_id)
+        with self._timed("scoring"):
+            texts = self._decode(samples.completion_ids, samples.completion_mask)
+            first_chosen, scores = self._preference(inputs, samples, texts)
+        with self._timed("statistics"):
+            pairs = chosen_rejected_from_preference(samples, first_chosen)
+            (pc, pr), (rc, rr) = self._pair_logps(model, pairs, ref, ref_ctx)
         loss, losses = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=self.args.loss_type)
         keep = self._kept_rows((None,) if scores is None else (scores[:B], scores[B:]), B,
                                ids.device, inputs["prompts"])

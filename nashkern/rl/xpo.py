@@ -76,13 +76,16 @@ class XPOTrainer(OnlinePreferenceTrainer):
         ref, ref_ctx = self._ref(unwrapped)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         B, beta, alpha = ids.shape[0], self.beta, self.alpha
-        policy, reference = self._completions(unwrapped, ids, mask, self._gen(ids.device))
-        samples = concat_generations(policy, reference,
-                                     pad_token_id=self.processing_class.pad_token_id)
-        texts = self._decode(samples.completion_ids, samples.completion_mask)
-        policy_chosen, scores = self._preference(inputs, samples, texts)
-        pairs = chosen_rejected_from_preference(samples, policy_chosen)
-        (pc, pr), (rc, rr) = self._pair_logps(model, pairs, ref, ref_ctx)
+        with self._timed("generation"):
+            policy, reference = self._completions(unwrapped, ids, mask, self._gen(ids.device))
+            samples = concat_generations(policy, reference,
+                                         pad_token_id=self.processing_class.pad_token_id)
+        with self._timed("scoring"):
+            texts = self._decode(samples.completion_ids, samples.completion_mask)
+            policy_chosen, scores = self._preference(inputs, samples, texts)
+        with self._timed("statistics"):
+            pairs = chosen_rejected_from_preference(samples, policy_chosen)
+            (pc, pr), (rc, rr) = self._pair_logps(model, pairs, ref, ref_ctx)
         # ỹ is the rejected completion where y is chosen, and the chosen one elsewhere
         policy_ref_sample = torch.where(policy_chosen, pr, pc)
         loss, dpo_losses, xpo_losses = xpo_loss(pc, pr, rc, rr, policy_ref_sample, beta=beta,
