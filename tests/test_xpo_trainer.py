@@ -145,7 +145,7 @@ def test_reward_model_same_and_different_tokenizer(tmp_path):
 
 def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
     peft = pytest.importorskip("peft")
-    from nashkern.rl.generation import generate
+    from nashkern.rl.generation import derived_generator, generate
     from nashkern.rl.completion_stats import completion_stats
     from nashkern.rl.pairs import sequence_logps
 
@@ -159,9 +159,11 @@ def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
     batch = tr.data_collator([{"prompt": p} for p in PROMPTS])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     y, ty = tr._completions(model, ids, mask, torch.Generator().manual_seed(0))
-    # the same draws: the policy (adapters on), then the base model alone
+    # the same draws: the policy (adapters on) from the step's generator, the base model alone
+    # from the stream derived from it (one decoding loop for both, generate_pair)
     kw = tr._generation_kwargs(torch.Generator().manual_seed(0))
     want_y = generate(model, ids, mask, **kw)
+    kw["generator"] = derived_generator(torch.Generator().manual_seed(0))
     want_ty = generate(base_copy, ids, mask, **kw)
     assert torch.equal(y.completion_ids, want_y.completion_ids)
     assert torch.equal(ty.completion_ids, want_ty.completion_ids)
