@@ -32,12 +32,35 @@ def pytest_addoption(parser):
     g.addoption("--bench-threads", type=int,
                 help="CPU: torch.set_num_threads for the run; 0: torch's default (default: the "
                      "set's: 1 for 'cpu', per-core figures that a shared machine cannot skew)")
+    g.addoption("--bench-contended", type=int, default=0, metavar="N",
+                help="start N competing busy processes (a Python spin loop each) for the whole "
+                     "run and stop them at the end: the 'contended' mode (issue 24: a CI "
+                     "runner or a laptop's other work sharing the cores); default 0")
     g.addoption("--bench-csv", metavar="PATH",
                 help="append one row per case to PATH ('auto': benchmarks/results/<device>.csv)")
 
 
+_COMPETITORS = pytest.StashKey()
+
+
 def pytest_configure(config):
     config.stash[_SESSION] = bh.Session(config)
+    n = config.getoption("--bench-contended", 0) or 0
+    if n:
+        import subprocess
+        import sys
+
+        config.stash[_COMPETITORS] = [
+            subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"])
+            for _ in range(n)]
+        # contended rows never mix with quiet ones: the CSV's device names the contention
+        config.stash[_SESSION].facts["device"] += f" [contended: {n} busy process(es)]"
+
+
+def pytest_unconfigure(config):
+    for proc in config.stash.get(_COMPETITORS, []):
+        proc.kill()
+        proc.wait()
 
 
 def pytest_generate_tests(metafunc):
@@ -88,6 +111,10 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     tr = terminalreporter
     tr.section("nashkern kernel benchmarks")
+    competitors = len(config.stash.get(_COMPETITORS, []))
+    if competitors:
+        tr.write_line(f"contended: {competitors} competing busy process(es) ran beside every "
+                      "case")
     tr.write_line(f"device: {bench.name} | torch {bench.facts['torch']} | triton "
                   f"{bench.facts['triton'] or 'n/a'} | commit {bench.facts['git_commit']} | "
                   f"shapes '{bench.shapes_name}' {bench.dtype}")
