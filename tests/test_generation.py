@@ -100,13 +100,16 @@ def test_generate_pair_matches_two_generate_calls(tok, coef, proc, cache):
     params = SamplingParams(max_new_tokens=14, temperature=0.9, **proc)
     kw = dict(params=params, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
               cache_implementation=cache)
-    calls = []
+    calls, ref_calls = [], []
     model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape),
                                     with_kwargs=True)
+    ref.register_forward_pre_hook(lambda m, a, k: ref_calls.append(1), with_kwargs=True)
     y, y2 = generate_pair(model, enc.input_ids, enc.attention_mask, ref_model=ref, coef=coef,
                           generator=torch.Generator().manual_seed(3),
                           second_generator=torch.Generator().manual_seed(4), **kw)
     prefill = calls[0]
+    # each model stops once its rows have finished: the reference runs as in its own loop
+    assert len(ref_calls) == (y2.completion_ids.shape[1] if coef > 0 else 0)
     calls.clear()
     want_y = generate(model, enc.input_ids, enc.attention_mask,
                       generator=torch.Generator().manual_seed(3), **kw)

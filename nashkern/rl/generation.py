@@ -491,9 +491,14 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
             next_pos = next_pos + 1
             pol_tok = tok if P > B else tok[:B]
             pol_rows = twice if P > B else slice(None)
-            z, cache = _forward_last_logits(model, pol_tok[:, None], attention_mask[pol_rows],
-                                            next_pos[pol_rows], cache)
-            if use_ref:
+            # A model whose rows have all finished stops (as its own generate loop would),
+            # unless the ranks step together (every forward of a sharded model is a collective)
+            policy_needed = not (group_done[0] and (P == B or group_done[1]))
+            if policy_needed or synced_gpus:
+                z, cache = _forward_last_logits(model, pol_tok[:, None],
+                                                attention_mask[pol_rows], next_pos[pol_rows],
+                                                cache)
+            if use_ref and (not group_done[1] or synced_gpus):
                 with ref_ctx():
                     r, ref_cache = _forward_last_logits(ref_model, tok[B:, None], attention_mask,
                                                         next_pos, ref_cache)
