@@ -394,6 +394,8 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
     joint = second_generator is None and not use_ref  # one sampler call over the 2B rows
     if second_generator is None and not joint:
         second_generator = derived_generator(generator)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
     common = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, params=params,
                   max_length=max_length, cache_implementation=cache_implementation,
                   synced_gpus=synced_gpus, gather_context=gather_context)
@@ -406,8 +408,6 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
         second = generate(model, input_ids, attention_mask, ref_model=ref_model, coef=coef,
                           ref_context=ref_context, generator=second_generator, **common)
         return first, second
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
     if max_length is not None:
         input_ids, attention_mask = truncate_prompts_left(
             input_ids, attention_mask, max_length - params.max_new_tokens)
