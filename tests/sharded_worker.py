@@ -192,16 +192,17 @@ def regression(engine, out, result):
     import nashkern.rl.generation as generation
 
     lengths = []
-    real_generate = generation.generate
+    real_generate_pair = generation.generate_pair
 
-    def recording_generate(*a, **k):
-        o = real_generate(*a, **k)
-        lengths.append(int(o.completion_mask.sum(1).max()))  # this rank's own length
-        return o
+    def recording_generate_pair(*a, **k):
+        outputs = real_generate_pair(*a, **k)  # both samples of the step, one loop
+        for o in outputs:
+            lengths.append(int(o.completion_mask.sum(1).max()))  # this rank's own length
+        return outputs
 
     import nashkern.rl.nash_md as nash_md
     import nashkern.rl.xpo as xpo
-    nash_md.generate = xpo.generate = recording_generate
+    nash_md.generate_pair = xpo.generate_pair = recording_generate_pair
     steps = {}
     for cls, n in ((NashMDTrainer, 1), (XPOTrainer, 1)):
         t2 = make_trainer(cls, engine, out, per_device_train_batch_size=1, max_steps=n,
