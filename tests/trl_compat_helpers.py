@@ -416,8 +416,9 @@ def use_vllm_rejected(Trainer, Config, tmp_path):
 
 def sampling_knobs_reach_generation(Trainer, Config, tmp_path, module, n_calls: int):
     """generation_kwargs / top_p / top_k / min_p / repetition_penalty / cache_implementation
-    from the config reach every :func:`generate` call of a step (policy and mixture /
-    reference samples alike), through ``trainer.generation_config``."""
+    from the config reach every sample of a step (policy and mixture / reference samples
+    alike, drawn by one :func:`generate_pair` loop), through ``trainer.generation_config``;
+    ``n_calls``: the kinds of samples (a second policy sample counts with the first)."""
     from nashkern.apps.tiny import tiny_causal_lm
 
     args = quick_args(Config, tmp_path, top_p=0.9, top_k=7, min_p=0.05, repetition_penalty=1.3,
@@ -430,17 +431,19 @@ def sampling_knobs_reach_generation(Trainer, Config, tmp_path, module, n_calls: 
     assert (g.top_p, g.top_k, g.min_p, g.repetition_penalty, g.temperature, g.max_new_tokens,
             g.do_sample, g.cache_implementation) == (0.9, 5, 0.05, 1.3, 0.7, 4, True, "static")
     calls = []
-    real = module.generate
+    real = module.generate_pair
 
-    def spy(*a, **k):
-        calls.append((k["params"], k.get("cache_implementation"), k.get("coef", 0.0)))
+    def spy(*a, **k):  # one loop, two samples: the policy's, then the mixture / reference's
+        calls.append((k["params"], k.get("cache_implementation"), 0.0))
+        if k.get("ref_model") is not None and k.get("coef", 0.0) > 0:
+            calls.append((k["params"], k.get("cache_implementation"), k["coef"]))
         return real(*a, **k)
 
-    module.generate = spy
+    module.generate_pair = spy
     try:
         tr.train()
     finally:
-        module.generate = real
+        module.generate_pair = real
     assert len(calls) == n_calls
     for params, cache, _ in calls:
         assert (params.top_p, params.top_k, params.min_p, params.repetition_penalty,
