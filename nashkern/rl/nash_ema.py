@@ -146,8 +146,9 @@ class NashEMATrainer(NashMDTrainer):
 
     def _opponent_samples(self, unwrapped, ids, mask, ref, ref_ctx, coef, common):
         """The opponent's completions: the policy module with θ̄ swapped in (β = 0: the policy
-        itself), through the same KV-cached sampler; the generator continues from the policy's
-        draws, as Nash-MD's mixture sampling does."""
+        itself), through the same KV-cached sampler; ``common``'s generator is the stream
+        derived from the step's generator, from which Nash-MD's mixture sample draws too
+        (:meth:`NashMDTrainer._samples`)."""
         ema = self.ema
         if ema is None:
             return generate(unwrapped, ids, mask, **common)

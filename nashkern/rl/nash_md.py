@@ -18,7 +18,7 @@ from typing import ClassVar, List, Tuple
 
 import torch
 
-from .generation import generate, generate_pair
+from .generation import derived_generator, generate, generate_pair
 from .judges import judge_probabilities
 from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, nash_md_loss
@@ -142,15 +142,18 @@ class NashMDTrainer(OnlinePreferenceTrainer):
         """``(y, y′)``: the policy's completions and the opponent's. Nash-MD: y ~ π and
         y′ ~ π^(1−c)·μ^c in one decoding loop (:func:`generate_pair`: each prompt prefilled
         once per model, the policy decoding the 2B rows and the reference the B mixture rows;
-        y′ from a stream derived from the step's generator). A subclass whose opponent is not
-        the mixture (it overrides :meth:`_opponent_samples`, e.g. Nash-EMA's averaged
-        weights) generates the two one after the other, the opponent's generator continuing
-        from the policy's draws."""
+        y′ from :func:`derived_generator` of the step's generator, also at ``c = 0``). A
+        subclass whose opponent is not the mixture (it overrides :meth:`_opponent_samples`,
+        e.g. Nash-EMA's averaged weights) generates the two one after the other, the opponent
+        drawing from the same derived stream (so Nash-EMA at β = 0 draws what Nash-MD at
+        c = 0 draws)."""
+        second = derived_generator(common["generator"])  # before the policy's draws
         if type(self)._opponent_samples is not NashMDTrainer._opponent_samples:
             pol = generate(unwrapped, ids, mask, **common)
-            return pol, self._opponent_samples(unwrapped, ids, mask, ref, ref_ctx, coef, common)
+            return pol, self._opponent_samples(unwrapped, ids, mask, ref, ref_ctx, coef,
+                                               dict(common, generator=second))
         return generate_pair(unwrapped, ids, mask, ref_model=ref, coef=coef,
-                             ref_context=ref_ctx, **common)
+                             ref_context=ref_ctx, second_generator=second, **common)
 
     def _opponent_samples(self, unwrapped, ids, mask, ref, ref_ctx, coef, common):
         """The opponent's completions: the geometric mixture ``π^(1−c)·μ^c`` (the hook

@@ -938,7 +938,11 @@ class OnlinePreferenceTrainer(Trainer):
         over the micro-batches since the last log): ``generation``, ``scoring``, ``statistics``
         (log-prob / KL forward and the loss), ``backward``, ``optimizer``. On a CUDA device the
         phase boundaries synchronise the device (a few syncs per step, next to generation's one
-        per token) so that each phase is charged its own kernels."""
+        per token) so that each phase is charged its own kernels. Training only: evaluation's
+        metrics stay reproducible."""
+        if self._evaluating:
+            yield
+            return
         device = self.accelerator.device
         sync = device.type == "cuda" and torch.cuda.is_available()
         if sync:
@@ -949,8 +953,7 @@ class OnlinePreferenceTrainer(Trainer):
         finally:
             if sync:
                 torch.cuda.synchronize(device)
-            stats = self._eval_stats if self._evaluating else self.stats
-            stats[f"time/{phase}"].append(time.perf_counter() - t0)
+            self.stats[f"time/{phase}"].append(time.perf_counter() - t0)
 
     def _records(self, model) -> bool:
         """Whether this ``compute_loss`` records metrics: in training and in ``evaluate()``."""
