@@ -274,19 +274,20 @@ def test_forward_hook_on_lm_head_raises_the_separation_error_or_runs_hooked(tmp_
     tr = _trainer("nash_md", tmp_path, model=model, allow_unfused_head=True, max_new_tokens=6)
     seen = []
     import nashkern.rl.nash_md as nash_md
-    real = nash_md.generate
+    real = nash_md.generate_pair
 
-    def recording(*a, **k):
-        out = real(*a, **k)
-        seen.append(out.completion_ids[out.completion_mask.bool()])
-        return out
+    def recording(*a, **k):  # the step's one generation loop: policy and mixture samples
+        outputs = real(*a, **k)
+        for out in outputs:
+            seen.append(out.completion_ids[out.completion_mask.bool()])
+        return outputs
 
-    nash_md.generate = recording
+    nash_md.generate_pair = recording
     try:
         with pytest.warns(RuntimeWarning, match="chunked logits"):
             tr.train()
     finally:
-        nash_md.generate = real
+        nash_md.generate_pair = real
     sampled = torch.cat(seen)
     assert sampled.numel() and not torch.isin(sampled, torch.tensor(masked)).any()
     # the statistics are the hooked model's: log-softmax of the masked logits
