@@ -162,6 +162,24 @@ def truncate_prompts_left(input_ids: Tensor, attention_mask: Tensor, max_prompt:
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static", "offloaded")
 
 
+def _values_in_their_own_dtype(layer) -> None:
+    """Static cache layers of transformers < 5.2x allocate the values in the keys' dtype; under
+    autocast the keys come out of RoPE in float32 and the values in bf16, and the first update
+    fails (``index_copy_(): self and source expected to have the same dtype``; found by the
+    minimum-versions job on 5.17). Re-allocate the values in their own dtype (newer releases do)."""
+    original = getattr(layer, "lazy_initialization", None)
+    if original is None:
+        return
+
+    def lazy_initialization(key_states, value_states, *args, **kwargs):
+        original(key_states, value_states, *args, **kwargs)
+        values = getattr(layer, "values", None)
+        if isinstance(values, torch.Tensor) and values.dtype != value_states.dtype:
+            layer.values = torch.zeros_like(values, dtype=value_states.dtype)
+
+    layer.lazy_initialization = lazy_initialization
+
+
 def _new_cache(model, implementation: Optional[str] = None, max_cache_len: int = 0):
     """The KV cache of one model's generation: transformers' ``DynamicCache`` (default,
     ``"dynamic"``), ``DynamicCache(offloading=True)`` (``"offloaded"``: layers kept on the CPU
@@ -171,7 +189,10 @@ def _new_cache(model, implementation: Optional[str] = None, max_cache_len: int =
                          f"{implementation!r}")
     if implementation == "static":
         from transformers import StaticCache
-        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        for layer in getattr(cache, "layers", ()):
+            _values_in_their_own_dtype(layer)
+        return cache
     if implementation == "offloaded":
         if next(model.parameters()).device.type == "cpu":
             raise ValueError("cache_implementation='offloaded' moves the cache from an "
