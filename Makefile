@@ -99,30 +99,37 @@ BENCH_PEERS ?= liger-kernel cut-cross-entropy
 bench-peers: install
 	$(PY) -m pip install -q $(BENCH_PEERS)
 
-# The lent GPU runner (no network, ~15 min of device time): the one command, with the machine's
-# own python3 and the wheels carried in .whl/ (scripts/device_check.py; README "On a lent GPU").
-# PHASE=tests|bench|trainer|all; logs, JUnit XML, CSV rows and a summary go to $(OUT).
+# The lent GPU runner (no network; 15 min of device time per session, machine start included;
+# <= 10 min and <= 8 returned files per call): ONE call, `make device-check`, with the machine's own
+# python3 and the wheels carried in .whl/ (scripts/device_check.py; README "On a lent GPU").
+# Parts in value order, each under its deadline, 480 s in all: correctness at the model shapes
+# + the GPU test files, the headline benchmark, compute-sanitizer, trainer vs TRL. $(OUT) gets
+# summary.md / .json, correctness.xml, tests.xml, bench.csv, trainers.csv, logs.txt.
 DEVICE_PYTHON ?= python3
-PHASE ?= all
 OUT ?= out
 device-check:
-	TRITON_INTERPRET= $(DEVICE_PYTHON) scripts/device_check.py --phase $(PHASE) --out $(OUT)
+	TRITON_INTERPRET= $(DEVICE_PYTHON) scripts/device_check.py --out $(OUT)
 
-# Here (no GPU): every step of device-check that needs none (CI runs it: tests/test_device_check.py).
+# Here (no GPU): each part's Python on the CPU at tiny sizes, the imports of the real run, the
+# benchmark selection (CI runs it: tests/test_device_check.py).
 device-check-dry-run: install
-	$(PY) scripts/device_check.py --dry-run --phase all --out $(OUT)/dry-run
+	$(PY) scripts/device_check.py --dry-run --out $(OUT)/dry-run
 
-# The wheels the runner's image lacks (scripts/device_wheels.txt), for CPython 3.12 manylinux
-# x86_64, into .whl/ (ignored; ~57 MiB, under the 64 MiB a carry may hold).
+# The wheels the runner's image lacks (scripts/device_wheels.txt: 2.6 MiB), for CPython 3.12,
+# into a clean .whl/ (ignored), then checked against the sizes recorded there.
 WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 device-wheels:
+	rm -rf .whl
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --abi cp312 --abi none $(addprefix --platform ,$(WHEEL_PLATFORMS)) \
 		--platform any -d .whl -r scripts/device_wheels.txt
+	$(PYTHON) scripts/device_check.py --verify-wheels
 
 # The compile gate alone (make test runs it too): every Triton kernel AOT for sm_90 and sm_80.
+# --markdown auto: the committed table of the installed Triton (compile_gate.md, or
+# compile_gate_triton-<X.Y>.md for the GPU image's); tests/test_compile_gate.py checks it is current.
 compile-gate: install
-	env -u TRITON_INTERPRET $(PY) scripts/compile_gate.py --markdown benchmarks/results/compile_gate.md
+	env -u TRITON_INTERPRET $(PY) scripts/compile_gate.py --markdown auto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

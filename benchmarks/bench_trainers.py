@@ -200,12 +200,21 @@ class Phases:
         return True
 
 
+def _sync_cuda() -> None:
+    """On a GPU a step's time must include its queued kernels: wait for them at its ends."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def make_step_timer(phases: Phases, times: List[float], cpu_times: List[float],
                     profile_step: Optional[int] = None, profile_out: Optional[list] = None):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            _sync_cuda()
             if profile_step is not None and state.global_step == profile_step:
                 import torch.profiler
                 self._prof = torch.profiler.profile(activities=[
@@ -219,6 +228,7 @@ def make_step_timer(phases: Phases, times: List[float], cpu_times: List[float],
             self._t_opt = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync_cuda()
             t = time.perf_counter()
             phases.add("optimizer step", t - getattr(self, "_t_opt", t))
             times.append(t - self._t0)
@@ -318,6 +328,9 @@ def run_worker(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     if args.impl == "trl":
         import trl
         versions["trl"] = trl.__version__
@@ -346,12 +359,18 @@ def run_worker(args) -> dict:
                                              n_steps - 1 if args.profile else None, profile_out))
         rss_setup, hwm_setup = proc_status("VmRSS"), proc_status("VmHWM")
         reset = reset_peak_rss()
+        on_gpu = args.device == "cuda"
+        if on_gpu:  # the models are on the device once the trainer is built
+            torch.cuda.synchronize()
+            gpu_setup = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - t0
         load_after = os.getloadavg()[0]
         hwm_train = proc_status("VmHWM")
+        gpu_peak = torch.cuda.max_memory_allocated() if on_gpu else None
     logs = [h for h in trainer.state.log_history if "val/model_contain_eos_token" in h]
     timed = times[args.warmup:]
     for s in phases.steps:  # TRL: policy generation = all generation - the mixture's
@@ -366,7 +385,10 @@ def run_worker(args) -> dict:
         phase_medians["other"] = statistics.median(
             t - sum(s.values()) for t, s in zip(timed, phases.steps[args.warmup:]))
     return {
-        "impl": args.impl, "method": args.method, "versions": versions,
+        "impl": args.impl, "method": args.method, "versions": versions, "dtype": args.dtype,
+        "device": torch.cuda.get_device_name() if on_gpu else device_name(),
+        # GPU: torch.cuda.max_memory_allocated() over the training steps (models included)
+        "gpu_after_setup_bytes": gpu_setup if on_gpu else None, "gpu_peak_bytes": gpu_peak,
         "threads": torch.get_num_threads(),
         "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads",
                                                  "batch_size", "max_new_tokens")},
@@ -470,10 +492,20 @@ def worker_argv(args, impl: str, prepare_dir: bool) -> List[str]:
     return argv
 
 
-def run_subprocess(python: str, argv: List[str], threads: int, timeout: float) -> dict:
+def worker_env(threads: int, device: str) -> Dict[str, str]:
+    """The worker's environment: ``threads`` intra-op threads; the GPU hidden on ``--device
+    cpu`` only (so that neither library places anything there), visible on ``--device cuda``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_subprocess(python: str, argv: List[str], threads: int, timeout: float,
+                   device: str = "cpu") -> dict:
+    env = worker_env(threads, device)
     env.pop("TRITON_INTERPRET", None)
     t = time.perf_counter()
     proc = subprocess.run([python] + argv, capture_output=True, text=True, timeout=timeout,
@@ -518,7 +550,7 @@ def print_table(results: Dict[str, dict], method: str) -> dict:
           f"vocab {next(iter(results.values()))['shape']['vocab']}")
     hdr = ["impl", "time/step (median)", "steps (s)", "CPU s/step", "RSS after setup",
            "peak RSS",
-           "peak - setup", "EOS frac (policy/other)"]
+           "peak - setup", "peak GPU", "EOS frac (policy/other)"]
     rows = [hdr]
     for impl, r in results.items():
         eos = (f"{statistics.mean(r['eos_fraction_policy'] or [0]):.3f}/"
@@ -527,7 +559,8 @@ def print_table(results: Dict[str, dict], method: str) -> dict:
                      " ".join(f"{t:.2f}" for t in r["step_times_s"]),
                      f"{r['median_step_cpu_s']:.3f} s",
                      fmt_bytes(r["rss_after_setup_bytes"]), fmt_bytes(r["peak_rss_bytes"]),
-                     fmt_bytes(r["peak_rss_bytes"] - r["rss_after_setup_bytes"]), eos])
+                     fmt_bytes(r["peak_rss_bytes"] - r["rss_after_setup_bytes"]),
+                     fmt_bytes(r.get("gpu_peak_bytes")), eos])
     widths = [max(len(row[i]) for row in rows) for i in range(len(hdr))]
     for i, row in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
@@ -560,6 +593,8 @@ def print_table(results: Dict[str, dict], method: str) -> dict:
         speed = tr["median_step_s"] / nk["median_step_s"]
         cpu_speed = tr["median_step_cpu_s"] / nk["median_step_cpu_s"]
         mem = nk["peak_rss_bytes"] / tr["peak_rss_bytes"]
+        if nk.get("gpu_peak_bytes") and tr.get("gpu_peak_bytes"):  # on a GPU: its memory
+            mem = nk["gpu_peak_bytes"] / tr["gpu_peak_bytes"]
         inc = ((nk["peak_rss_bytes"] - nk["rss_after_setup_bytes"])
                / max(tr["peak_rss_bytes"] - tr["rss_after_setup_bytes"], 1))
         summary.update({"speedup": speed, "cpu_time_speedup": cpu_speed, "memory_ratio": mem,
@@ -568,7 +603,7 @@ def print_table(results: Dict[str, dict], method: str) -> dict:
         print(f"\ntime: TRL / nashkern = {speed:.2f}x (target >= {target['time']:g}x: "
               f"{'met' if summary['time_target_met'] else 'MISSED'}); "
               f"process CPU time per step: {cpu_speed:.2f}x")
-        print(f"peak RSS: nashkern / TRL = {mem:.3f} (target <= {target['memory']:g}: "
+        print(f"peak {'GPU memory' if nk.get('gpu_peak_bytes') else 'RSS'}: nashkern / TRL = {mem:.3f} (target <= {target['memory']:g}: "
               f"{'met' if summary['memory_target_met'] else 'MISSED'}); "
               f"peak increase over the post-setup RSS: {inc:.3f}")
     return summary
@@ -580,7 +615,8 @@ CSV_FIELDS = ["timestamp", "device", "threads", "torch", "transformers", "trl", 
               "median_step_cpu_s",
               "rss_after_setup_bytes", "peak_rss_bytes", "eos_fraction_policy", "loadavg_1min",
               "speedup_trl_over_nashkern", "memory_ratio_nashkern_over_trl", "contended",
-              "copy_bandwidth_gbs", "floor_s", "note"]
+              "copy_bandwidth_gbs", "floor_s", "note", "dtype", "gpu_after_setup_bytes",
+              "gpu_peak_bytes"]
 
 
 def append_csv(path: str, results: Dict[str, dict], summary: dict, note: str) -> None:
@@ -605,7 +641,7 @@ def append_csv(path: str, results: Dict[str, dict], summary: dict, note: str) ->
         for impl, r in results.items():
             v = r["versions"]
             w.writerow({
-                "timestamp": now, "device": dev, "threads": r["threads"], "torch": v["torch"],
+                "timestamp": now, "device": r.get("device") or dev, "threads": r["threads"], "torch": v["torch"],
                 "transformers": v["transformers"], "trl": v.get("trl", ""),
                 "nashkern": v.get("nashkern", ""), "git_commit": commit, "method": r["method"],
                 "impl": impl, **{k: r["shape"][k] for k in ("vocab", "hidden", "layers",
@@ -626,7 +662,9 @@ def append_csv(path: str, results: Dict[str, dict], summary: dict, note: str) ->
                 "copy_bandwidth_gbs": (f"{r['copy_bandwidth'] / 1e9:.2f}"
                                        if r.get("copy_bandwidth") else ""),
                 "floor_s": f"{summary['floor_s']:.4f}" if summary.get("floor_s") else "",
-                "note": note})
+                "note": note, "dtype": r.get("dtype", ""),
+                "gpu_after_setup_bytes": r.get("gpu_after_setup_bytes") or "",
+                "gpu_peak_bytes": r.get("gpu_peak_bytes") or ""})
 
 
 def run_compare(args) -> int:
@@ -638,22 +676,35 @@ def run_compare(args) -> int:
                   f"({'make bench-trl builds .venv-trl' if impl == 'trl' else 'make install'})",
                   file=sys.stderr)
             return 2
-    results = {}
+    results, failed = {}, False
     for i, impl in enumerate(args.impls):
         print(f"[{impl}] {pythons[impl]} ({args.warmup} warm-up + {args.steps} timed steps"
               + (f", {args.contended} competing busy process(es)" if args.contended else "")
               + ")", flush=True)
-        with competing_processes(args.contended):
-            bandwidth = copy_bandwidth(args.threads) if args.floor else None
-            results[impl] = run_subprocess(pythons[impl], worker_argv(args, impl, i == 0),
-                                           args.threads, args.timeout)
+        try:
+            with competing_processes(args.contended):
+                bandwidth = copy_bandwidth(args.threads) if args.floor else None
+                results[impl] = run_subprocess(pythons[impl], worker_argv(args, impl, i == 0),
+                                               args.threads, args.timeout, args.device)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired, RuntimeError) as exc:
+            # a deadline (SIGINT, scripts/device_check.py) or a failed worker: keep the rows of
+            # the implementations that finished
+            print(f"[{impl}] no result: {type(exc).__name__}: {str(exc)[-6000:]}", flush=True)
+            failed = True
+            break
         r = results[impl]
         r["copy_bandwidth"], r["contended"] = bandwidth, args.contended
+        gpu = (f", peak GPU {fmt_bytes(r['gpu_peak_bytes'])}" if r.get("gpu_peak_bytes")
+               else "")
         print(f"[{impl}] median {r['median_step_s']:.3f} s/step "
-              f"(CPU {r['median_step_cpu_s']:.3f} s), peak RSS {fmt_bytes(r['peak_rss_bytes'])} "
+              f"(CPU {r['median_step_cpu_s']:.3f} s), peak RSS {fmt_bytes(r['peak_rss_bytes'])}"
+              f"{gpu} "
               f"({r['wall_s']:.0f} s wall; 1-min load average {r['loadavg_1min'][0]:.2f} before "
               f"training, {r['loadavg_1min'][1]:.2f} after)", flush=True)
-    print(f"\ndevice: {device_name()}, {args.threads} intra-op thread(s); git {git_commit()}")
+    if not results:
+        return 1
+    print(f"\ndevice: {next(iter(results.values())).get('device') or device_name()}, "
+          f"{args.threads} intra-op thread(s); git {git_commit()}")
     for impl, r in results.items():
         print(f"  {impl}: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
     summary = print_table(results, args.method)
@@ -663,7 +714,7 @@ def run_compare(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "summary": summary},
                                               indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 def parse_args(argv=None):

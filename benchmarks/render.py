@@ -22,7 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import bench_config as cfg
+# Its own folder first: under PYTHONSAFEPATH=1 (scripts/device_check.py) python does not add it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_config as cfg  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"

@@ -16,7 +16,12 @@ checks:
 Usage (needs no GPU; ``TRITON_INTERPRET`` must be unset, the script refuses otherwise)::
 
     python scripts/compile_gate.py [--arch sm_90,sm_80] [--jobs 2] [--json out.json]
-                                   [--markdown benchmarks/results/compile_gate.md]
+                                   [--markdown benchmarks/results/compile_gate.md | auto]
+
+``--markdown auto`` writes the committed table of the running Triton (``table_path()``:
+``benchmarks/results/compile_gate_triton-<major.minor>.md`` where one is kept for that version,
+else ``compile_gate.md``); ``tests/test_compile_gate.py`` fails when the committed table of the
+running Triton differs from what the gate produces (run ``make compile-gate``).
 
 Exit status 1 when a check fails. Triton's own cache (``TRITON_CACHE_DIR``, default
 ``~/.triton/cache``) makes a second run of unchanged kernels take seconds.
@@ -36,7 +41,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 #: Target architectures: compute capability and the largest shared memory one block may opt in
 #: to (CUDA C Programming Guide, "Technical Specifications per Compute Capability").
@@ -427,6 +435,24 @@ def markdown(rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_path(triton_version: Optional[str] = None) -> Path:
+    """The committed table of a Triton version: ``compile_gate_triton-<major.minor>.md`` when
+    kept (the GPU runner image's Triton), else ``compile_gate.md`` (the Triton of ``make
+    install``)."""
+    if triton_version is None:
+        import triton
+
+        triton_version = triton.__version__
+    major_minor = ".".join(triton_version.split(".")[:2])
+    pinned = RESULTS / f"compile_gate_triton-{major_minor}.md"
+    return pinned if pinned.is_file() else RESULTS / "compile_gate.md"
+
+
+def table_is_for(text: str, triton_version: str) -> bool:
+    """Whether a table's header names this Triton version (the version it was generated with)."""
+    return f"with Triton {triton_version} " in text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default=",".join(ARCHS), help="comma-separated, of "
@@ -461,6 +487,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.markdown:
+        if args.markdown == "auto":
+            args.markdown = str(table_path())
+            print(f"table: {args.markdown}")
         with open(args.markdown, "w") as f:
             f.write(text)
     bad = [(r, failures(r)) for r in rows if failures(r)]

@@ -1,43 +1,48 @@
 #!/usr/bin/env python3
-"""The one command for a lent GPU runner (no network, ~15 minutes of device time in all).
+"""The one command for a lent GPU runner: ``make device-check`` (no network, ~15 minutes of
+device time in all, machine start included; at most 10 minutes and 8 returned files per call).
 
-    make device-check PHASE=all|tests|bench|trainer [OUT=out]      # on the GPU machine
-    make device-check-dry-run                                      # here: what needs no GPU
+    make device-check            # on the GPU machine, with .whl/ carried: one call, <= 480 s
+    make device-check-dry-run    # here, no GPU: every step that needs none (CI runs it)
 
 It uses the machine's own python3 (torch, triton, transformers, accelerate, peft, pytest,
-pytest-benchmark, pytest-xdist are there) and reaches no network:
+pytest-benchmark, pytest-xdist and nvcc are on the image) and spends the device time in value
+order, each part under its own deadline (``BUDGET_S``; a part that finishes early leaves its
+time to the next ones, and every command is stopped at its part's deadline after writing what
+it has: pytest its JUnit XML, the benchmarks their CSV rows):
 
-setup (every phase)
-    * installs the wheels carried in ``.whl/`` (``make device-wheels``; the list and why in
-      ``scripts/device_wheels.txt``) into a temporary target directory on ``PYTHONPATH``, only
-      those whose modules this python cannot import already (nothing of the image is shadowed);
-    * puts nashkern itself on ``PYTHONPATH`` the way the editable install maps it (``nashkern/``
-      plus the top-level ``kernels/`` as ``nashkern.kernels``, as symlinks: nothing is built or
-      written in the tree), with ``PYTHONSAFEPATH=1`` so that the checkout's own ``nashkern/``
-      directory is never imported from the working directory instead;
-    * builds the CUDA kernels for sm_90 only (``csrc/build_cuda.py``) into a cache keyed by the
-      sources' digest (``build/device-check/``; not in place) and points ``NASHKERN_CUDA_LIB``
-      at it;
-    * unsets ``TRITON_INTERPRET``: the Triton kernels are compiled for the device.
+setup        the ``.whl/`` wheels the image lacks unpacked into a temporary directory on
+             ``PYTHONPATH`` (only those whose modules python3 cannot import); nashkern put on
+             ``PYTHONPATH`` as the editable install maps it (``PYTHONSAFEPATH=1``); every module
+             the parts import, imported once (``IMPORTS``); the CUDA kernels built for sm_90
+             (``csrc/build_cuda.py``, ~40 s) into ``build/device-check/``; ``TRITON_INTERPRET``
+             unset.
+correctness  (1) every kernel and strategy against the float64 oracle at the model shapes
+             with the production (sm_90) configs, ``tests/test_device_shapes.py``, one case at
+             a time; then the other test files that run kernels on the device (``GPU_TESTS``;
+             the CPU-only files never spend device time: ``CPU_ONLY_TESTS``).
+bench        (2) the headline benchmark: Llama-3-8B head, N=8192, bf16, log-probs and
+             log-probs + entropy, forward + backward: nashkern fused / chunked (Triton, CUDA)
+             vs Liger FLCE and CCE, % of the 8NDV roofline and peak GPU memory; then from
+             logits (token_stats, [8192, 151936] bf16) against the HBM floor.
+sanitizer    (3) ``compute-sanitizer --tool memcheck`` over one small case of every kernel
+             (``scripts/device_sanitizer_case.py``).
+trainer      (4) Nash-MD step time and peak GPU memory, nashkern vs TRL 1.13, on a
+             Qwen2.5-0.5B-shaped model with random weights, bf16 then fp32 (warm-up + timed
+             steps), with what time is left.
 
-phases (each runs under a wall-clock limit well below 5 minutes; all three within 10)
-    tests    the test suite on the device (``-n`` workers, per-test timeout, JUnit XML), then
-             ``compute-sanitizer --tool memcheck`` on one small run of each CUDA kernel;
-    bench    the kernel benchmarks at one model shape: the Llama-3-8B head, N = 8192, bf16,
-             forward and forward+backward, every provider (nashkern triton / cuda, eager,
-             torch.compile, Liger-Kernel, Cut Cross-Entropy) -> CSV rows + JUnit XML;
-    trainer  one training step of nashkern's NashMDTrainer and TRL 1.13's on a Qwen2.5-0.5B-
-             shaped model built here with random weights, bf16 -> CSV row + JSON.
-
-Everything goes to ``$OUT`` (default ``./out``): ``<phase>.log``, ``<phase>.xml``, CSV rows,
-``summary.json`` and ``summary.md``. ``--dry-run`` runs every step that needs no GPU (wheel
-install, the PYTHONPATH set-up and an import of nashkern, the sm_90 nvcc build, test collection,
-benchmark case selection, the trainer benchmark's argument parsing) and is what CI runs
-(tests/test_device_check.py).
+``$OUT`` (default ``./out``) gets at most the ``OUT_FILES`` (the runner returns 8): a summary
+(Markdown with the headline tables, and JSON), the JUnit XML of the tests, the benchmark and
+trainer CSV rows and every log in one file; both summaries are rewritten after every step, so
+a call cut short still returns what it had. ``--dry-run`` runs each part's Python on the CPU at
+tiny sizes (the wheels, the imports, test collection, the benchmark selection and harness, the
+sanitizer case in the interpreter, a tiny trainer step of each implementation that imports) and
+is what CI runs (tests/test_device_check.py, also in the minimum-versions job).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -56,51 +61,90 @@ REPO = Path(__file__).resolve().parent.parent
 WHEEL_DIR = REPO / ".whl"
 WHEEL_LIST = REPO / "scripts" / "device_wheels.txt"
 CACHE = REPO / "build" / "device-check"
-PHASES = ("tests", "bench", "trainer")
-#: Wall-clock limit of each phase's main command, seconds (all three: under 10 minutes).
-PHASE_LIMIT_S = {"tests": 170, "sanitizer": 50, "bench": 180, "trainer": 160}
-#: Past its limit a command gets SIGINT (pytest still writes its JUnit XML and the benchmarks
-#: their CSV rows), then SIGKILL this many seconds later.
-GRACE_S = 20
+
+#: Seconds of each part, in the order they run. A part's deadline is the start of the run plus
+#: the budgets up to and including it, so time a part leaves goes to the next; the sum is the
+#: longest the command can take (the runner allows 600 s a call; the rest is the margin for
+#: the machine's start-up of python and the transfer of $OUT).
+BUDGET_S = {"setup": 75, "correctness": 125, "bench": 140, "sanitizer": 45, "trainer": 95}
+TOTAL_LIMIT_S = 480
+PARTS = tuple(BUDGET_S)
+#: Within "correctness": the model-shape checks may take this much before the other files run.
+SHAPES_LIMIT_S = 80
+#: Within a command's limit: SIGINT this long before it (pytest then writes its JUnit XML, the
+#: benchmarks their CSV rows, the trainer driver the rows it has), SIGKILL at the limit.
+GRACE_S = 12
+#: What goes to $OUT (the runner brings back at most 8 files).
+OUT_FILES = ("summary.md", "summary.json", "correctness.xml", "tests.xml", "bench.csv",
+             "trainers.csv", "logs.txt")
+MAX_OUT_FILES = 8
+#: The carried wheels (scripts/device_wheels.txt, sizes recorded there) may not exceed this.
+CARRY_LIMIT_BYTES = 4 << 20
 #: Statuses that do not fail the run.
 PASSING = ("ok", "skipped", "warning")
-#: Tests that prove nothing more on a GPU and only cost device time: the AOT compile gate and
-#: the nvcc build (setup has built the library), and this script's own dry run.
-DEVICE_IGNORED_TESTS = ("tests/test_compile_gate.py", "tests/test_cuda_build.py",
-                        "tests/test_device_check.py")
-PER_TEST_TIMEOUT_S = 120
-TEST_WORKERS = 8
-BENCH_SUITES = ("benchmarks/test_bench_linear_token_stats.py",
-                "benchmarks/test_bench_token_stats.py")
-#: The streaming torch backend (a CPU path) is left out; on logits input only the full
-#: workload is timed (the log-prob-only one is the linear suite's comparison with the peers).
-BENCH_ARGS = ("--bench-shapes", "models", "--bench-models", "llama-3-8b", "--bench-n", "8192",
-              "--bench-dtype", "bf16", "--bench-modes", "forward,forward+backward",
-              "--bench-workloads", "logprobs,reference",
-              "--bench-providers", "nashkern-triton,nashkern-cuda,eager,torch-compile,liger-flce,"
-                                   "liger-fljsd,liger-ce,cce",
-              "-k", "not (test_token_stats and logprobs)")
+
+# -- part 1: tests -----------------------------------------------------------------------------
+SHAPE_TESTS = ("tests/test_device_shapes.py",)
+#: Test files whose kernels run on the device when there is one (tests/conftest.py's DEVICE).
+GPU_TESTS = ("tests/test_kernels_linear_token_stats.py", "tests/test_linear_chunked.py",
+             "tests/test_kernels_token_stats.py", "tests/test_cuda_backend.py",
+             "tests/test_kernels_mixture_sample.py", "tests/test_ops.py",
+             "tests/test_errors.py")
+#: Every other test file, and why it proves nothing on the device: CPU trainers on tiny models,
+#: subprocess launches with the GPU hidden, the AOT compile gate, the nvcc build (setup built
+#: the library), the CPU benchmark shapes, fake-CUDA registry logic, this script's dry run.
+CPU_ONLY_TESTS = ("tests/test_bench_trainers_smoke.py", "tests/test_benchmarks_smoke.py",
+                  "tests/test_callbacks.py", "tests/test_cli.py", "tests/test_compile.py",
+                  "tests/test_compile_gate.py", "tests/test_cuda_build.py",
+                  "tests/test_device_check.py", "tests/test_generation.py",
+                  "tests/test_losses.py", "tests/test_memory.py",
+                  "tests/test_nash_equilibrium_lm.py", "tests/test_nash_md_trainer.py",
+                  "tests/test_online_dpo_trainer.py", "tests/test_registry.py",
+                  "tests/test_reliability.py", "tests/test_sharded.py", "tests/test_tabular.py",
+                  "tests/test_trl_compat_nash_md.py", "tests/test_trl_compat_online_dpo.py",
+                  "tests/test_trl_compat_xpo.py", "tests/test_tuning.py",
+                  "tests/test_xpo_trainer.py")
+PER_TEST_TIMEOUT_S = 60
+TEST_WORKERS = 6
+
+# -- part 2: the headline benchmark --------------------------------------------------------------
+#: (suite, options) in value order: the fused-linear comparison first, then from logits.
+BENCH_RUNS = (
+    ("benchmarks/test_bench_linear_token_stats.py",
+     ("--bench-models", "llama-3-8b", "--bench-n", "8192", "--bench-dtype", "bf16",
+      "--bench-modes", "forward+backward", "--bench-workloads", "logprobs,policy",
+      "--bench-providers", "nashkern-triton-fused,nashkern-triton-chunked,"
+                           "nashkern-cuda-chunked,liger-flce,cce")),
+    ("benchmarks/test_bench_token_stats.py",
+     ("--bench-models", "qwen2.5-0.5b", "--bench-n", "8192", "--bench-dtype", "bf16",
+      "--bench-modes", "forward+backward", "--bench-workloads", "logprobs,policy",
+      "--bench-providers", "nashkern-triton,nashkern-cuda,liger-ce")),
+)
+
+# -- part 4: trainers ----------------------------------------------------------------------------
 #: Qwen2.5-0.5B's shape (config.json of Qwen/Qwen2.5-0.5B), random weights built on the device.
-TRAINER_ARGS = ("--method", "nash_md", "--vocab", "151936", "--hidden", "896", "--layers", "24",
-                "--heads", "14", "--kv-heads", "2", "--intermediate", "4864", "--device", "cuda",
-                "--dtype", "bf16", "--batch-size", "8", "--max-new-tokens", "64", "--warmup", "0",
-                "--steps", "1")
-#: One small run of each CUDA kernel (token_stats forward + backward, mixture_sample), for
-#: compute-sanitizer.
-SANITIZER_CASE = """
-import torch
-from nashkern import ops
-torch.manual_seed(0)
-z = torch.randn(2, 3, 1001, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-r = torch.randn(2, 3, 1001, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-t = torch.randint(0, 1001, (2, 3), device="cuda")
-s = ops.token_stats(z, t, r, coef=0.5, temperature=0.9, softcap=30.0, backend="cuda")
-(s.logprobs + s.entropy + s.ref_logprobs + s.kl + s.mixture_logprobs).sum().backward()
-ops.mixture_sample(z[:, -1].detach(), r[:, -1].detach(), coef=0.5, temperature=0.9,
-                   backend="cuda")
-torch.cuda.synchronize()
-print("sanitizer case ran")
-"""
+TRAINER_SHAPE = ("--vocab", "151936", "--hidden", "896", "--layers", "24", "--heads", "14",
+                 "--kv-heads", "2", "--intermediate", "4864", "--batch-size", "8",
+                 "--max-new-tokens", "32", "--warmup", "1", "--steps", "3")
+#: The dry run's trainer: the same script and code path at a tiny shape on the CPU.
+TRAINER_SHAPE_DRY = ("--vocab", "300", "--hidden", "32", "--layers", "1", "--heads", "2",
+                     "--kv-heads", "1", "--batch-size", "2", "--max-new-tokens", "3",
+                     "--warmup", "1", "--steps", "1")
+TRAINER_DTYPES = ("bf16", "fp32")
+
+#: Every module a part imports (setup imports them once: a version drift fails here, in
+#: seconds, and in the dry run in CI, not deep inside a part). "carried": from .whl/.
+IMPORTS = {
+    "image": ("torch", "triton", "transformers", "accelerate", "peft", "pytest",
+              "pytest_benchmark", "xdist", "numpy", "tokenizers"),
+    "nashkern": ("nashkern", "nashkern.ops", "nashkern.rl", "nashkern.kernels.token_stats",
+                 "nashkern.kernels.linear_token_stats", "nashkern.kernels.mixture_sample",
+                 "nashkern.backends.cuda_impl", "nashkern.backends.chunked"),
+    "carried": ("datasets", "trl", "trl.experimental.nash_md", "liger_kernel.transformers",
+                "liger_kernel.transformers.fused_linear_cross_entropy",
+                "liger_kernel.transformers.cross_entropy", "cut_cross_entropy",
+                "pytest_timeout"),
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,22 +154,30 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def pinned_wheels() -> List[Tuple[str, str]]:
-    """``(name, version)`` of every pin in scripts/device_wheels.txt."""
+def pinned_wheels() -> List[Tuple[str, str, int]]:
+    """``(name, version, bytes)`` of every pin in scripts/device_wheels.txt (``name==version  #
+    <bytes> bytes, why``: the size of the wheel ``make device-wheels`` downloads)."""
     out = []
     for line in WHEEL_LIST.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            out.append((name.strip(), version.strip()))
+        spec, _, comment = line.partition("#")
+        spec = spec.strip()
+        if spec:
+            name, _, version = spec.partition("==")
+            size = re.match(r"\s*(\d+) bytes", comment)
+            out.append((name.strip(), version.strip(), int(size.group(1)) if size else -1))
     return out
+
+
+def carry_bytes() -> int:
+    """What the carried wheels weigh, from the sizes recorded in scripts/device_wheels.txt."""
+    return sum(size for _, _, size in pinned_wheels())
 
 
 def carried_wheels(wheel_dir: Path) -> Tuple[List[Path], List[str]]:
     """The wheels of ``wheel_dir`` matching the pins, and the pins without a wheel there."""
     files = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
     found, missing = [], []
-    for name, version in pinned_wheels():
+    for name, version, _ in pinned_wheels():
         match = [f for f in files if _norm(f.name.split("-")[0]) == _norm(name)
                  and f.name.split("-")[1] == version]
         if match:
@@ -133,6 +185,12 @@ def carried_wheels(wheel_dir: Path) -> Tuple[List[Path], List[str]]:
         else:
             missing.append(f"{name}=={version}")
     return found, missing
+
+
+def unpinned_wheels(wheel_dir: Path) -> List[str]:
+    """Files of ``wheel_dir`` that are not a pinned wheel (carried for nothing)."""
+    found, _ = carried_wheels(wheel_dir)
+    return sorted(f.name for f in wheel_dir.glob("*") if f not in found) if wheel_dir.is_dir() else []
 
 
 def wheel_modules(wheel: Path) -> List[str]:
@@ -200,40 +258,159 @@ def find_sanitizer() -> Optional[str]:
     return None
 
 
+
+def find_sanitizer() -> Optional[str]:
+    """compute-sanitizer on PATH, else next to nvcc / under CUDA_HOME (the CUDA toolkit's
+    bin/ and compute-sanitizer/ folders)."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.insert(0, str(Path(nvcc).resolve().parent.parent))
+    for root in filter(None, roots):
+        for sub in ("bin", "compute-sanitizer"):
+            path = Path(root) / sub / "compute-sanitizer"
+            if path.is_file():
+                return str(path)
+    return None
+
+
+def deadlines(start: float = 0.0) -> Dict[str, float]:
+    """Each part's deadline: ``start`` plus the budgets up to and including it."""
+    out, t = {}, start
+    for part, budget in BUDGET_S.items():
+        t += budget
+        out[part] = t
+    return out
+
+
 # ------------------------------------------------------------------------------------------
-# Set-up
+# Reading what the parts wrote (for the summary)
+# ------------------------------------------------------------------------------------------
+def junit_counts(path: Path) -> Optional[Dict[str, object]]:
+    """passed / failed / skipped of a JUnit XML file, and the failing tests' ids."""
+    if not path.is_file():
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        return {"error": f"unreadable: {exc}"}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "failing": []}
+    for case in root.iter("testcase"):
+        tags = {child.tag for child in case}
+        if tags & {"failure", "error"}:
+            counts["failed"] += 1
+            counts["failing"].append(f"{case.get('classname')}::{case.get('name')}")
+        elif "skipped" in tags:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+def read_csv(path: Path) -> List[Dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(value: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    try:
+        return fmt.format(float(value) * scale)
+    except (TypeError, ValueError):
+        return "-"
+
+
+def bench_table(rows: List[Dict[str, str]]) -> List[str]:
+    """The headline table: time, % of the floor (FLOP roofline for the linear op, HBM bytes for
+    logits input), peak GPU memory."""
+    lines = ["| op | model | N | workload | mode | provider | median ms | % of floor | floor | "
+             "peak GiB | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floor = {"flop": "FLOP roofline", "bytes": "HBM bytes"}.get(r.get("floor_kind"), "-")
+        status = r.get("status", "")
+        if status != "ok" and r.get("message"):
+            status += ": " + r["message"][:120].replace("|", "/")
+        lines.append(
+            f"| {r.get('op')} | {r.get('model')} | {r.get('N')} | {r.get('workload')} | "
+            f"{r.get('mode')} | {r.get('provider')} | {_num(r.get('time_median_s'), 1e3)} | "
+            f"{_num(r.get('floor_fraction'), 100)} | {floor} | "
+            f"{_num(r.get('peak_memory_bytes'), 2 ** -30, '{:.2f}')} | {status} |")
+    return lines
+
+
+def trainer_table(rows: List[Dict[str, str]]) -> List[str]:
+    lines = ["| dtype | impl | median s/step | steps (s) | peak GPU GiB | peak RSS GiB | "
+             "TRL / nashkern time | device |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.get('dtype')} | {r.get('impl')} | {_num(r.get('median_step_s'), 1, '{:.3f}')} "
+            f"| {r.get('step_times_s')} | {_num(r.get('gpu_peak_bytes'), 2 ** -30, '{:.2f}')} | "
+            f"{_num(r.get('peak_rss_bytes'), 2 ** -30, '{:.2f}')} | "
+            f"{_num(r.get('speedup_trl_over_nashkern'), 1, '{:.2f}')} | {r.get('device')} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
+# The run
 # ------------------------------------------------------------------------------------------
 class Check:
-    """Runs the steps, logs them to ``out``, and records each step's status for the summary."""
+    """Runs the parts under their deadlines, logs every step, and keeps $OUT's summary current."""
 
     def __init__(self, out: Path, python: str, dry_run: bool, cuda_archs: Sequence[str],
-                 cuda_cache: Path):
+                 cuda_cache: Path, budget_scale: float = 1.0):
+        self.start = time.monotonic()
+        self.deadline = {part: self.start + t * budget_scale for part, t in deadlines().items()}
         self.out = out
         self.python = python
         self.dry_run = dry_run
         self.cuda_archs = list(cuda_archs)
         self.cuda_cache = cuda_cache
         self.steps: List[Dict] = []
+        self.facts: Dict[str, object] = {}
         out.mkdir(parents=True, exist_ok=True)
-        self.site = Path(tempfile.mkdtemp(prefix="nashkern-device-site-"))
+        for name in OUT_FILES:  # a rerun into the same folder starts clean
+            (out / name).unlink(missing_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="nashkern-device-check-"))
+        self.logs = self.work / "logs"
+        self.logs.mkdir()
+        self.site = self.work / "site"
+        self.site.mkdir()
         self.env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         self.env.update(PYTHONSAFEPATH="1", TRL_EXPERIMENTAL_SILENCE="1",
                         TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join(
                             [str(self.site)] + [p for p in os.environ.get("PYTHONPATH", "")
                                                 .split(os.pathsep) if p]))
+        if dry_run:  # the CPU: the Triton interpreter, as the tests run it
+            self.env["TRITON_INTERPRET"] = "1"
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def left(self, part: str) -> float:
+        return self.deadline[part] - time.monotonic()
 
     def record(self, step: str, status: str, seconds: float, detail: str = "") -> None:
         self.steps.append({"step": step, "status": status, "seconds": round(seconds, 1),
                            "detail": detail})
         tail = f" - {detail}" if detail else ""
         print(f"[device-check] {step}: {status} ({seconds:.0f} s){tail}", flush=True)
+        self.write_summary()
 
-    def run(self, step: str, cmd: Sequence[str], limit_s: float, log: Optional[Path] = None,
-            ok_codes: Sequence[int] = (0,)) -> int:
-        """Run ``cmd`` in the repository under ``limit_s`` seconds (its process group is killed
-        past it), its output to ``log`` (default ``$OUT/<step>.log``)."""
-        log = log or self.out / f"{step}.log"
+    def run(self, step: str, cmd: Sequence[str], part: str, limit: Optional[float] = None,
+            ok_codes: Sequence[int] = (0,)) -> Optional[int]:
+        """Run ``cmd`` in the repository until ``part``'s deadline (or ``limit`` seconds, if
+        sooner): SIGINT ``GRACE_S`` before, SIGKILL at it (the whole process group). Output to
+        ``<step>.log``. None: no time was left to start it."""
+        limit = min(self.left(part), limit if limit is not None else float("inf"))
+        if limit < 10:
+            self.record(step, "skipped", 0.0, f"no time left in part '{part}'")
+            return None
+        log = self.logs / f"{step}.log"
         start = time.perf_counter()
         with open(log, "w") as f:
             f.write("$ " + " ".join(cmd) + "\n")
@@ -241,21 +418,26 @@ class Check:
             proc = subprocess.Popen(list(cmd), cwd=REPO, env=self.env, stdout=f,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = proc.wait(timeout=limit_s)
+                rc = proc.wait(timeout=max(limit - GRACE_S, limit / 2))
                 status = "ok" if rc in ok_codes else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGINT)
                 try:
-                    proc.wait(timeout=GRACE_S)
+                    proc.wait(timeout=min(GRACE_S, limit / 2))
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                 rc = 124
-                status = f"timed out after {limit_s:.0f} s"
+                status = f"deadline ({limit:.0f} s): stopped, partial results kept"
         self.record(step, status, time.perf_counter() - start, f"log: {log.name}")
         return rc
 
-    # -- set-up steps --------------------------------------------------------------------
+    def python_json(self, code: str, *args: str, timeout: float = 120) -> Tuple[int, str]:
+        proc = subprocess.run([self.python, "-c", code, *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    # -- setup -------------------------------------------------------------------------------
     def install_wheels(self) -> None:
         start = time.perf_counter()
         wheels, missing = carried_wheels(WHEEL_DIR)
@@ -269,30 +451,17 @@ class Check:
             else:
                 install_wheel(wheel, self.site)
                 installed.append(wheel.name)
-        detail = (f"installed {len(installed)} into {self.site}: {', '.join(installed) or '-'}; "
+        extra = unpinned_wheels(WHEEL_DIR)
+        detail = (f"installed {len(installed)}: {', '.join(installed) or '-'}; "
                   f"already importable: {', '.join(present) or '-'}")
+        if extra:
+            detail += f"; carried but not pinned (make device-wheels cleans .whl/): {', '.join(extra)}"
         if missing:
             detail += (f"; MISSING from {WHEEL_DIR.name}/ (run `make device-wheels` and carry "
                        f".whl): {', '.join(missing)}")
         status = "ok" if not missing else "warning" if self.dry_run else "missing wheels"
-        self.record("wheels", status,
-                    time.perf_counter() - start, detail)
-
-    def probe_imports(self) -> None:
-        """Whether the peers, TRL and datasets import (a phase that needs a missing one fails or
-        skips those cases; this says why up front)."""
-        start = time.perf_counter()
-        code = ("import importlib, sys\nfor m in sys.argv[1:]:\n    try:\n"
-                "        importlib.import_module(m)\n        print(m, 'ok')\n"
-                "    except Exception as e:\n        print(m, 'FAILED', type(e).__name__, e)")
-        modules = ["datasets", "trl", "trl.experimental.nash_md", "liger_kernel.transformers",
-                   "cut_cross_entropy", "pytest_timeout"]
-        proc = subprocess.run([self.python, "-c", code, *modules], cwd=REPO, env=self.env,
-                              capture_output=True, text=True)
-        failed = [line for line in proc.stdout.splitlines() if "FAILED" in line]
-        (self.out / "imports.log").write_text(proc.stdout + proc.stderr)
-        self.record("imports", "warning" if failed or proc.returncode else "ok",
-                    time.perf_counter() - start, "; ".join(failed)[:600] or "all import")
+        self.record("wheels", status, time.perf_counter() - start, detail)
+        self.missing_wheels = {_norm(m.split("==")[0]) for m in missing}
 
     def link_nashkern(self) -> None:
         """``site/nashkern``: the package's entries and ``kernels`` as symlinks (the layout of
@@ -304,135 +473,292 @@ class Check:
             if entry.name not in ("kernels", "__pycache__"):
                 (pkg / entry.name).symlink_to(entry)
         (pkg / "kernels").symlink_to(REPO / "kernels")
-        code = ("import nashkern, nashkern.kernels.linear_token_stats as k, nashkern.tuning; "
-                "print(nashkern.__file__, k.__file__)")
-        proc = subprocess.run([self.python, "-c", code], cwd=REPO, env=self.env,
-                              capture_output=True, text=True)
-        ok = proc.returncode == 0 and str(self.site) in proc.stdout
+        rc, out = self.python_json("import nashkern; print(nashkern.__file__)")
+        ok = rc == 0 and str(self.site) in out
         self.record("nashkern", "ok" if ok else "failed", time.perf_counter() - start,
-                    (proc.stdout.strip() or proc.stderr.strip()[-500:]))
+                    out.strip()[-500:])
+
+    def probe_imports(self) -> None:
+        """Import every module a part imports (``IMPORTS``), each in the same interpreter as
+        the parts, and fail here rather than deep inside a part. In the dry run a carried
+        module whose wheel is not in .whl/ is a warning."""
+        start = time.perf_counter()
+        code = ("import importlib, sys, traceback\nfor m in sys.argv[1:]:\n    try:\n"
+                "        importlib.import_module(m)\n        print('IMPORT', m, 'ok')\n"
+                "    except BaseException as e:\n"
+                "        print('IMPORT', m, 'FAILED', type(e).__name__, str(e)[:300])")
+        modules = [m for group in IMPORTS.values() for m in group]
+        rc, out = self.python_json(code, *modules, timeout=300)
+        (self.logs / "imports.log").write_text(out)
+        failed = {line.split()[1]: line for line in out.splitlines()
+                  if line.startswith("IMPORT") and "FAILED" in line}
+        if rc != 0 or len([l for l in out.splitlines() if l.startswith("IMPORT")]) < len(modules):
+            failed.setdefault("(interpreter)", out[-500:])
+        excused = set()
+        if self.dry_run:  # a carried module whose wheel is not here may be absent
+            carried = {"datasets": "datasets", "trl": "trl", "liger_kernel": "liger_kernel",
+                       "cut_cross_entropy": "cut_cross_entropy", "pytest_timeout": "pytest_timeout"}
+            excused = {m for m in failed if m in IMPORTS["carried"]
+                       and carried.get(m.split(".")[0]) in self.missing_wheels}
+        hard = [failed[m] for m in failed if m not in excused]
+        status = "failed" if hard else "warning" if failed else "ok"
+        detail = "; ".join(hard or [failed[m] for m in failed])[:800] or f"{len(modules)} modules"
+        self.record("imports", status, time.perf_counter() - start, detail)
+        self.imports_ok = {m for m in modules if m not in failed}
 
     def build_cuda(self) -> None:
-        start = time.perf_counter()
-        sys.path.insert(0, str(REPO / "csrc"))
-        try:
-            import build_cuda  # csrc/build_cuda.py
-        finally:
-            sys.path.pop(0)
-        if build_cuda.find_nvcc() is None:
-            self.record("cuda-build", "skipped", 0.0, "nvcc not found: backend='cuda' untested")
+        """The CUDA kernels for ``cuda_archs`` into the digest-keyed cache (nvcc, ~40 s)."""
+        code = ("import sys; sys.path.insert(0, 'csrc'); import build_cuda\n"
+                "if build_cuda.find_nvcc() is None: print('NO-NVCC'); sys.exit(3)\n"
+                "from pathlib import Path\n"
+                "print('LIB', build_cuda.build_cached(Path(sys.argv[1]), archs=sys.argv[2:]))")
+        rc = self.run("cuda-build", [self.python, "-c", code, str(self.cuda_cache),
+                                     *self.cuda_archs], "setup", ok_codes=(0, 3))
+        log = (self.logs / "cuda-build.log").read_text()
+        if rc == 3:
+            self.steps[-1].update(status="skipped" if self.dry_run else "failed",
+                                  detail="nvcc not found: backend='cuda' untested")
             return
-        try:
-            lib = build_cuda.build_cached(self.cuda_cache, archs=self.cuda_archs)
-        except Exception as exc:  # noqa: BLE001 - reported, the phases run without it
-            self.record("cuda-build", "failed", time.perf_counter() - start, str(exc)[-500:])
-            return
-        self.env["NASHKERN_CUDA_LIB"] = str(lib)
-        self.record("cuda-build", "ok", time.perf_counter() - start,
-                    f"sm_{', sm_'.join(self.cuda_archs)}: {lib}")
+        lib = re.findall(r"^LIB (.+)$", log, flags=re.M)
+        if rc == 0 and lib:
+            self.env["NASHKERN_CUDA_LIB"] = lib[-1]
+            self.steps[-1]["detail"] = f"sm_{', sm_'.join(self.cuda_archs)}: {lib[-1]}"
 
     def device_facts(self) -> None:
         start = time.perf_counter()
-        code = ("import json, torch, triton; print(json.dumps({'torch': torch.__version__, "
-                "'triton': triton.__version__, 'cuda': torch.version.cuda, 'device': "
-                "torch.cuda.get_device_name() if torch.cuda.is_available() else None}))")
-        proc = subprocess.run([self.python, "-c", code], cwd=REPO, env=self.env,
-                              capture_output=True, text=True)
-        facts = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr[-300:]
-        self.record("facts", "ok" if proc.returncode == 0 else "failed",
-                    time.perf_counter() - start, facts)
+        code = ("import json, torch, triton, transformers; print('FACTS', json.dumps({"
+                "'torch': torch.__version__, 'triton': triton.__version__, 'transformers': "
+                "transformers.__version__, 'cuda': torch.version.cuda, 'device': "
+                "torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
+                "'capability': torch.cuda.get_device_capability() if torch.cuda.is_available() "
+                "else None, 'python': __import__('sys').version.split()[0]}))")
+        rc, out = self.python_json(code)
+        facts = re.findall(r"^FACTS (.+)$", out, flags=re.M)
+        if rc == 0 and facts:
+            self.facts = json.loads(facts[-1])
+        ok = rc == 0 and (self.dry_run or self.facts.get("device"))
+        self.record("facts", "ok" if ok else "failed", time.perf_counter() - start,
+                    facts[-1] if facts else out[-300:])
 
-    # -- phases --------------------------------------------------------------------------
-    def phase_tests(self) -> None:
-        ignore = [a for t in DEVICE_IGNORED_TESTS for a in ("--ignore", t)]
-        base = [self.python, "-m", "pytest", "tests", "-p", "no:cacheprovider", *ignore]
+    def part_setup(self) -> None:
+        self.install_wheels()
+        self.link_nashkern()
+        self.probe_imports()
+        self.device_facts()
+        self.build_cuda()
+
+    # -- part 1: correctness -------------------------------------------------------------------
+    def pytest_cmd(self, files: Sequence[str], *extra: str) -> List[str]:
+        return [self.python, "-m", "pytest", *files, "-p", "no:cacheprovider", "-q", "-rfE",
+                *extra]
+
+    def per_test_timeout(self) -> List[str]:
+        if "pytest_timeout" in getattr(self, "imports_ok", ()):
+            return [f"--timeout={PER_TEST_TIMEOUT_S}"]
+        return ["-o", f"faulthandler_timeout={PER_TEST_TIMEOUT_S}"]  # stacks only, no stop
+
+    def part_correctness(self) -> None:
         if self.dry_run:
-            self.run("tests-collect", base + ["--collect-only", "-q"], 120)
+            rc = self.run("tests-collect", self.pytest_cmd(SHAPE_TESTS + GPU_TESTS,
+                                                           "--collect-only"), "correctness")
+            if rc == 0:
+                text = (self.logs / "tests-collect.log").read_text()
+                n = len(re.findall(r"^tests/\S+::", text, flags=re.M))
+                self.steps[-1]["detail"] = f"{n} tests collected ({self.steps[-1]['detail']})"
             return
-        if importable(self.python, ["pytest_timeout"], self.env)["pytest_timeout"]:
-            per_test = [f"--timeout={PER_TEST_TIMEOUT_S}"]
-        else:  # pytest's own: dumps every thread's stack, does not stop the test
-            per_test = ["-o", f"faulthandler_timeout={PER_TEST_TIMEOUT_S}"]
-            self.record("per-test-timeout", "warning", 0.0, "pytest-timeout missing: "
-                        "faulthandler_timeout only (the phase limit still applies)")
-        self.run("tests", base + ["-q", "-n", str(TEST_WORKERS), *per_test,
-                                  f"--junitxml={self.out / 'tests.xml'}", "-o",
-                                  "junit_family=xunit2"], PHASE_LIMIT_S["tests"])
+        xml = lambda name: [f"--junitxml={self.out / name}", "-o", "junit_family=xunit2"]
+        limit = min(SHAPES_LIMIT_S, self.left("correctness") - 20)
+        self.run("correctness", self.pytest_cmd(SHAPE_TESTS, *self.per_test_timeout(),
+                                                *xml("correctness.xml")),
+                 "correctness", limit=limit)
+        self.run("tests", self.pytest_cmd(GPU_TESTS, "-n", str(TEST_WORKERS), "--dist",
+                                          "loadgroup", *self.per_test_timeout(),
+                                          *xml("tests.xml")), "correctness")
+
+    # -- part 2: the headline benchmark --------------------------------------------------------
+    def part_bench(self) -> None:
+        csv_path = self.out / "bench.csv"
+        for i, (suite, options) in enumerate(BENCH_RUNS):
+            name = Path(suite).stem.replace("test_bench_", "bench-")
+            base = self.pytest_cmd([suite])
+            if self.dry_run:
+                self.bench_select(name, base + list(options), options)
+                # The harness, CSV rows and summary at the tiny shape on the CPU: the selected
+                # workloads and mode, the CPU's own provider beside the selected ones (skipped).
+                tiny = list(options)
+                tiny[tiny.index("--bench-models") + 1] = "tiny"
+                tiny[tiny.index("--bench-n") + 1] = "64"
+                tiny[tiny.index("--bench-dtype") + 1] = "fp32"
+                providers = tiny.index("--bench-providers") + 1
+                tiny[providers] = "nashkern-torch," + tiny[providers]
+                self.run(f"{name}-tiny", base + ["--bench-shapes", "tiny", *tiny,
+                                                 f"--bench-csv={csv_path}"], "bench")
+                continue
+            self.run(name, base + list(options) + [
+                f"--bench-csv={csv_path}", "--benchmark-columns=median,iqr,min,rounds"],
+                "bench", limit=self.left("bench") - (20 if i + 1 < len(BENCH_RUNS) else 0))
+
+    def bench_select(self, name: str, cmd: List[str], options: Sequence[str]) -> None:
+        """Collect the device's selection; every selected provider and workload must have a
+        case (a misspelt provider would select nothing, silently)."""
+        rc = self.run(f"{name}-select", cmd + ["--collect-only"], "bench")
+        if rc != 0:
+            return
+        cases = re.findall(r"^\S+::\S+\[(\S+)\]$",
+                           (self.logs / f"{name}-select.log").read_text(), flags=re.M)
+        opt = dict(zip(options[::2], options[1::2]))
+        want = [(w, p) for w in opt["--bench-workloads"].split(",")
+                for p in opt["--bench-providers"].split(",")]
+        absent = [p for p in opt["--bench-providers"].split(",")
+                  if not any(c.endswith("-" + p) for c in cases)]
+        bad = [c for c in cases if f"-N{opt['--bench-n']}-" not in c
+               or not c.startswith(opt["--bench-models"])]
+        status = "failed" if absent or bad or not cases else "ok"
+        self.steps[-1].update(status=status, detail=(
+            f"{len(cases)} cases of {len(want)} (workload, provider) pairs: " + ", ".join(cases)
+            + (f"; NO CASE for {absent}" if absent else "") + (f"; off-shape {bad}" if bad else "")))
+        self.write_summary()
+
+    # -- part 3: compute-sanitizer -------------------------------------------------------------
+    def part_sanitizer(self) -> None:
+        case = [self.python, "scripts/device_sanitizer_case.py"]
+        if self.dry_run:  # the case itself, on the CPU (interpreter)
+            self.run("sanitizer-case", case, "sanitizer")
+            return
         sanitizer = find_sanitizer()
-        if sanitizer is None or "NASHKERN_CUDA_LIB" not in self.env:
-            self.record("sanitizer", "skipped", 0.0, "no compute-sanitizer or no CUDA library")
+        if sanitizer is None:
+            self.record("sanitizer", "failed", 0.0, "compute-sanitizer not found")
             return
-        self.run("sanitizer", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
-                               "--target-processes", "all", self.python, "-c", SANITIZER_CASE],
-                 PHASE_LIMIT_S["sanitizer"])
+        self.run("sanitizer", [sanitizer, "--tool", "memcheck", "--error-exitcode", "9",
+                               "--target-processes", "all", "--print-limit", "50", *case],
+                 "sanitizer")
 
-    def phase_bench(self) -> None:
-        cmd = [self.python, "-m", "pytest", *BENCH_SUITES, "-p", "no:cacheprovider", *BENCH_ARGS]
-        if self.dry_run:
-            self.run("bench-select", cmd + ["--collect-only", "-q"], 120)
-            log = (self.out / "bench-select.log").read_text()
-            cases = re.findall(r"^\S+::\S+", log, flags=re.M)
-            (self.out / "bench_cases.txt").write_text("\n".join(cases) + "\n")
-            self.record("bench-cases", "ok" if cases else "failed", 0.0,
-                        f"{len(cases)} cases (bench_cases.txt)")
-            return
-        self.run("bench", cmd + ["-q", f"--bench-csv={self.out / 'bench.csv'}",
-                                 "--benchmark-columns=median,iqr,min,rounds",
-                                 f"--junitxml={self.out / 'bench.xml'}"], PHASE_LIMIT_S["bench"])
+    # -- part 4: trainers ----------------------------------------------------------------------
+    def part_trainer(self) -> None:
+        impls = ["nashkern"] + (["trl"] if "trl.experimental.nash_md" in
+                                getattr(self, "imports_ok", ()) else [])
+        if "trl" not in impls:
+            self.record("trainer-impls", "skipped" if self.dry_run else "failed", 0.0,
+                        "trl does not import: nashkern alone")
+        shape = TRAINER_SHAPE_DRY if self.dry_run else TRAINER_SHAPE
+        device = "cpu" if self.dry_run else "cuda"
+        models = (self.work if self.dry_run else CACHE) / "models"
+        for i, dtype in enumerate(TRAINER_DTYPES):
+            cmd = [self.python, "benchmarks/bench_trainers.py", "--compare", "--method",
+                   "nash_md", "--impls", *impls, *shape, "--device", device, "--dtype", dtype,
+                   "--nashkern-python", self.python, "--trl-python", self.python,
+                   "--model-dir", str(models), "--csv", str(self.out / "trainers.csv"),
+                   "--note", "device-check dry run" if self.dry_run else "device-check"]
+            if not self.dry_run and i == 0:
+                self.run("trainer-args", cmd + ["--check-args"], "trainer", limit=60)
+            left = self.left("trainer") - (0 if i + 1 == len(TRAINER_DTYPES) else 10)
+            self.run(f"trainer-{dtype}", cmd + ["--timeout", str(max(int(left) - GRACE_S, 10))],
+                     "trainer", limit=left if i == 0 else None)
 
-    def phase_trainer(self) -> None:
-        cmd = [self.python, "benchmarks/bench_trainers.py", "--compare", *TRAINER_ARGS,
-               "--nashkern-python", self.python, "--trl-python", self.python,
-               "--model-dir", str(CACHE / "models"),
-               "--timeout", str(PHASE_LIMIT_S["trainer"]),
-               "--csv", str(self.out / "trainers.csv"), "--json", str(self.out / "trainers.json"),
-               "--note", "device-check"]
-        if self.dry_run:
-            self.run("trainer-args", cmd + ["--check-args"], 120)
-            return
-        self.run("trainer", cmd, PHASE_LIMIT_S["trainer"])
-
-    def summary(self) -> int:
-        failed = [s for s in self.steps if s["status"] not in PASSING]
-        (self.out / "summary.json").write_text(json.dumps(
-            {"dry_run": self.dry_run, "python": self.python, "steps": self.steps,
-             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}, indent=1))
-        lines = ["| step | status | seconds | detail |", "|---|---|---|---|"]
-        lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s['detail']} |"
-                  for s in self.steps]
+    # -- $OUT ----------------------------------------------------------------------------------
+    def write_summary(self) -> None:
+        """summary.json, summary.md and logs.txt, rewritten after every step."""
+        elapsed = time.monotonic() - self.start
+        stray = sorted(p.name for p in self.out.iterdir() if p.name not in OUT_FILES)
+        summary = {"dry_run": self.dry_run, "python": self.python, "facts": self.facts,
+                   "elapsed_s": round(elapsed, 1), "budget_s": BUDGET_S, "steps": self.steps,
+                   "stray_out_files": stray,
+                   "updated": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        lines = [f"# device-check{' (dry run)' if self.dry_run else ''}", "",
+                 f"{json.dumps(self.facts)}; {elapsed:.0f} s of {TOTAL_LIMIT_S} s", "",
+                 "| step | status | seconds | detail |", "|---|---|---|---|"]
+        lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | "
+                  f"{s['detail'][:400].replace('|', '/')} |" for s in self.steps]
+        for name in ("correctness.xml", "tests.xml"):
+            counts = junit_counts(self.out / name)
+            if counts is not None:
+                summary[name] = counts
+                lines += ["", f"## {name}", "", json.dumps(counts)[:3000]]
+        bench = read_csv(self.out / "bench.csv")
+        if bench:
+            lines += ["", "## Benchmarks", ""] + bench_table(bench)
+        trainers = read_csv(self.out / "trainers.csv")
+        if trainers:
+            lines += ["", "## Trainer step vs TRL", ""] + trainer_table(trainers)
+        if stray:
+            lines += ["", f"STRAY files in $OUT (not returned past 8): {stray}"]
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         (self.out / "summary.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        with open(self.out / "logs.txt", "w") as f:
+            for log in sorted(self.logs.glob("*.log"), key=lambda p: p.stat().st_mtime):
+                text = log.read_text(errors="replace")
+                if len(text) > 300_000:  # the end says what went wrong
+                    text = text[:20_000] + "\n[... cut ...]\n" + text[-280_000:]
+                f.write(f"\n===== {log.name} =====\n{text}")
+
+    def result(self) -> int:
+        self.write_summary()
+        failed = [s for s in self.steps if s["status"] not in PASSING]
         return 1 if failed else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=("all",) + PHASES, default="all")
-    parser.add_argument("--out", default=os.environ.get("OUT", "out"),
-                        help="logs, JUnit XML, CSV rows, summary (default $OUT or ./out)")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "out",
+                        help="summaries, JUnit XML, CSV rows, logs (default $OUT or ./out)")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter to test with (default: this one)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="every step that needs no GPU: set-up, collection, selection")
+                        help="each part's Python on the CPU at tiny sizes (CI)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} (setup always runs)")
     parser.add_argument("--cuda-archs", default="90",
-                        help='architectures of the CUDA build (default "90": the H200 runner)')
+                        help='architectures of the CUDA build (default "90": H100 / H200)')
     parser.add_argument("--cuda-cache", default=str(CACHE),
                         help="cache root of the CUDA build (default build/device-check)")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="scale every part's budget (the dry run on a slow CPU: > 1)")
+    parser.add_argument("--verify-wheels", action="store_true",
+                        help="only check .whl/ against scripts/device_wheels.txt (make "
+                             "device-wheels runs it)")
     args = parser.parse_args(argv)
+    if args.verify_wheels:
+        problems = verify_wheels()
+        print("\n".join(problems) or f"{WHEEL_DIR}: {carry_bytes()} bytes, as pinned")
+        return 1 if problems else 0
+    parts = [p for p in args.parts.split(",") if p]
+    for p in parts:
+        if p not in PARTS:
+            parser.error(f"--parts: {p!r} not in {PARTS}")
     check = Check(Path(args.out).resolve(), args.python, args.dry_run,
-                  [a for a in re.split(r"[;,\s]+", args.cuda_archs) if a], Path(args.cuda_cache))
+                  [a for a in re.split(r"[;,\s]+", args.cuda_archs) if a], Path(args.cuda_cache),
+                  args.budget_scale)
+    rc = 1
     try:
-        check.install_wheels()
-        check.link_nashkern()
-        if not args.dry_run:  # here the carried cp312 wheels may not match this python
-            check.probe_imports()
-        check.build_cuda()
-        check.device_facts()
-        for phase in PHASES if args.phase == "all" else (args.phase,):
-            getattr(check, f"phase_{phase}")()
+        check.part_setup()
+        for part in PARTS[1:]:
+            if part in parts:
+                getattr(check, f"part_{part}")()
     finally:
-        shutil.rmtree(check.site, ignore_errors=True)
-    return check.summary()
+        rc = check.result()  # before the logs go
+        shutil.rmtree(check.work, ignore_errors=True)
+    return rc
+
+
+def verify_wheels(wheel_dir: Path = WHEEL_DIR) -> List[str]:
+    """What is wrong with the carry in ``wheel_dir``: a pin without its wheel, a wheel whose size
+    differs from the one recorded in scripts/device_wheels.txt, a file nobody pinned, a total over
+    ``CARRY_LIMIT_BYTES``. Empty: the carry is what the README says."""
+    problems = []
+    found, missing = carried_wheels(wheel_dir)
+    problems += [f"missing: {m}" for m in missing]
+    sizes = {(_norm(n), v): b for n, v, b in pinned_wheels()}
+    for wheel in found:
+        name, version = _norm(wheel.name.split("-")[0]), wheel.name.split("-")[1]
+        if wheel.stat().st_size != sizes[(name, version)]:
+            problems.append(f"{wheel.name}: {wheel.stat().st_size} bytes, "
+                            f"{sizes[(name, version)]} recorded in {WHEEL_LIST.name}")
+    problems += [f"not pinned (delete it): {name}" for name in unpinned_wheels(wheel_dir)]
+    total = sum(f.stat().st_size for f in wheel_dir.glob("*") if f.is_file()) \
+        if wheel_dir.is_dir() else 0
+    if total > CARRY_LIMIT_BYTES:
+        problems.append(f"{total} bytes carried, over the {CARRY_LIMIT_BYTES} limit")
+    return problems
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ def t(*lead):
     (lambda: ops.entropy(z(3), temperature=-1.0), r"temperature must be a finite float > 0"),
     (lambda: ops.entropy(z(3), softcap=0.0), r"softcap must be None or a finite float > 0"),
     (lambda: ops.entropy(z(3), backend="cuDNN"), r"backend must be one of"),
-    (lambda: ops.entropy(z(3), backend="cuda"), r"backend='cuda' needs the CUDA kernels of csrc/.*not usable here: .*make cuda"),
     (lambda: ops.linear_token_stats(torch.randn(4, 8), torch.randn(V, 9), t(4)),
      r"hidden's last dim \(8\) must equal weight's D \(9\)"),
     (lambda: ops.linear_token_stats(torch.randn(4, 8), torch.randn(V, 8).half(), t(4)),
@@ -59,6 +58,19 @@ def t(*lead):
 def test_bad_input_raises_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    """Without the library: how to build it; with it loaded (a GPU machine, NASHKERN_CUDA_LIB):
+    that the tensors are not on the device."""
+    from nashkern.backends import cuda_impl
+
+    if cuda_impl.unavailable_reason() is None:
+        match = r"backend='cuda' needs CUDA tensors, got cpu"
+    else:
+        match = r"backend='cuda' needs the CUDA kernels of csrc/.*not usable here: .*make cuda"
+    with pytest.raises(ValueError, match=match):
+        ops.entropy(z(3), backend="cuda")
 
 
 def test_wrong_types_raise_type_error():
