@@ -687,10 +687,12 @@ def run_compare(args) -> int:
                 results[impl] = run_subprocess(pythons[impl], worker_argv(args, impl, i == 0),
                                                args.threads, args.timeout, args.device)
         except (KeyboardInterrupt, subprocess.TimeoutExpired, RuntimeError) as exc:
-            # a deadline (SIGINT, scripts/device_check.py) or a failed worker: keep the rows of
-            # the implementations that finished
+            # a failed worker (the next one still runs) or a deadline (SIGINT from
+            # scripts/device_check.py, or --timeout: none does): the finished rows are written
             print(f"[{impl}] no result: {type(exc).__name__}: {str(exc)[-6000:]}", flush=True)
             failed = True
+            if isinstance(exc, RuntimeError):
+                continue
             break
         r = results[impl]
         r["copy_bandwidth"], r["contended"] = bandwidth, args.contended

@@ -410,31 +410,45 @@ class Check:
         if limit < 10:
             self.record(step, "skipped", 0.0, f"no time left in part '{part}'")
             return None
-        log = self.logs / f"{step}.log"
-        start = time.perf_counter()
-        with open(log, "w") as f:
+        return self.reap(self.spawn(step, cmd), limit, ok_codes)
+
+    def spawn(self, step: str, cmd: Sequence[str]) -> Tuple[str, subprocess.Popen, float]:
+        """Start ``cmd`` in the repository (its own process group), output to ``<step>.log``."""
+        with open(self.logs / f"{step}.log", "w") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(list(cmd), cwd=REPO, env=self.env, stdout=f,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return step, proc, time.perf_counter()
+
+    def reap(self, spawned: Tuple[str, subprocess.Popen, float], limit: float,
+             ok_codes: Sequence[int] = (0,)) -> int:
+        """Wait for a spawned command at most ``limit`` more seconds (SIGINT ``GRACE_S`` before,
+        SIGKILL at it); record its status."""
+        step, proc, start = spawned
+        try:
+            rc = proc.wait(timeout=max(limit - GRACE_S, limit / 2))
+            status = "ok" if rc in ok_codes else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGINT)
             try:
-                rc = proc.wait(timeout=max(limit - GRACE_S, limit / 2))
-                status = "ok" if rc in ok_codes else f"failed (exit {rc})"
+                proc.wait(timeout=min(GRACE_S, limit / 2))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=min(GRACE_S, limit / 2))
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                rc = 124
-                status = f"deadline ({limit:.0f} s): stopped, partial results kept"
-        self.record(step, status, time.perf_counter() - start, f"log: {log.name}")
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = 124
+            status = f"deadline ({limit:.0f} s): stopped, partial results kept"
+        self.record(step, status, time.perf_counter() - start, f"log: {step}.log")
         return rc
 
-    def python_json(self, code: str, *args: str, timeout: float = 120) -> Tuple[int, str]:
-        proc = subprocess.run([self.python, "-c", code, *args], cwd=REPO, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+    def python_json(self, code: str, *args: str, part: str = "setup") -> Tuple[int, str]:
+        """``python -c code args`` until ``part``'s deadline (at least 30 s): (status, output)."""
+        try:
+            proc = subprocess.run([self.python, "-c", code, *args], cwd=REPO, env=self.env,
+                                  capture_output=True, text=True,
+                                  timeout=max(30.0, self.left(part)))
+        except subprocess.TimeoutExpired as exc:
+            return 124, f"timed out: {exc}"
         return proc.returncode, proc.stdout + proc.stderr
 
     # -- setup -------------------------------------------------------------------------------
@@ -487,8 +501,17 @@ class Check:
                 "        importlib.import_module(m)\n        print('IMPORT', m, 'ok')\n"
                 "    except BaseException as e:\n"
                 "        print('IMPORT', m, 'FAILED', type(e).__name__, str(e)[:300])")
+        code += ("\nimport json, torch, triton, transformers\nprint('FACTS', json.dumps({"
+                 "'torch': torch.__version__, 'triton': triton.__version__, 'transformers': "
+                 "transformers.__version__, 'cuda': torch.version.cuda, 'device': "
+                 "torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
+                 "'capability': torch.cuda.get_device_capability() if "
+                 "torch.cuda.is_available() else None, 'python': sys.version.split()[0]}))")
         modules = [m for group in IMPORTS.values() for m in group]
-        rc, out = self.python_json(code, *modules, timeout=300)
+        rc, out = self.python_json(code, *modules)
+        facts = re.findall(r"^FACTS (.+)$", out, flags=re.M)
+        if facts:
+            self.facts = json.loads(facts[-1])
         (self.logs / "imports.log").write_text(out)
         failed = {line.split()[1]: line for line in out.splitlines()
                   if line.startswith("IMPORT") and "FAILED" in line}
@@ -503,17 +526,24 @@ class Check:
         hard = [failed[m] for m in failed if m not in excused]
         status = "failed" if hard else "warning" if failed else "ok"
         detail = "; ".join(hard or [failed[m] for m in failed])[:800] or f"{len(modules)} modules"
-        self.record("imports", status, time.perf_counter() - start, detail)
         self.imports_ok = {m for m in modules if m not in failed}
+        self.record("imports", status, time.perf_counter() - start, detail)
+        if not self.dry_run and not self.facts.get("device"):
+            self.record("facts", "failed", 0.0, f"no CUDA device: {self.facts or out[-300:]}")
 
-    def build_cuda(self) -> None:
-        """The CUDA kernels for ``cuda_archs`` into the digest-keyed cache (nvcc, ~40 s)."""
+    def start_cuda_build(self):
+        """The CUDA kernels for ``cuda_archs`` into the digest-keyed cache (nvcc, ~40 s on the
+        runner), in the background while the wheels and imports are set up."""
         code = ("import sys; sys.path.insert(0, 'csrc'); import build_cuda\n"
                 "if build_cuda.find_nvcc() is None: print('NO-NVCC'); sys.exit(3)\n"
                 "from pathlib import Path\n"
                 "print('LIB', build_cuda.build_cached(Path(sys.argv[1]), archs=sys.argv[2:]))")
-        rc = self.run("cuda-build", [self.python, "-c", code, str(self.cuda_cache),
-                                     *self.cuda_archs], "setup", ok_codes=(0, 3))
+        return self.spawn("cuda-build", [self.python, "-c", code, str(self.cuda_cache),
+                                         *self.cuda_archs])
+
+    def finish_cuda_build(self, spawned) -> None:
+        # may borrow 30 s of part 1 (its CUDA cases need the library)
+        rc = self.reap(spawned, max(self.left("setup") + 30, 10), ok_codes=(0, 3))
         log = (self.logs / "cuda-build.log").read_text()
         if rc == 3:
             self.steps[-1].update(status="skipped" if self.dry_run else "failed",
@@ -524,28 +554,12 @@ class Check:
             self.env["NASHKERN_CUDA_LIB"] = lib[-1]
             self.steps[-1]["detail"] = f"sm_{', sm_'.join(self.cuda_archs)}: {lib[-1]}"
 
-    def device_facts(self) -> None:
-        start = time.perf_counter()
-        code = ("import json, torch, triton, transformers; print('FACTS', json.dumps({"
-                "'torch': torch.__version__, 'triton': triton.__version__, 'transformers': "
-                "transformers.__version__, 'cuda': torch.version.cuda, 'device': "
-                "torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
-                "'capability': torch.cuda.get_device_capability() if torch.cuda.is_available() "
-                "else None, 'python': __import__('sys').version.split()[0]}))")
-        rc, out = self.python_json(code)
-        facts = re.findall(r"^FACTS (.+)$", out, flags=re.M)
-        if rc == 0 and facts:
-            self.facts = json.loads(facts[-1])
-        ok = rc == 0 and (self.dry_run or self.facts.get("device"))
-        self.record("facts", "ok" if ok else "failed", time.perf_counter() - start,
-                    facts[-1] if facts else out[-300:])
-
     def part_setup(self) -> None:
+        build = self.start_cuda_build()
         self.install_wheels()
         self.link_nashkern()
         self.probe_imports()
-        self.device_facts()
-        self.build_cuda()
+        self.finish_cuda_build(build)
 
     # -- part 1: correctness -------------------------------------------------------------------
     def pytest_cmd(self, files: Sequence[str], *extra: str) -> List[str]:
@@ -578,22 +592,25 @@ class Check:
     # -- part 2: the headline benchmark --------------------------------------------------------
     def part_bench(self) -> None:
         csv_path = self.out / "bench.csv"
+        if self.dry_run:
+            for suite, options in BENCH_RUNS:
+                name = Path(suite).stem.replace("test_bench_", "bench-")
+                self.bench_select(name, self.pytest_cmd([suite]) + list(options), options)
+            # The harness, CSV rows and summary at the tiny shape on the CPU, both suites in one
+            # run: the selected workloads and mode, the CPU's provider beside the selected ones.
+            opts = [dict(zip(o[::2], o[1::2])) for _, o in BENCH_RUNS]
+            providers = ["nashkern-torch"] + [p for o in opts
+                                              for p in o["--bench-providers"].split(",")]
+            workloads = {w for o in opts for w in o["--bench-workloads"].split(",")}
+            self.run("bench-tiny", self.pytest_cmd([suite for suite, _ in BENCH_RUNS]) + [
+                "--bench-shapes", "tiny", "--bench-dtype", "fp32", "--bench-modes",
+                ",".join(sorted({o["--bench-modes"] for o in opts})), "--bench-workloads",
+                ",".join(sorted(workloads)), "--bench-providers", ",".join(providers),
+                f"--bench-csv={csv_path}"], "bench")
+            return
         for i, (suite, options) in enumerate(BENCH_RUNS):
             name = Path(suite).stem.replace("test_bench_", "bench-")
             base = self.pytest_cmd([suite])
-            if self.dry_run:
-                self.bench_select(name, base + list(options), options)
-                # The harness, CSV rows and summary at the tiny shape on the CPU: the selected
-                # workloads and mode, the CPU's own provider beside the selected ones (skipped).
-                tiny = list(options)
-                tiny[tiny.index("--bench-models") + 1] = "tiny"
-                tiny[tiny.index("--bench-n") + 1] = "64"
-                tiny[tiny.index("--bench-dtype") + 1] = "fp32"
-                providers = tiny.index("--bench-providers") + 1
-                tiny[providers] = "nashkern-torch," + tiny[providers]
-                self.run(f"{name}-tiny", base + ["--bench-shapes", "tiny", *tiny,
-                                                 f"--bench-csv={csv_path}"], "bench")
-                continue
             self.run(name, base + list(options) + [
                 f"--bench-csv={csv_path}", "--benchmark-columns=median,iqr,min,rounds"],
                 "bench", limit=self.left("bench") - (20 if i + 1 < len(BENCH_RUNS) else 0))
