@@ -52,8 +52,8 @@ class TokenStatsTriton:
 
     #: Vocabulary tiles. The forward keeps 5 fp32 per-lane accumulators of the tile width (a
     #: tile costs 3 max reductions; the sums are reduced once per row). Compile gate (8 warps,
-    #: every launch variant, Triton 3.9 / 3.6): forward at most 109 / 104 registers on sm_90,
-    #: 104 / 112 on sm_80; backward 106 / 74 and 91 / 95; no spills, at most 4 KiB of shared
+    #: every launch variant, Triton 3.9 / 3.6): forward at most 110 / 120 registers on sm_90,
+    #: 105 / 102 on sm_80; backward 96 / 80 and 99 / 102; no spills, at most 4 KiB of shared
     #: memory (the reductions). (Earlier ptxas -v at 4096: 204 / 211 registers, one CTA per SM.)
     BLOCK_V_FWD: int = 2048
     BLOCK_V_BWD: int = 2048
@@ -103,7 +103,7 @@ class MixtureSampleTriton:
 
     #: Vocabulary columns per tile: 4 segments of BLOCK_V / 4 columns sharing one Philox call
     #: per lane (4 columns per lane per segment at 8 warps). Compile gate, 8 warps, Triton 3.9 /
-    #: 3.6: at most 76 / 76 registers on sm_90, 75 / 80 on sm_80, no spills, no shared memory
+    #: 3.6: at most 74 / 74 registers on sm_90, 74 / 80 on sm_80, no spills, no shared memory
     #: (earlier ptxas -v on sm_90: 40 at 2048, 169 at 8192).
     BLOCK_V: int = 4096
     num_warps: int = 8
@@ -158,11 +158,11 @@ _CONFIGS: Dict[str, Dict[str, object]] = {
     "token_stats": {
         "default": TOKEN_STATS,
         "sm_90": dataclasses.replace(TOKEN_STATS, reason=(
-            "estimated: compile gate sm_90 (Triton 3.9 and 3.6), every variant <= 109 registers "
+            "estimated: compile gate sm_90 (Triton 3.9 and 3.6), every variant <= 120 registers "
             "at 8 warps, no spills: 2 CTAs per SM; 2048-wide tiles amortise the 3 row max "
             "reductions")),
         "sm_80": dataclasses.replace(TOKEN_STATS, reason=(
-            "estimated: compile gate sm_80 (Triton 3.9 and 3.6), every variant <= 112 registers "
+            "estimated: compile gate sm_80 (Triton 3.9 and 3.6), every variant <= 105 registers "
             "at 8 warps, no spills: 2 CTAs per SM")),
     },
     "linear_token_stats": {
@@ -171,21 +171,21 @@ _CONFIGS: Dict[str, Dict[str, object]] = {
             "estimated: compile gate sm_90, bf16/fp16: forward 64 x 64 x 64 at most 185 "
             "registers with Triton 3.9, 226 with 3.6 (64 x 128 spilled 16 B at 255; 64 x 128 "
             "with 2 stages fit at 255, no margin), 48 KiB shared, HGMMA (wgmma); backward 64 x "
-            "64 x 64, 3 stages: at most 208 / 221 registers, 80 / 88 KiB, no spills; one 8-warp "
+            "64 x 64, 3 stages: at most 220 / 216 registers, 80 / 88 KiB, no spills; one 8-warp "
             "CTA per SM either way")),
         "sm_80": dataclasses.replace(LINEAR_TOKEN_STATS, BLOCK_V_FWD=64, BLOCK_D=32, reason=(
             "estimated: compile gate sm_80, bf16/fp16 (Triton 3.9 / 3.6): forward 64 x 64 x 32 "
             "at most 225 / 228 registers (BLOCK_D 64 spilled 176-224 B), 16 KiB shared, HMMA; "
-            "backward 64 x 64 x 32 at most 235 / 234 registers (BLOCK_D 64: 96 B spilled), "
+            "backward 64 x 64 x 32 at most 242 / 205 registers (BLOCK_D 64: 96 B spilled), "
             "32 / 40 KiB shared")),
     },
     "mixture_sample": {
         "default": MIXTURE_SAMPLE,
         "sm_90": dataclasses.replace(MIXTURE_SAMPLE, reason=(
-            "estimated: compile gate sm_90, at most 76 registers at 8 warps, no spills, no "
+            "estimated: compile gate sm_90, at most 74 registers at 8 warps, no spills, no "
             "shared memory: 3 CTAs per SM to hide the loads of a memory-bound pass")),
         "sm_80": dataclasses.replace(MIXTURE_SAMPLE, reason=(
-            "estimated: compile gate sm_80, at most 75 registers at 8 warps, no spills")),
+            "estimated: compile gate sm_80, at most 80 registers at 8 warps, no spills")),
     },
     # a memory budget, not a kernel shape: one value for every device
     "chunked_linear": {"default": CHUNKED_LINEAR},
