@@ -438,6 +438,9 @@ class Check:
                 proc.wait()
             rc = 124
             status = f"deadline ({limit:.0f} s): stopped, partial results kept"
+        except BaseException:  # this script interrupted or killed: take the command with it
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         self.record(step, status, time.perf_counter() - start, f"log: {step}.log")
         return rc
 
@@ -746,6 +749,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check = Check(Path(args.out).resolve(), args.python, args.dry_run,
                   [a for a in re.split(r"[;,\s]+", args.cuda_archs) if a], Path(args.cuda_cache),
                   args.budget_scale)
+    # SIGTERM (the runner's own limit) as an exception: the running command's group is killed
+    # and the summary is written in `finally`
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
     rc = 1
     try:
         check.part_setup()
