@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from nashkern import ops  # noqa: E402
-from nashkern.backends import cuda_impl  # noqa: E402
+from nashkern.backends.cuda import library as cuda_lib  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Tokens, hidden size, vocabulary: odd, several row blocks and vocabulary tiles on the device;
@@ -62,7 +62,7 @@ def cases():
     """The hand-written CUDA kernels first (their indexing is ours alone; a deadline that cuts
     the run short leaves the Triton ones, whose loads and stores are masked by construction)."""
     if DEVICE == "cuda":
-        reason = cuda_impl.unavailable_reason()
+        reason = cuda_lib.unavailable_reason()
         if reason is not None:
             raise SystemExit(f"backend='cuda' unavailable on the device: {reason}")
         yield "cuda token_stats", lambda: token_stats_case("cuda")

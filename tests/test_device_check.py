@@ -106,7 +106,10 @@ def test_every_test_file_is_classified_for_the_device():
     groups = [set(device_check.SHAPE_TESTS), set(device_check.GPU_TESTS),
               set(device_check.CPU_ONLY_TESTS)]
     assert sum(len(g) for g in groups) == len(set().union(*groups)), "listed twice"
-    assert set().union(*groups) == on_disk
+    listed = set().union(*groups)
+    assert listed == on_disk, (f"classify in scripts/device_check.py (GPU_TESTS or "
+                               f"CPU_ONLY_TESTS): {sorted(on_disk - listed)}; "
+                               f"gone: {sorted(listed - on_disk)}")
 
 
 def test_deadline_stops_a_command_and_keeps_what_it_wrote(tmp_path):

@@ -23,9 +23,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels
 
 from nashkern import ops, tuning  # noqa: E402
-from nashkern.backends import cuda_impl  # noqa: E402
+from nashkern.backends.cuda import library as cuda_lib  # noqa: E402
 from nashkern.naive import naive_linear_token_stats, naive_mixture_logits, naive_token_stats  # noqa: E402
-from nashkern.ops import linear_stats, sampling, stats  # noqa: E402
+from nashkern.ops import linear_token_stats as linear_stats  # noqa: E402
+from nashkern.ops import mixture_sample as sampling  # noqa: E402
+from nashkern.ops import token_stats as stats  # noqa: E402
 
 from oracle import compare  # noqa: E402
 
@@ -44,7 +46,7 @@ pytestmark = [pytest.mark.xdist_group("device_shapes"),
 
 def _runnable(backend: str) -> bool:
     if backend == "cuda":
-        return CUDA and cuda_impl.unavailable_reason() is None
+        return CUDA and cuda_lib.unavailable_reason() is None
     if backend == "triton":
         return any(b == "triton" for b in stats.FAMILY.backends)
     return True
@@ -55,7 +57,7 @@ def _skip_unless_runnable(backend: str) -> None:
         pytest.skip("backend='cuda' runs on the device only (its CPU emulation is tested by "
                     "test_cuda_backend.py)")
     if not _runnable(backend):
-        reason = cuda_impl.unavailable_reason() if backend == "cuda" else "no triton"
+        reason = cuda_lib.unavailable_reason() if backend == "cuda" else "no triton"
         pytest.fail(f"backend={backend!r} cannot run on this CUDA device: {reason}")
 
 

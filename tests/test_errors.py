@@ -63,9 +63,9 @@ def test_bad_input_raises_clear_error(call, match):
 def test_cuda_backend_on_cpu_tensors_says_why():
     """Without the library: how to build it; with it loaded (a GPU machine, NASHKERN_CUDA_LIB):
     that the tensors are not on the device."""
-    from nashkern.backends import cuda_impl
+    from nashkern.backends.cuda import library as cuda_lib
 
-    if cuda_impl.unavailable_reason() is None:
+    if cuda_lib.unavailable_reason() is None:
         match = r"backend='cuda' needs CUDA tensors, got cpu"
     else:
         match = r"backend='cuda' needs the CUDA kernels of csrc/.*not usable here: .*make cuda"
