@@ -547,8 +547,10 @@ class Check:
                                          *self.cuda_archs])
 
     def finish_cuda_build(self, spawned) -> None:
-        # may borrow 30 s of part 1 (its CUDA cases need the library)
-        rc = self.reap(spawned, max(self.left("setup") + 30, 10), ok_codes=(0, 3))
+        # may borrow 30 s of part 1 (its CUDA cases need the library); the dry run checks that
+        # it builds, on a CPU that may be slow or busy (or waiting for another build's lock)
+        limit = max(self.left("setup") + 30, 1200 if self.dry_run else 10)
+        rc = self.reap(spawned, limit, ok_codes=(0, 3))
         log = (self.logs / "cuda-build.log").read_text()
         if rc == 3:
             self.steps[-1].update(status="skipped" if self.dry_run else "failed",

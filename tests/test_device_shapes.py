@@ -25,9 +25,9 @@ if not torch.cuda.is_available():
 from nashkern import ops, tuning  # noqa: E402
 from nashkern.backends.cuda import library as cuda_lib  # noqa: E402
 from nashkern.naive import naive_linear_token_stats, naive_mixture_logits, naive_token_stats  # noqa: E402
-from nashkern.ops import linear_token_stats as linear_stats  # noqa: E402
-from nashkern.ops import mixture_sample as sampling  # noqa: E402
-from nashkern.ops import token_stats as stats  # noqa: E402
+from nashkern.ops.linear_token_stats import FAMILY as LINEAR_FAMILY  # noqa: E402
+from nashkern.ops.mixture_sample import FAMILY as SAMPLE_FAMILY  # noqa: E402
+from nashkern.ops.token_stats import FAMILY as TOKEN_STATS_FAMILY  # noqa: E402
 
 from oracle import compare  # noqa: E402
 
@@ -48,7 +48,7 @@ def _runnable(backend: str) -> bool:
     if backend == "cuda":
         return CUDA and cuda_lib.unavailable_reason() is None
     if backend == "triton":
-        return any(b == "triton" for b in stats.FAMILY.backends)
+        return any(b == "triton" for b in TOKEN_STATS_FAMILY.backends)
     return True
 
 
@@ -85,7 +85,7 @@ def _targets(n: int, V: int, seed: int = 1) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # linear_token_stats: every (strategy, backend) the registry declares
 # ----------------------------------------------------------------------------------------------
-LINEAR_IMPLS = [(s, b) for s, table in linear_stats.FAMILY.strategies.items() for b in table]
+LINEAR_IMPLS = [(s, b) for s, table in LINEAR_FAMILY.strategies.items() for b in table]
 
 
 @pytest.mark.parametrize("strategy,backend", LINEAR_IMPLS,
@@ -116,7 +116,7 @@ def test_linear_token_stats_at_model_shape(strategy, backend, record_property):
 # token_stats over logits: every backend
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "softcap"])
-@pytest.mark.parametrize("backend", list(stats.FAMILY.backends))
+@pytest.mark.parametrize("backend", list(TOKEN_STATS_FAMILY.backends))
 def test_token_stats_at_model_shape(backend, softcap, record_property):
     _skip_unless_runnable(backend)
     N, V = LOGITS_SHAPE
@@ -167,7 +167,7 @@ def chi_square(observed, expected) -> float:
     return float((((observed[keep] - expected[keep]) ** 2) / expected[keep]).sum())
 
 
-@pytest.mark.parametrize("backend", list(sampling.FAMILY.backends))
+@pytest.mark.parametrize("backend", list(SAMPLE_FAMILY.backends))
 def test_mixture_sample_frequencies_at_model_vocab(backend, record_property):
     _skip_unless_runnable(backend)
     draws, V = SAMPLE_SHAPE
