@@ -104,6 +104,7 @@ CPU_ONLY_TESTS = ("tests/test_bench_trainers_smoke.py", "tests/test_benchmarks_s
                   "tests/test_reliability.py", "tests/test_sharded.py", "tests/test_tabular.py",
                   "tests/test_trl_compat_nash_md.py", "tests/test_trl_compat_online_dpo.py",
                   "tests/test_trl_compat_xpo.py", "tests/test_tuning.py",
+                  "tests/test_user_paths.py",
                   "tests/test_xpo_trainer.py")
 PER_TEST_TIMEOUT_S = 60
 TEST_WORKERS = 6
