@@ -25,8 +25,6 @@ import bench_trainers  # noqa: E402  (benchmarks/bench_trainers.py)
 import device_check  # noqa: E402  (scripts/device_check.py)
 
 PASSING = device_check.PASSING
-#: The bf16 trainer crash of issue 19, found by this dry run before any GPU time was spent.
-KNOWN_BF16_TRAINER_CRASH = "expected m1 and m2 to have the same dtype"
 
 
 @pytest.mark.min_versions
@@ -39,13 +37,6 @@ def test_dry_run_runs_every_part(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=1500)
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s for s in summary["steps"]}
-    failing = [s for s in steps if steps[s]["status"] not in PASSING]
-    logs = (out / "logs.txt").read_text()
-    if failing == ["trainer-bf16"] and KNOWN_BF16_TRAINER_CRASH in logs:
-        # The dry run found what it exists for: the bf16 head crash of issue 19 (the device run
-        # would hit it too). Everything else passed; once issue 19 lands this branch is dead.
-        pytest.xfail("issue 19: nashkern's bf16 trainer step crashes (" +
-                     KNOWN_BF16_TRAINER_CRASH + ")")
     assert proc.returncode == 0, (proc.stdout[-4000:] + proc.stderr[-2000:]
                                   + (out / "logs.txt").read_text()[-6000:])
     for step in ("wheels", "nashkern", "imports", "cuda-build", "tests-collect",
