@@ -584,6 +584,35 @@ def linear_token_stats_forward(
     """Packed statistics ``[5, N]`` and log-sum-exps ``[3, N]`` (float32) of the logits
     ``hidden @ weight.T + bias`` (and the reference's), streamed over vocabulary tiles.
     ``config``: a ``nashkern.tuning.LinearTokenStatsTriton`` (``tuning.config_for``)."""
+    n = hidden.shape[0]
+    stats = torch.empty((NUM_STATS, n), dtype=torch.float32, device=hidden.device)
+    lse = torch.empty((NUM_LSE, n), dtype=torch.float32, device=hidden.device)
+    with layout.device_guard(hidden.device):
+        partials, flags = _launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight,
+                                          ref_bias, scalars, config=config)
+        _merge_kernel[(triton.cdiv(n, config.BLOCK_N),)](
+            partials, targets, stats, lse, n, partials.shape[1], scalars.ignore_index, **flags,
+            BLOCK_N=config.BLOCK_N,
+        )
+    return stats, lse
+
+
+def linear_token_stats_partials(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                                scalars: layout.Scalars, *, config):
+    """The forward kernel alone: the split workspace ``[NUM_PARTIALS, splits, N]`` (each split's
+    online statistics over its vocabulary tiles, not merged) and the kernel flags. A
+    vocabulary-parallel head (``nashkern/backends/linear_token_stats_vocab_parallel.py``) merges
+    the splits and the shards itself; ``targets`` are then local to ``weight``'s rows (a target
+    in another shard: any value outside ``[0, V_r)``, it matches no column)."""
+    with layout.device_guard(hidden.device):
+        return _launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                               scalars, config=config)
+
+
+def _launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                    scalars: layout.Scalars, *, config):
+    """Check, allocate the split workspace, launch the forward kernel (under the caller's
+    device guard) -> (workspace, flags)."""
     coef, softcap = scalars.coef, scalars.softcap
     _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
     cfg = config
@@ -592,31 +621,23 @@ def linear_token_stats_forward(
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
     splits, tiles_per_split = plan_vocab_splits(n_row_blocks, triton.cdiv(v, cfg.BLOCK_V_FWD),
                                                 hidden.device, cfg.programs_per_sm)
-
     partials = split_workspace(splits, n, hidden.device)
-    stats = torch.empty((NUM_STATS, n), dtype=torch.float32, device=hidden.device)
-    lse = torch.empty((NUM_LSE, n), dtype=torch.float32, device=hidden.device)
-
     flags = dict(
         HAS_REF=has_ref,
         HAS_TARGETS=targets is not None,
         HAS_MIX=coef is not None and targets is not None,  # only mixture log-probs need it
     )
-    with layout.device_guard(hidden.device):
-        _fwd_kernel[(n_row_blocks, splits)](
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, partials,
-            n, v, d, ref_hidden.shape[1] if has_ref else 0, splits, tiles_per_split,
-            1.0 / scalars.temperature, softcap or 0.0, coef or 0.0,
-            HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-            HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
-            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_FWD, BLOCK_D=cfg.BLOCK_D,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        _merge_kernel[(n_row_blocks,)](
-            partials, targets, stats, lse, n, splits, scalars.ignore_index, **flags,
-            BLOCK_N=cfg.BLOCK_N,
-        )
-    return stats, lse
+    # launched under the caller's layout.device_guard(hidden.device)
+    _fwd_kernel[(n_row_blocks, splits)](
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, partials,
+        n, v, d, ref_hidden.shape[1] if has_ref else 0, splits, tiles_per_split,
+        1.0 / scalars.temperature, softcap or 0.0, coef or 0.0,
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
+        HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_FWD, BLOCK_D=cfg.BLOCK_D,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return partials, flags
 
 
 def linear_token_stats_backward(
@@ -635,6 +656,7 @@ def linear_token_stats_backward(
     needs_input_grad: Tuple[bool, bool, bool, bool, bool, bool],
     config,
     split_grad_operand: bool = False,
+    reduce_hidden_grad=None,
 ) -> Tuple[Optional[torch.Tensor], ...]:
     """Gradients ``(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)`` of
     ``sum(grad_stats * stats)``, None where ``needs_input_grad`` is False or the input is None.
@@ -645,7 +667,12 @@ def linear_token_stats_backward(
     dtype before its two tensor-core products (as eager PyTorch, Cut Cross-Entropy and Liger:
     6 N*D*V backward FLOPs per model, error ~eps(dtype) relative to the largest gradient entry);
     True feeds it as hi + lo in the model's dtype (two dots each, 10 N*D*V FLOPs), so gradients
-    match float32 math up to the output rounding."""
+    match float32 math up to the output rounding.
+
+    ``reduce_hidden_grad`` (a vocabulary shard, ``nashkern/backends/
+    linear_token_stats_vocab_parallel.py``): called on the float32 d_hidden / d_ref_hidden
+    before the cast to the inputs' dtype (the sum over the shards); ``targets`` are then local
+    (another shard's target: a value outside ``[0, V_r)`` other than ``ignore_index``)."""
     coef, softcap = scalars.coef, scalars.softcap
     _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
     n, d = hidden.shape
@@ -685,4 +712,8 @@ def linear_token_stats_backward(
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_BWD, BLOCK_D=cfg.BLOCK_D,
             GROUP_N=cfg.GROUP_N_BWD, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    if reduce_hidden_grad is not None:
+        for k in (0, 3):
+            if grads[k] is not None:
+                reduce_hidden_grad(grads[k])
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))

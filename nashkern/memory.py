@@ -10,12 +10,24 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from .ops import FAMILIES
 
 _CUSTOM_OPS = {op._opoverload: op for family in FAMILIES for op in family.custom_ops}
+
+
+def _plain(values):
+    """The plain tensors among ``values``, a tensor subclass (a ``DTensor`` of a tensor-parallel
+    model) replaced by its inner tensors: the local shard is what this rank allocates."""
+    for t in values:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if is_traceable_wrapper_subclass(t):
+            yield from _plain(getattr(t, name) for name in t.__tensor_flatten__()[0])
+        else:
+            yield t
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -37,11 +49,10 @@ class AllocationRecorder(TorchDispatchMode):
         if custom is not None:
             with self:  # run the op's own implementation under the recorder
                 return custom._init_fn(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in _plain(tree_flatten((args, kwargs))[0])}
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+        for t in _plain(tree_flatten(out)[0]):
+            if t.untyped_storage().data_ptr() not in inputs:
                 self.sizes.append((t.untyped_storage().nbytes() // t.element_size(), str(func)))
         return out
 

@@ -14,6 +14,9 @@ from nashkern import ops
 from nashkern.naive import naive_linear_token_stats
 
 V, N_LEAD, D, DR = 37, (3, 3), 16, 12
+#: the shard pass under test: "torch" (default) or "triton" (tests/test_tensor_parallel.py, under
+#: TRITON_INTERPRET=1 on the CPU)
+BACKEND = os.environ.get("NASHKERN_VP_BACKEND", "torch")
 BOUNDS = [0, 19, 37]
 IGNORED = (1, 1)          # an ignored row
 MASKED_COLS = (4, 30)     # -inf in both heads' biases (one column per shard)
@@ -95,7 +98,7 @@ def check(name, opts, rank, world, g):
     _loss(ref, ups).backward()
     mine_in = leaves(_shard(x, lo, hi), dtype)
     st = ops.linear_token_stats(targets=targets, **mine_in, **scalars,
-                                process_group=dist.group.WORLD)
+                                process_group=dist.group.WORLD, backend=BACKEND)
     _loss(st, ups).backward()
     full = ops.linear_token_stats(targets=targets, **{k: v.to(dtype) for k, v in x.items()},
                                   **scalars)
@@ -126,10 +129,10 @@ def check_nan_row(rank, g):
     lo, hi = BOUNDS[rank], BOUNDS[rank + 1]
     x = {k: v.float() for k, v in x.items()}
     clean = ops.linear_token_stats(targets=targets, **_shard(x, lo, hi),
-                                   process_group=dist.group.WORLD)
+                                   process_group=dist.group.WORLD, backend=BACKEND)
     x["hidden"][0, 2, 5] = float("nan")
     st = ops.linear_token_stats(targets=targets, **_shard(x, lo, hi),
-                                process_group=dist.group.WORLD)
+                                process_group=dist.group.WORLD, backend=BACKEND)
     out = {}
     for k in ("logprobs", "entropy", "ref_logprobs", "kl"):
         a, b = getattr(st, k).clone(), getattr(clean, k)
@@ -144,7 +147,7 @@ def check_empty():
     h = torch.zeros(0, D, requires_grad=True)
     w = torch.randn(BOUNDS[dist.get_rank() + 1] - BOUNDS[dist.get_rank()], D, requires_grad=True)
     st = ops.linear_token_stats(h, w, torch.zeros(0, dtype=torch.long),
-                                process_group=dist.group.WORLD)
+                                process_group=dist.group.WORLD, backend=BACKEND)
     (st.logprobs.sum() + st.entropy.sum()).backward()
     return dict(shape=list(st.logprobs.shape), d_hidden=list(h.grad.shape),
                 d_weight_zero=bool((w.grad == 0).all()))
@@ -181,7 +184,7 @@ def main(out):
     dist.all_gather_object(results, res)
     if rank == 0:
         with open(os.path.join(out, "vocab_parallel.json"), "w") as f:
-            json.dump({"world": world, "ranks": results}, f)
+            json.dump({"world": world, "backend": BACKEND, "ranks": results}, f)
     dist.barrier()
 
 

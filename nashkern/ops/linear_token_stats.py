@@ -167,11 +167,16 @@ FAMILY = Family("linear_token_stats", (linear_token_stats_op, linear_token_stats
 #: (``backends/linear_token_stats_vocab_parallel.py``: each rank streams its shard, O(N) all-reduces merge the
 #: partial statistics). Not a strategy of the custom op: a process group cannot enter a
 #: ``torch.library`` schema, so :class:`_VocabParallelLinearTokenStats` is its autograd (graph
-#: break under ``torch.compile``). Torch only today: a Triton / CUDA shard pass is not written.
+#: break under ``torch.compile``). Torch and Triton (the fused kernels over the shard); no CUDA
+#: shard pass (the CUDA backend has no fused linear kernel).
 VOCAB_PARALLEL = {
     "torch": Implementation(vocab_parallel.linear_token_stats_forward,
                             vocab_parallel.linear_token_stats_backward),
 }
+if vocab_parallel.triton_kernels is not None:  # the fused kernels over the shard
+    VOCAB_PARALLEL["triton"] = Implementation(
+        vocab_parallel.triton_linear_token_stats_forward,
+        vocab_parallel.triton_linear_token_stats_backward, tuning="linear_token_stats")
 
 
 class _VocabParallelLinearTokenStats(torch.autograd.Function):
@@ -183,7 +188,8 @@ class _VocabParallelLinearTokenStats(torch.autograd.Function):
                 temperature, softcap, ignore_index, backend, process_group, vocab_start):
         ctx.impl = VOCAB_PARALLEL[backend]
         ctx.scalars = Scalars(coef, temperature, softcap, ignore_index)
-        ctx.kwargs = dict(process_group=process_group, vocab_start=vocab_start)
+        ctx.kwargs = dict(process_group=process_group, vocab_start=vocab_start,
+                          **ctx.impl.config_kwargs(hidden.device))
         stats, lse = ctx.impl.forward(hidden, weight, targets, bias, ref_hidden, ref_weight,
                                       ref_bias, ctx.scalars, **ctx.kwargs)
         ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
@@ -230,18 +236,20 @@ def _vocab_shards(process_group, rows: int, device: torch.device,
     return sum(sizes), sum(sizes[: dist.get_rank(process_group)])
 
 
-def _vocab_parallel_backend(backend: str, strategy: str) -> str:
+def _vocab_parallel_backend(backend: str, strategy: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend not in ("auto", *VOCAB_PARALLEL):
         raise ValueError(
-            f"backend={backend!r} with a process_group: only the torch path "
-            f"({', '.join(VOCAB_PARALLEL)}) implements the vocabulary-parallel linear_token_stats "
-            "today; use backend='torch' or 'auto'")
+            f"backend={backend!r} with a process_group: only {', '.join(VOCAB_PARALLEL)} "
+            "implement the vocabulary-parallel linear_token_stats (the fused shard pass); use "
+            "one of them or 'auto'")
     if strategy not in ("auto", "fused"):
         raise ValueError(f"strategy={strategy!r} with a process_group: the vocabulary-parallel "
-                         "head streams its shard (the fused torch pass); use 'auto' or 'fused'")
-    return "torch"
+                         "head streams its shard (the fused pass); use 'auto' or 'fused'")
+    if backend == "auto":  # the fused Triton pass on a GPU, the torch pass elsewhere
+        return "triton" if device.type == "cuda" and "triton" in VOCAB_PARALLEL else "torch"
+    return backend
 
 
 def resolve_strategy(strategy: str, backend: str, device: torch.device) -> str:
@@ -345,7 +353,7 @@ def linear_token_stats(
                              f"({vocab}), got {tuple(ref_weight.shape)}")
         check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
     if process_group is not None:
-        backend = _vocab_parallel_backend(backend, strategy)
+        backend = _vocab_parallel_backend(backend, strategy, hidden.device)
         vocab, vocab_start = _vocab_shards(process_group, vocab, hidden.device,
                                            tokens=math.prod(lead))
     else:

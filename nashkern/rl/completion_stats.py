@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from . import engines
+from . import engines, tensor_parallel
 
 
 @dataclass
@@ -37,6 +37,7 @@ class HeadSpec:
     bias: Optional[Tensor]
     scale: float = 1.0          # logits = scale · (h W^T + b)
     softcap: Optional[float] = None
+    shard: Optional[tensor_parallel.VocabShard] = None  # sharded by vocabulary rows: W, b local
 
 
 class HeadNotFusable(Exception):
@@ -93,6 +94,8 @@ def _head_spec(m, head) -> Optional[HeadSpec]:
         w, bias = getattr(head, "weight", None), getattr(head, "bias", None)
     if w is None or w.dim() != 2:
         return None
+    shard = tensor_parallel.head_shard(w)  # a DTensor head (tensor parallelism): its local rows
+    w, bias = tensor_parallel.local(w), tensor_parallel.local(bias)
     cfg = getattr(m, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
     scale = 1.0
@@ -102,7 +105,7 @@ def _head_spec(m, head) -> Optional[HeadSpec]:
         if getattr(cfg, "logits_scaling", None) not in (None, 1.0):
             scale /= float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
-    return HeadSpec(w, bias, scale, float(softcap) if softcap else None)
+    return HeadSpec(w, bias, scale, float(softcap) if softcap else None, shard)
 
 
 def _head_logits(h: Tensor, spec: HeadSpec) -> Tensor:
@@ -227,6 +230,8 @@ def _separable(m, spec, hidden, logits) -> bool:
                 want = logits[:, -1].detach().float()
                 rtol, atol = _logits_tolerance(want)
                 ok = got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol)
+        shard = spec.shard if spec is not None else None
+        ok = tensor_parallel.all_agree(ok, shard, hidden.device)  # the group branches together
         object.__setattr__(m, "_nashkern_separable", ok)  # decided once per model
     return m._nashkern_separable
 
@@ -236,8 +241,9 @@ def _through_head(inner, forward, input_ids, attention_mask, head_fn, *args):
     last-position logits), then ``head_fn(inner, spec, hidden, logits, *args)`` run as the output
     head's forward, so an engine that gathers weights per module (ZeRO-3) has the head's weight
     whole while it runs (and again for its backward)."""
-    hidden, logits = _run_body(inner, forward, input_ids, attention_mask)
     head = inner.get_output_embeddings()
+    with tensor_parallel.local_head(head):  # a vocabulary-sharded head: no logits all-gather
+        hidden, logits = _run_body(inner, forward, input_ids, attention_mask)
     if head is None or user_hooks(head):
         # a hook on the head (e.g. a vocabulary mask) acts on logits the fused path never
         # builds: not separable, and the head is not called (the hook would get no logits)
@@ -259,15 +265,17 @@ def _reference_head(inner, spec, hidden, logits, ctx, owned):
     w, b = spec.weight.detach(), None if spec.bias is None else spec.bias.detach()
     if owned:
         w, b = w.clone(), None if b is None else b.clone()
-    return hidden[:, ctx - 1:-1].detach(), w, b, spec.scale, spec.softcap
+    return hidden[:, ctx - 1:-1].detach(), w, b, spec.scale, spec.softcap, spec.shard
 
 
 def _policy_head(inner, spec, hidden, logits, ctx, targets, ref):
     """The fused statistics ``(logprobs, ref_logprobs, kl, entropy)`` of the completion tokens,
     or None when the head is not separable or differs in kind from the reference's."""
-    rh, rw, rb, rscale, rsoftcap = ref
+    rh, rw, rb, rscale, rsoftcap, rshard = ref
     if not _separable(inner, spec, hidden, logits) or spec.softcap != rsoftcap:
         return None
+    # tensor parallelism: the reference's rows matching the policy's shard (or a clear error)
+    rw, rb = tensor_parallel.align_reference(spec.shard, rw, rb, rshard)
     h = hidden[:, ctx - 1:-1]
     w, b = spec.weight, spec.bias
     if h.dtype != w.dtype:
@@ -287,7 +295,8 @@ def _policy_head(inner, spec, hidden, logits, ctx, targets, ref):
     if rb is not None:
         rb = rb.to(rh.dtype)
     st = ops.linear_token_stats(h, w, targets, bias=b, ref_hidden=rh, ref_weight=rw,
-                                ref_bias=rb, softcap=spec.softcap)
+                                ref_bias=rb, softcap=spec.softcap,
+                                process_group=None if spec.shard is None else spec.shard.group)
     return st.logprobs, st.ref_logprobs.detach(), st.kl, st.entropy
 
 

@@ -221,6 +221,12 @@ def copy_reference(model: nn.Module) -> nn.Module:
     """A frozen copy of the policy. A ZeRO-3-initialised policy (``zero.Init``: every parameter
     an empty placeholder, its data in ``ds_tensor`` shards) gets a new ZeRO-3-initialised model
     of its class and config, and each rank copies its own shards (no gather, no full copy)."""
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):  # DTensor parameters
+        raise ValueError(
+            f"cannot copy the tensor-parallel {type(model).__name__} as the reference (its "
+            "DTensor parameters and TP forwards do not deep-copy): pass ref_model= loaded with "
+            "the policy's tp_plan / device mesh (or unsharded), or use peft_config (the "
+            "reference is then the base model with the adapters disabled)")
     if not is_zero3_partitioned(model):
         return copy.deepcopy(model)
     from_config = getattr(type(model), "_from_config", None)

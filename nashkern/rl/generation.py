@@ -42,6 +42,7 @@ from .. import naive, ops
 from . import engines
 from .checks import check_fields
 from .engines import all_ranks_done
+from .tensor_parallel import GenerationShards
 
 
 @dataclass
@@ -299,8 +300,11 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
     ref_ctx = ref_context or contextlib.nullcontext
     B, device = input_ids.shape[0], input_ids.device
     vocab = None
+    # vocabulary-sharded heads (tensor parallelism): local logit columns, the sharded sampler
+    tp = GenerationShards(model, ref_model if use_ref else None)
+    synced_gpus = synced_gpus or tp.active  # every forward of a tensor-parallel model is a collective
     with _eval_mode(model, ref_model if use_ref else None), \
-            (gather_context or contextlib.nullcontext)():
+            (gather_context or contextlib.nullcontext)(), tp.context():
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         slots = input_ids.shape[1] + params.max_new_tokens
         cache = _new_cache(model, cache_implementation, slots)
@@ -311,7 +315,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
             with ref_ctx():
                 r, ref_cache = _forward_last_logits(ref_model, input_ids, attention_mask, pos,
                                                     ref_cache)
-        vocab = z.shape[-1]
+            r = tp.reference(r)
+        vocab = tp.vocab(z)
         seen = None
         if params.repetition_penalty not in (None, 1.0):
             # tokens present in the (unpadded) prompt; grows with each sampled token
@@ -321,7 +326,9 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
         tokens, masks = [], []
         next_pos = pos[:, -1:]
         for step in range(params.max_new_tokens):
-            sampled = sample_next(z, r, coef if use_ref else 0.0, params, seen, generator)
+            c = coef if use_ref else 0.0
+            sampled = tp.sample(z, r, c, params, seen, generator, sample_next) if tp.active \
+                else sample_next(z, r, c, params, seen, generator)
             bad = (sampled < 0) | (sampled >= vocab)
             tok = torch.where(finished, torch.full_like(sampled, pad_token_id), sampled)
             tokens.append(tok)
@@ -343,6 +350,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
                 with ref_ctx():
                     r, ref_cache = _forward_last_logits(ref_model, tok[:, None], attention_mask,
                                                         next_pos, ref_cache)
+                r = tp.reference(r)
     completion_ids = torch.stack(tokens, 1)
     completion_mask = torch.stack(masks, 1).long()
     prompt_mask = attention_mask[:, : input_ids.shape[1]]

@@ -37,7 +37,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from . import engines
+from . import engines, tensor_parallel
 from .checks import (check_fields, check_finite_loss, check_prompt_dataset, check_prompts,
                      finite_rows, is_conversational, judge_choices, kept_mean,
                      nonfinite_parameters, scorer_name)
@@ -813,7 +813,9 @@ class OnlinePreferenceTrainer(Trainer):
         self._micro_step = step
         if self._generator is None or self._generator.device != torch.device(device):
             self._generator = torch.Generator(device=device)
-        key = [self.args.seed, self.args.process_index, step, self._micro]
+        # the ranks of a tensor-parallel group run one computation: they draw the same samples
+        rank = tensor_parallel.sampler_rank(self.model, self.args.process_index)
+        key = [self.args.seed, rank, step, self._micro]
         if self._evaluating:  # evaluation draws its own numbers: training's stay as they were
             key.append(1)
         self._generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]
