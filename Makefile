@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	# is the other end (make test-min-versions).
 	NASHKERN_SKIP_CUDA_BUILD=$${NASHKERN_SKIP_CUDA_BUILD:-1} $(PY) -m pip install -q \
 		--no-build-isolation -e ".[test,peft,triton]"
-	# DeepSpeed for the ZeRO-3 tests (tests/test_sharded.py; CPU: DS_ACCELERATOR=cpu at run time);
+	# DeepSpeed for the ZeRO-3 tests (tests/rl/test_sharded.py; CPU: DS_ACCELERATOR=cpu at run time);
 	# DS_BUILD_OPS=0: no C++/CUDA op is compiled at install (pure Python, ~15 s)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed>=0.16"
 	@$(PY) scripts/versions.py
@@ -111,7 +111,7 @@ device-check:
 	TRITON_INTERPRET= $(DEVICE_PYTHON) scripts/device_check.py --out $(OUT)
 
 # Here (no GPU): each part's Python on the CPU at tiny sizes, the imports of the real run, the
-# benchmark selection (CI runs it: tests/test_device_check.py).
+# benchmark selection (CI runs it: tests/tools/test_device_check.py).
 device-check-dry-run: install
 	$(PY) scripts/device_check.py --dry-run --out $(OUT)/dry-run
 
@@ -127,7 +127,7 @@ device-wheels:
 
 # The compile gate alone (make test runs it too): every Triton kernel AOT for sm_90 and sm_80.
 # --markdown auto: the committed table of the installed Triton (compile_gate.md, or
-# compile_gate_triton-<X.Y>.md for the GPU image's); tests/test_compile_gate.py checks it is current.
+# compile_gate_triton-<X.Y>.md for the GPU image's); tests/ops/test_compile_gate.py checks it is current.
 compile-gate: install
 	env -u TRITON_INTERPRET $(PY) scripts/compile_gate.py --markdown auto
 

@@ -2,7 +2,7 @@
 """Build the CUDA kernels of csrc/ into the shared library ``nashkern/_nashkern_cuda.so``.
 
 The one place that knows how the library is compiled; used by ``setup.py`` (the ``build_cuda``
-step of ``pip install``), ``make cuda`` and ``tests/test_cuda_build.py``. Standard library only:
+step of ``pip install``), ``make cuda`` and ``tests/ops/test_cuda_build.py``. Standard library only:
 it runs without torch and without a GPU (nvcc alone is enough to compile and link).
 
 Every ``csrc/*.cu`` is compiled to an object with nvcc, then the objects are linked into one

@@ -221,7 +221,7 @@ def self_play(game: PreferenceGame, eta: Step, steps: int,
     (:func:`self_play_step`): the same KL step as Nash-MD, the opponent being the current policy.
     At τ = 0 it is multiplicative weights, and Nash-MD and self-play coincide; for τ > 0 it is
     magnetic mirror descent (Sokota et al., 2022), which converges when ``η`` is small enough
-    relative to ``τ`` and fails to when it is not (``tests/test_tabular.py``)."""
+    relative to ``τ`` and fails to when it is not (``tests/rl/test_tabular.py``)."""
     return _mirror_descent(self_play_step, game, eta, steps, pi0)
 
 
@@ -243,7 +243,7 @@ def nash_ema(game: PreferenceGame, eta: Step, decay: float, steps: int,
     ``θ̄_0 = log π_0``, ``β = decay`` (the paper's β: 0 is :func:`self_play` exactly; 1 keeps the
     opponent at π_0, and π_t tends to the best response ``BR_τ(π_0)``).
 
-    What holds (``tests/test_tabular.py``): for β < 1 a fixed point has ``θ̄ = log π`` and
+    What holds (``tests/rl/test_tabular.py``): for β < 1 a fixed point has ``θ̄ = log π`` and
     ``π ∝ μ exp(P(· ≻ π)/τ)``, i.e. the only fixed point is the regularised equilibrium π*_τ
     itself (no O(η) bias, unlike Nash-MD's constant step); whether the iteration converges to
     it is a local property, the spectral radius of the joint map (:func:`nash_ema_spectral_radius`)

@@ -20,7 +20,7 @@ Usage (needs no GPU; ``TRITON_INTERPRET`` must be unset, the script refuses othe
 
 ``--markdown auto`` writes the committed table of the running Triton (``table_path()``:
 ``benchmarks/results/compile_gate_triton-<major.minor>.md`` where one is kept for that version,
-else ``compile_gate.md``); ``tests/test_compile_gate.py`` fails when the committed table of the
+else ``compile_gate.md``); ``tests/ops/test_compile_gate.py`` fails when the committed table of the
 running Triton differs from what the gate produces (run ``make compile-gate``).
 
 Exit status 1 when a check fails. Triton's own cache (``TRITON_CACHE_DIR``, default

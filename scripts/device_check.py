@@ -18,7 +18,7 @@ setup        the ``.whl/`` wheels the image lacks unpacked into a temporary dire
              (``csrc/build_cuda.py``, ~40 s) into ``build/device-check/``; ``TRITON_INTERPRET``
              unset.
 correctness  (1) every kernel and strategy against the float64 oracle at the model shapes
-             with the production (sm_90) configs, ``tests/test_device_shapes.py``, one case at
+             with the production (sm_90) configs, ``tests/ops/test_device_shapes.py``, one case at
              a time; then the other test files that run kernels on the device (``GPU_TESTS``;
              the CPU-only files never spend device time: ``CPU_ONLY_TESTS``).
 bench        (2) the headline benchmark: Llama-3-8B head, N=8192, bf16, log-probs and
@@ -37,7 +37,7 @@ trainer CSV rows and every log in one file; both summaries are rewritten after e
 a call cut short still returns what it had. ``--dry-run`` runs each part's Python on the CPU at
 tiny sizes (the wheels, the imports, test collection, the benchmark selection and harness, the
 sanitizer case in the interpreter, a tiny trainer step of each implementation that imports) and
-is what CI runs (tests/test_device_check.py, also in the minimum-versions job).
+is what CI runs (tests/tools/test_device_check.py, also in the minimum-versions job).
 """
 from __future__ import annotations
 
@@ -84,28 +84,29 @@ CARRY_LIMIT_BYTES = 4 << 20
 PASSING = ("ok", "skipped", "warning")
 
 # -- part 1: tests -----------------------------------------------------------------------------
-SHAPE_TESTS = ("tests/test_device_shapes.py",)
+SHAPE_TESTS = ("tests/ops/test_device_shapes.py",)
 #: Test files whose kernels run on the device when there is one (tests/conftest.py's DEVICE).
-GPU_TESTS = ("tests/test_kernels_linear_token_stats.py", "tests/test_linear_chunked.py",
-             "tests/test_kernels_token_stats.py", "tests/test_cuda_backend.py",
-             "tests/test_kernels_mixture_sample.py", "tests/test_ops.py",
-             "tests/test_errors.py")
+GPU_TESTS = ("tests/ops/test_kernels_linear_token_stats.py", "tests/ops/test_linear_chunked.py",
+             "tests/ops/test_kernels_token_stats.py", "tests/ops/test_cuda_backend.py",
+             "tests/ops/test_kernels_mixture_sample.py", "tests/ops/test_ops.py",
+             "tests/ops/test_errors.py")
 #: Every other test file, and why it proves nothing on the device: CPU trainers on tiny models,
 #: subprocess launches with the GPU hidden, the AOT compile gate, the nvcc build (setup built
 #: the library), the CPU benchmark shapes, fake-CUDA registry logic, this script's dry run.
-CPU_ONLY_TESTS = ("tests/test_bench_trainers_smoke.py", "tests/test_benchmarks_smoke.py",
-                  "tests/test_callbacks.py", "tests/test_cli.py", "tests/test_compile.py",
-                  "tests/test_compile_gate.py", "tests/test_cuda_build.py",
-                  "tests/test_device_check.py", "tests/test_generation.py",
-                  "tests/test_losses.py", "tests/test_memory.py",
-                  "tests/test_nash_ema.py", "tests/test_nash_ema_sharded.py",
-                  "tests/test_nash_equilibrium_lm.py", "tests/test_nash_md_trainer.py",
-                  "tests/test_online_dpo_trainer.py", "tests/test_registry.py",
-                  "tests/test_reliability.py", "tests/test_sharded.py", "tests/test_tabular.py",
-                  "tests/test_trl_compat_nash_md.py", "tests/test_trl_compat_online_dpo.py",
-                  "tests/test_trl_compat_xpo.py", "tests/test_tuning.py",
+CPU_ONLY_TESTS = ("tests/tools/test_bench_trainers_smoke.py", "tests/ops/test_benchmarks_smoke.py",
+                  "tests/rl/test_callbacks.py", "tests/tools/test_cli.py", "tests/ops/test_compile.py",
+                  "tests/ops/test_compile_gate.py", "tests/ops/test_cuda_build.py",
+                  "tests/tools/test_device_check.py", "tests/rl/test_generation.py",
+                  "tests/rl/test_losses.py", "tests/ops/test_memory.py",
+                  "tests/rl/test_nash_ema.py", "tests/rl/test_nash_ema_sharded.py",
+                  "tests/rl/test_nash_equilibrium_lm.py", "tests/rl/test_nash_md_trainer.py",
+                  "tests/rl/test_online_dpo_trainer.py", "tests/ops/test_registry.py",
+                  "tests/rl/test_reliability.py", "tests/rl/test_sharded.py", "tests/rl/test_tabular.py",
+                  "tests/rl/test_trl_compat_nash_md.py", "tests/rl/test_trl_compat_online_dpo.py",
+                  "tests/rl/test_trl_compat_xpo.py", "tests/ops/test_tuning.py",
+                  "tests/rl/test_tensor_parallel.py",
                   "tests/test_user_paths.py",
-                  "tests/test_xpo_trainer.py")
+                  "tests/rl/test_xpo_trainer.py")
 PER_TEST_TIMEOUT_S = 60
 TEST_WORKERS = 6
 

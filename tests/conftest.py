@@ -2,11 +2,20 @@
 
 TRITON_INTERPRET must be set before triton decorates any kernel, so it is set here, before any
 test module imports nashkern's kernels.
+
+Layout: ``tests/ops`` (the kernel library: ops, backends, kernels, compile gate, memory, tuning),
+``tests/rl`` (trainers, generation, scoring, sharded runs and the scripts they launch),
+``tests/tools`` (CLI, device check, benchmark smoke) and ``tests/helpers`` (tiny models, the
+float64 oracle, trainer and TRL-compat helpers), which is put on ``sys.path`` here so that every
+folder imports them by module name (``from oracle import compare``).
 """
 import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

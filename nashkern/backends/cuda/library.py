@@ -10,7 +10,7 @@ host.
 
 The library also carries a host emulation of every kernel (the same per-thread code, run block
 by block on the CPU). Tensors on the CPU are routed to it, which is how the kernels' arithmetic is
-tested on machines without a GPU (tests/test_cuda_backend.py); it is slow and meant for tests.
+tested on machines without a GPU (tests/ops/test_cuda_backend.py); it is slow and meant for tests.
 
 ``available()`` says whether the backend can run here (the library loads, torch has CUDA, and the
 kernels load on the current device); ``unavailable_reason()`` says why not.

@@ -1,4 +1,4 @@
-"""Run by tests/test_sharded.py::test_vocab_parallel_linear_token_stats under `accelerate
+"""Run by tests/rl/test_sharded.py::test_vocab_parallel_linear_token_stats under `accelerate
 launch` (2 CPU processes, gloo): ops.linear_token_stats(..., process_group=WORLD) on each rank's
 rows of an odd vocabulary (37 = 19 + 18), every case of CASES, against the float64 oracle on the
 full head (forward and every gradient, the weight / bias gradients against the matching rows)
@@ -14,7 +14,7 @@ from nashkern import ops
 from nashkern.naive import naive_linear_token_stats
 
 V, N_LEAD, D, DR = 37, (3, 3), 16, 12
-#: the shard pass under test: "torch" (default) or "triton" (tests/test_tensor_parallel.py, under
+#: the shard pass under test: "torch" (default) or "triton" (tests/rl/test_tensor_parallel.py, under
 #: TRITON_INTERPRET=1 on the CPU)
 BACKEND = os.environ.get("NASHKERN_VP_BACKEND", "torch")
 BOUNDS = [0, 19, 37]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SUITES = sorted(str(p) for p in BENCH.glob("test_bench_*.py"))
 OPS = {"linear_token_stats", "token_stats", "mixture_sample"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "bench_trainers.py"
 TINY = ["--vocab", "64", "--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1",
         "--batch-size", "2", "--max-new-tokens", "4", "--warmup", "0", "--steps", "1"]

@@ -1,4 +1,4 @@
-"""Run by tests/test_nash_ema_sharded.py under `accelerate launch` (2 CPU processes, gloo):
+"""Run by tests/rl/test_nash_ema_sharded.py under `accelerate launch` (2 CPU processes, gloo):
 ``python nash_ema_worker.py ENGINES OUT_DIR`` with ENGINES a comma-separated list of ddp, fsdp2
 (the test's), fsdp1, zero3 (one launch runs them in turn: a launch costs ~15-25 s of start-up).
 

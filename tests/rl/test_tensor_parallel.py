@@ -1,7 +1,7 @@
 """Tensor parallelism in the trainers on the CPU (gloo): tiny Llamas loaded with transformers'
 own TP (``from_pretrained(tp_plan="auto")``; the Trainer sets accelerate's
 ``ParallelismConfig(tp_size=P)``), P = 2 and 4, and TP x DDP (2 x 2), against one process on
-the same data (tests/tp_worker.py: one launch each, start-up dominating); the Triton shard pass
+the same data (tests/rl/tp_worker.py: one launch each, start-up dominating); the Triton shard pass
 of the vocabulary-parallel op (2 processes, the Triton interpreter).
 
 Compared with one process: the completions (the sharded sampler draws what the one-process
@@ -9,7 +9,7 @@ sampler draws for the same key), the logged loss and metrics, and the parameters
 step at lr 1 (the update is the gradient). Tolerance: float32 in a different summation order
 (the head's log-sum-exp merged from P shards, the body's row-parallel matmuls summed by
 all-reduce): measured here, the loss within 2.4e-7 (value 0.258), the parameters within 1.2e-7
-(P = 2 and 4; updates up to ~1); rtol 1e-4 / atol 1e-6, as tests/test_sharded.py, stays far
+(P = 2 and 4; updates up to ~1); rtol 1e-4 / atol 1e-6, as tests/rl/test_sharded.py, stays far
 below any real error (a missing all-reduce of the hidden-state gradient halves it, a shard at
 the wrong offset changes every log-prob by O(1)).
 """
@@ -231,7 +231,7 @@ def _triton_shard_pass_matches_oracle(res):
     Triton interpreter on the CPU): the fused forward kernel over each rank's rows (its split
     workspace, targets made local) merged across the ranks, the backward kernel on the merged
     statistics; every case of vocab_parallel_worker.CASES against the float64 oracle on the full
-    head, as the torch pass is tested (tests/test_sharded.py): float32 1e-5 relative (measured
+    head, as the torch pass is tested (tests/rl/test_sharded.py): float32 1e-5 relative (measured
     within 6e-7), bf16 gradients 8e-3 (measured 4.8e-3: rounded once to bf16); a NaN row stays
     in its row; N = 0."""
     from vocab_parallel_worker import CASES

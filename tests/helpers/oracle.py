@@ -27,7 +27,7 @@ def assert_close(name: str, ours: torch.Tensor, ref64: torch.Tensor, torch32: to
                  out_dtype: torch.dtype = torch.float32, factor: float = 8.0) -> None:
     """|ours − ref64| ≤ factor · max|torch32 − ref64| + 2·eps(out_dtype)·|ref64| + floor."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    # On the tensors' device: a [V, D] head gradient is GiBs in float64 (tests/test_device_shapes.py)
+    # On the tensors' device: a [V, D] head gradient is GiBs in float64 (tests/ops/test_device_shapes.py)
     ours = ours.detach().double()
     ref64 = ref64.detach().double().to(ours.device)
     torch32 = torch32.detach().double().to(ours.device)

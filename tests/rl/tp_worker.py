@@ -1,4 +1,4 @@
-"""Run by tests/test_tensor_parallel.py under torchrun (P = 2 or 4 CPU processes, gloo), and as
+"""Run by tests/rl/test_tensor_parallel.py under torchrun (P = 2 or 4 CPU processes, gloo), and as
 one plain process (the baseline, which first saves the checkpoints to CKPT):
 ``python tp_worker.py CKPT OUT``. Policy and reference are tiny Llamas (odd vocabulary 71: uneven
 shards) loaded with transformers' own tensor parallelism (``from_pretrained(tp_plan="auto")``:

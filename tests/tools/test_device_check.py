@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_trainers  # noqa: E402  (benchmarks/bench_trainers.py)
@@ -93,7 +93,7 @@ def test_carry_is_the_trimmed_set_and_the_readme_says_its_size():
 
 def test_every_test_file_is_classified_for_the_device():
     """A new test file must say whether it runs kernels on the device (GPU_TESTS) or not."""
-    on_disk = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")}
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "tests").rglob("test_*.py")}
     groups = [set(device_check.SHAPE_TESTS), set(device_check.GPU_TESTS),
               set(device_check.CPU_ONLY_TESTS)]
     assert sum(len(g) for g in groups) == len(set().union(*groups)), "listed twice"

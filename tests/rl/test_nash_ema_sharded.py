@@ -1,8 +1,8 @@
 """NashEMATrainer under DDP and FSDP2 (`accelerate launch`, 2 CPU processes, gloo; one launch for
-both engines, tests/nash_ema_worker.py) against one process on the same data: two steps (the
+both engines, tests/rl/nash_ema_worker.py) against one process on the same data: two steps (the
 second one's opponent is the average θ̄_1, not the policy), the same logged loss and metrics,
 the same average (gathered from the ranks' shards), which FSDP2 holds sharded (each rank about
-half of it) and DDP replicated. Tolerances: those of tests/test_sharded.py (float32, different
+half of it) and DDP replicated. Tolerances: those of tests/rl/test_sharded.py (float32, different
 reduction order)."""
 import json
 import os

@@ -195,7 +195,7 @@ def test_layers_import_downwards_only():
     reaches its backends through normal imports, never importlib strings."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for path in (root / "kernels").glob("*.py"):
         for module, level in _imports(path):
             assert level == 1 or not module.startswith("nashkern"), (path.name, module)

@@ -1,6 +1,6 @@
 """Sharded engines through `accelerate launch` on the CPU (2 processes, gloo): FSDP1, FSDP2,
 DeepSpeed ZeRO-3 (stage3_param_persistence_threshold=0: no weight kept whole), and DDP. One
-launch per engine runs every check of tests/sharded_worker.py (a launch costs ~15-25 s of
+launch per engine runs every check of tests/rl/sharded_worker.py (a launch costs ~15-25 s of
 start-up alone), in float32 and in bf16 mixed precision (the configs' default bf16=True), with a
 LoRA step on FSDP2 and ZeRO-3.
 

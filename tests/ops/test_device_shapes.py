@@ -5,7 +5,7 @@ heads run with the frozen per-architecture configs (``tuning.config_for`` on the
 sm_90 entries on an H100 / H200): Llama-3-8B's ``D = 4096, V = 128256`` and Qwen2.5's
 ``V = 151936`` in bf16, an odd token count (partial row blocks, vocabulary splits), with a
 reference model and the geometric mixture (every statistic and gradient kernel variant).
-Forward and every gradient go through ``tests/oracle.py`` (float64 reference, budget set by
+Forward and every gradient go through ``tests/helpers/oracle.py`` (float64 reference, budget set by
 PyTorch's own float32 / bf16 error); the sampler through a chi-square test of its frequencies.
 
 On a CUDA device (``scripts/device_check.py``, part 1): the model shapes. Without one (CI): the

@@ -1,4 +1,4 @@
-"""`nashkern train` options beyond the basic run (tests/test_nash_md_trainer.py has that)."""
+"""`nashkern train` options beyond the basic run (tests/rl/test_nash_md_trainer.py has that)."""
 import json
 
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401

@@ -1,4 +1,4 @@
-"""Run by tests/test_sharded.py under `accelerate launch` (2 CPU processes, gloo), one launch per
+"""Run by tests/rl/test_sharded.py under `accelerate launch` (2 CPU processes, gloo), one launch per
 engine: ``python sharded_worker.py ENGINE OUT_DIR`` with ENGINE in fsdp1, fsdp2, zero3.
 
 One launch does all the checks of its engine (a launch costs ~15-25 s of start-up):

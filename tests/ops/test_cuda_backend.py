@@ -1,4 +1,4 @@
-"""``backend="cuda"`` against the float64 oracle (tests/oracle.py), forward and every gradient.
+"""``backend="cuda"`` against the float64 oracle (tests/helpers/oracle.py), forward and every gradient.
 
 Each test runs on two targets:
 
@@ -32,7 +32,7 @@ from nashkern.naive import naive_mixture_logits, naive_token_stats
 
 from oracle import assert_close, compare, logit_inputs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "csrc"))
 import build_cuda  # noqa: E402  (csrc/build_cuda.py)
 

@@ -5,7 +5,7 @@ csrc/nashkern_cuda.h (and hides the static CUDA runtime's symbols). Skipped when
 The library's host-side pieces that need no GPU are checked here too: it loads with ctypes,
 reports its ABI version and error strings, and its Philox4x32-10 matches the Random123
 known-answer vectors. (The kernels' arithmetic, through their host emulation, is checked against
-the float64 oracle in tests/test_cuda_backend.py.)
+the float64 oracle in tests/ops/test_cuda_backend.py.)
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "csrc"))
 import build_cuda  # noqa: E402  (csrc/build_cuda.py)
 
@@ -68,7 +68,7 @@ def test_every_source_compiles_and_the_library_links(tmp_path):
     # It loads without a GPU (the runtime is only initialised by a CUDA call).
     c = ctypes.CDLL(str(lib))
     assert c.nashkern_abi_version() == 2
-    build_cuda.publish_cached(lib)  # tests/test_cuda_backend.py can reuse this build
+    build_cuda.publish_cached(lib)  # tests/ops/test_cuda_backend.py can reuse this build
 
 
 @pytest.fixture(scope="module")
