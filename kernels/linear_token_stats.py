@@ -25,16 +25,7 @@ Forward (``_fwd_kernel``, grid ``(cdiv(N, BLOCK_N), splits)``)
     them with the same associative merge and writes ``stats [5, N]`` and ``lse [3, N]`` (the only
     state saved for the backward).
 
-Backward (``_bwd_kernel``, 1-D grid of ``cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V)`` programs in grouped
-order, ``BLOCK_V = BLOCK_V_BWD``)
-    Each program recomputes one ``[BLOCK_N, BLOCK_V]`` tile of both models' logits, turns it into
-    probabilities with the saved ``lse`` (``p = exp(a - L_a)``, likewise ``q`` and ``pi``), forms
-    the logit gradients ``dz`` / ``dr`` of DESIGN.md in registers (entropy and KL from ``stats``
-    enter the formula), and adds ``dz @ W_tile`` into ``d_hidden``, ``dz.T @ H_block`` into
-    ``d_weight`` and the column sums of ``dz`` into ``d_bias`` with fp32 ``tl.atomic_add`` (as in
-    Cut Cross-Entropy; summation order, hence the last bits, vary run to run); the host casts
-    the fp32 buffers to the input dtypes. Gradients that are not needed are compiled out
-    (``HAS_GRAD_*``). Rows whose target is ``ignore_index`` get exactly 0.
+Backward: ``linear_token_stats_backward.py`` (recomputes the logit tiles with the helpers here).
 
 Cost (D = hidden size of a model, Dr = the reference's)
     FLOPs: forward ``2*N*D*V`` per model (``+ 2*N*Dr*V`` with a reference); backward ``2*N*D*V``
@@ -82,7 +73,7 @@ _INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 # Device helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+def scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
     """``(cap(z) / T, cap'(z) / T)`` of an fp32 tile; columns outside the vocabulary get -inf
     (so they drop out of every sum). ``cap(-inf) = -inf`` with ``cap'(-inf) = 0``."""
     z, dz = softcap_temper(z, softcap, inv_temperature, HAS_SOFTCAP)
@@ -90,7 +81,7 @@ def _scaled_logits(z, col_mask, inv_temperature, softcap, HAS_SOFTCAP: tl.conste
 
 
 @triton.jit
-def _dot(x, y, acc, IS_TF32: tl.constexpr):
+def tile_dot(x, y, acc, IS_TF32: tl.constexpr):
     """``x @ y (+ acc)`` in fp32; fp32 operands as tf32 (IS_TF32) or 3xTF32 (see Numerics)."""
     if _INTERPRETED:
         # The interpreter holds bf16 as uint16 and its tl.dot would multiply the bit patterns
@@ -101,7 +92,7 @@ def _dot(x, y, acc, IS_TF32: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(
+def logits_tile(
     hidden_ptr,  # [N, D] hidden states of one model
     weight_ptr,  # [V, D] its lm_head
     bias_ptr,  # [V] its bias (read only if HAS_BIAS)
@@ -125,7 +116,7 @@ def _logits_tile(
         d_mask = offs_d < D - d0
         h = tl.load(h_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=d_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot(h, w, acc, IS_TF32)
+        acc = tile_dot(h, w, acc, IS_TF32)
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
     if HAS_BIAS:
@@ -144,67 +135,23 @@ def _tile_lse(x):
 
 
 @triton.jit
-def _guarded(g, term):
-    """``g[:, None] * term``, exactly 0 where the upstream grad ``g`` is 0 (even if term is not
-    finite, e.g. with an infinite KL)."""
-    return tl.where(g[:, None] != 0, g[:, None] * term, 0.0)
+def _no_columns(zero):
+    """The online statistics of no column yet, per row (``zero``: ``[BLOCK_N]`` fp32 zeros):
+    ``max_a, sum_a, ent_a, kl_a, tgt_a, max_b, sum_b, tgt_b, max_m, sum_m, tgt_m``, the maxima
+    at -inf and the sums at 0 (the identity of ``merge_entropy`` / ``merge_lse``)."""
+    empty_max = zero + float("-inf")
+    return (empty_max, zero, zero, zero, zero, empty_max, zero, zero, empty_max, zero, zero)
 
 
 @triton.jit
-def _split_operand(x, dtype, IS_SPLIT: tl.constexpr):
-    """Tensor-core operands ``(hi, lo)`` of an fp32 tile: ``hi`` is ``x`` rounded to ``dtype``;
-    with IS_SPLIT ``lo`` is the rounding error rounded too, so that ``hi + lo`` keeps 16 (bf16) or
-    22 (fp16) of fp32's 24 mantissa bits, else 0."""
-    hi = x.to(dtype)
-    if IS_SPLIT:
-        lo = (x - hi.to(tl.float32)).to(dtype)
-    else:
-        lo = tl.zeros(x.shape, dtype)
-    return hi, lo
-
-
-@triton.jit
-def _accumulate_grads(
-    dz_hi,  # [BLOCK_N, BLOCK_V] gradient of this model's logit tile (0 outside) in its dtype...
-    dz_lo,  # ... plus, if IS_SPLIT, its rounding error in that dtype (see _split_operand)
-    hidden_ptr,  # [N, D] hidden states
-    weight_ptr,  # [V, D] lm_head
-    d_hidden_ptr,  # [N, D] fp32 accumulator (written only if HAS_GRAD_HIDDEN)
-    d_weight_ptr,  # [V, D] fp32 accumulator (written only if HAS_GRAD_WEIGHT)
-    rows,  # [BLOCK_N] row indices of the tile
-    cols,  # [BLOCK_V] vocabulary indices of the tile
-    row_mask,  # [BLOCK_N] rows < N
-    col_mask,  # [BLOCK_V] cols < V
-    D,  # hidden size
-    HAS_GRAD_HIDDEN: tl.constexpr,
-    HAS_GRAD_WEIGHT: tl.constexpr,
-    IS_SPLIT: tl.constexpr,  # two tl.dot per product, with dz_hi and dz_lo
-    IS_TF32: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``d_hidden[rows] += dz @ W[cols]`` and ``d_weight[cols] += dz.T @ H[rows]`` with fp32
-    atomics, ``BLOCK_D`` columns at a time."""
-    offs_d = tl.arange(0, BLOCK_D)
-    row_off = rows.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    col_off = cols.to(tl.int64)[:, None] * D + offs_d[None, :]  # [BLOCK_V, BLOCK_D]
-    for d0 in range(0, D, BLOCK_D):
-        d_mask = offs_d < D - d0
-        row_d_mask = row_mask[:, None] & d_mask[None, :]
-        col_d_mask = col_mask[:, None] & d_mask[None, :]
-        if HAS_GRAD_HIDDEN:
-            w = tl.load(weight_ptr + col_off, mask=col_d_mask, other=0.0)
-            dh = _dot(dz_hi, w, None, IS_TF32)
-            if IS_SPLIT:
-                dh = _dot(dz_lo, w, dh, IS_TF32)
-            tl.atomic_add(d_hidden_ptr + row_off, dh, mask=row_d_mask, sem="relaxed")
-        if HAS_GRAD_WEIGHT:
-            h = tl.load(hidden_ptr + row_off, mask=row_d_mask, other=0.0)
-            dw = _dot(tl.trans(dz_hi), h, None, IS_TF32)
-            if IS_SPLIT:
-                dw = _dot(tl.trans(dz_lo), h, dw, IS_TF32)
-            tl.atomic_add(d_weight_ptr + col_off, dw, mask=col_d_mask, sem="relaxed")
-        row_off += BLOCK_D
-        col_off += BLOCK_D
+def _merge_split_lse(max_x, sum_x, tgt_x, part, split_stride, row_mask,
+                     MAX: tl.constexpr, SUM: tl.constexpr, TGT: tl.constexpr):
+    """Folds one split's partial ``(max, sum, target logit)`` of one log-sum-exp (rows ``MAX``,
+    ``SUM``, ``TGT`` of the workspace at ``part``) into the running ``[BLOCK_N]`` ones."""
+    max_x, sum_x = merge_lse(max_x, sum_x,
+                             tl.load(part + MAX * split_stride, mask=row_mask, other=0.0),
+                             tl.load(part + SUM * split_stride, mask=row_mask, other=0.0))
+    return max_x, sum_x, tgt_x + tl.load(part + TGT * split_stride, mask=row_mask, other=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,17 +195,7 @@ def _fwd_kernel(
         target = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
 
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-    max_a = zero + float("-inf")
-    sum_a = zero
-    ent_a = zero
-    kl_a = zero
-    tgt_a = zero
-    max_b = zero + float("-inf")
-    sum_b = zero
-    tgt_b = zero
-    max_m = zero + float("-inf")
-    sum_m = zero
-    tgt_m = zero
+    max_a, sum_a, ent_a, kl_a, tgt_a, max_b, sum_b, tgt_b, max_m, sum_m, tgt_m = _no_columns(zero)
 
     tile_start = pid_s * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
@@ -266,13 +203,13 @@ def _fwd_kernel(
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         # Both models' logits first: only one tile is live across the other's tl.dot loop.
-        a = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
+        a = logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
                          HAS_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
         if HAS_REF:
-            b = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
+            b = logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
                              col_mask, DR, HAS_REF_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
-            b, _ = _scaled_logits(b, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
-        a, _ = _scaled_logits(a, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+            b, _ = scaled_logits(b, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
+        a, _ = scaled_logits(a, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
 
         tile_max, shifted, e, tile_sum = _tile_lse(a)
         tile_ent = tl.sum(tl.where(e > 0, e * shifted, 0.0), 1)  # e == 0 where a == -inf
@@ -330,17 +267,7 @@ def _merge_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-    max_a = zero + float("-inf")
-    sum_a = zero
-    ent_a = zero
-    kl_a = zero
-    tgt_a = zero
-    max_b = zero + float("-inf")
-    sum_b = zero
-    tgt_b = zero
-    max_m = zero + float("-inf")
-    sum_m = zero
-    tgt_m = zero
+    max_a, sum_a, ent_a, kl_a, tgt_a, max_b, sum_b, tgt_b, max_m, sum_m, tgt_m = _no_columns(zero)
     split_stride = num_splits * N
     for split in range(num_splits):
         part = partials_ptr + split * N + rows
@@ -352,17 +279,11 @@ def _merge_kernel(
             tl.load(part + PART_KL_A * split_stride, mask=row_mask, other=0.0))
         tgt_a += tl.load(part + PART_TGT_A * split_stride, mask=row_mask, other=0.0)
         if HAS_REF:
-            max_b, sum_b = merge_lse(
-                max_b, sum_b,
-                tl.load(part + PART_MAX_B * split_stride, mask=row_mask, other=0.0),
-                tl.load(part + PART_SUM_B * split_stride, mask=row_mask, other=0.0))
-            tgt_b += tl.load(part + PART_TGT_B * split_stride, mask=row_mask, other=0.0)
+            max_b, sum_b, tgt_b = _merge_split_lse(
+                max_b, sum_b, tgt_b, part, split_stride, row_mask, PART_MAX_B, PART_SUM_B, PART_TGT_B)
         if HAS_MIX:
-            max_m, sum_m = merge_lse(
-                max_m, sum_m,
-                tl.load(part + PART_MAX_M * split_stride, mask=row_mask, other=0.0),
-                tl.load(part + PART_SUM_M * split_stride, mask=row_mask, other=0.0))
-            tgt_m += tl.load(part + PART_TGT_M * split_stride, mask=row_mask, other=0.0)
+            max_m, sum_m, tgt_m = _merge_split_lse(
+                max_m, sum_m, tgt_m, part, split_stride, row_mask, PART_MAX_M, PART_SUM_M, PART_TGT_M)
 
     log_sum_a = tl.log(sum_a)
     lse_a = max_a + log_sum_a
@@ -398,139 +319,10 @@ def _merge_kernel(
     tl.store(lse_ptr + LSE_MIXTURE * N + rows, lse_m, mask=row_mask)
 
 
-@triton.jit
-def _bwd_kernel(
-    hidden_ptr,  # [N, D] policy hidden states
-    weight_ptr,  # [V, D] policy lm_head, same dtype as hidden
-    bias_ptr,  # [V] policy bias (read only if HAS_BIAS)
-    ref_hidden_ptr,  # [N, DR] reference hidden states (read only if HAS_REF)
-    ref_weight_ptr,  # [V, DR] reference lm_head (read only if HAS_REF)
-    ref_bias_ptr,  # [V] reference bias (read only if HAS_REF_BIAS)
-    targets_ptr,  # [N] int64 targets (read only if HAS_TARGETS)
-    grad_stats_ptr,  # [5, N] fp32 upstream gradients of the packed statistics
-    stats_ptr,  # [5, N] fp32 forward statistics (entropy and KL enter the gradient)
-    lse_ptr,  # [3, N] fp32 forward log-sum-exps L_a, L_b, L_m
-    d_hidden_ptr,  # [N, D] fp32 accumulator, zero-initialised (if HAS_GRAD_HIDDEN)
-    d_weight_ptr,  # [V, D] fp32 accumulator, zero-initialised (if HAS_GRAD_WEIGHT)
-    d_bias_ptr,  # [V] fp32 accumulator, zero-initialised (if HAS_GRAD_BIAS)
-    d_ref_hidden_ptr,  # [N, DR] fp32 accumulator, zero-initialised (if HAS_GRAD_REF_HIDDEN)
-    d_ref_weight_ptr,  # [V, DR] fp32 accumulator, zero-initialised (if HAS_GRAD_REF_WEIGHT)
-    d_ref_bias_ptr,  # [V] fp32 accumulator, zero-initialised (if HAS_GRAD_REF_BIAS)
-    N,  # rows
-    V,  # vocabulary size
-    D,  # policy hidden size
-    DR,  # reference hidden size
-    ignore_index,  # target value of rows that receive no gradient
-    inv_temperature,  # 1 / T
-    softcap,  # s (used only if HAS_SOFTCAP)
-    coef,  # mixture weight of the reference in [0, 1] (used only if HAS_MIX)
-    HAS_BIAS: tl.constexpr,
-    HAS_REF: tl.constexpr,
-    HAS_REF_BIAS: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    HAS_MIX: tl.constexpr,  # implies HAS_REF and HAS_TARGETS
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_GRAD_HIDDEN: tl.constexpr,
-    HAS_GRAD_WEIGHT: tl.constexpr,
-    HAS_GRAD_BIAS: tl.constexpr,
-    HAS_GRAD_REF_HIDDEN: tl.constexpr,  # the HAS_GRAD_REF_* imply HAS_REF
-    HAS_GRAD_REF_WEIGHT: tl.constexpr,
-    HAS_GRAD_REF_BIAS: tl.constexpr,
-    IS_SPLIT_DZ: tl.constexpr,  # policy dz enters its dots as hi + lo (16-bit policy dtype)
-    IS_SPLIT_DR: tl.constexpr,  # reference dr likewise
-    IS_TF32: tl.constexpr,  # fp32 operands as tf32, else 3xTF32
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    GROUP_N: tl.constexpr,  # row blocks that sweep the vocabulary together (L2 reuse of d_hidden)
-):
-    # 1-D grid in grouped order: GROUP_N consecutive row blocks walk the vocabulary tiles
-    # together, so the running wave keeps those blocks' d_hidden rows (GROUP_N * BLOCK_N * D
-    # fp32) and a few weight / d_weight tiles in L2, instead of sweeping all N rows of d_hidden
-    # per vocabulary tile (the matmul "super-grouping" of the Triton tutorial).
-    pid = tl.program_id(0)
-    num_row_blocks = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_N * tl.cdiv(V, BLOCK_V)
-    first_row_block = (pid // programs_per_group) * GROUP_N
-    group_size = tl.minimum(num_row_blocks - first_row_block, GROUP_N)
-    rows = (first_row_block + (pid % programs_per_group) % group_size) * BLOCK_N \
-        + tl.arange(0, BLOCK_N)
-    cols = ((pid % programs_per_group) // group_size) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
-
-    # Row data: L_a, L_b, L_m from the forward, entropy H and KL, upstream grads g_*.
-    lse_a = tl.load(lse_ptr + LSE_POLICY * N + rows, mask=row_mask, other=0.0)
-    entropy = tl.load(stats_ptr + ENTROPY * N + rows, mask=row_mask, other=0.0)
-    g_ent = tl.load(grad_stats_ptr + ENTROPY * N + rows, mask=row_mask, other=0.0)
-    keep = row_mask  # rows that receive a gradient
-    if HAS_TARGETS:
-        target = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
-        keep &= target != ignore_index
-        is_target = cols[None, :] == target[:, None]  # delta_j of DESIGN.md
-        g_lp = tl.load(grad_stats_ptr + LOGPROBS * N + rows, mask=row_mask, other=0.0)
-    if HAS_REF:
-        lse_b = tl.load(lse_ptr + LSE_REF * N + rows, mask=row_mask, other=0.0)
-        kl = tl.load(stats_ptr + KL * N + rows, mask=row_mask, other=0.0)
-        g_kl = tl.load(grad_stats_ptr + KL * N + rows, mask=row_mask, other=0.0)
-        if HAS_TARGETS:
-            g_rlp = tl.load(grad_stats_ptr + REF_LOGPROBS * N + rows, mask=row_mask, other=0.0)
-    if HAS_MIX:
-        lse_m = tl.load(lse_ptr + LSE_MIXTURE * N + rows, mask=row_mask, other=0.0)
-        g_mix = tl.load(grad_stats_ptr + MIXTURE_LOGPROBS * N + rows, mask=row_mask, other=0.0)
-
-    # Both models' logits first: only one tile is live across the other's tl.dot loop.
-    a = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, D,
-                     HAS_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
-    if HAS_REF:
-        b = _logits_tile(ref_hidden_ptr, ref_weight_ptr, ref_bias_ptr, rows, cols, row_mask,
-                         col_mask, DR, HAS_REF_BIAS, IS_TF32, BLOCK_N, BLOCK_V, BLOCK_D)
-        b, db = _scaled_logits(b, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
-    a, da = _scaled_logits(a, col_mask, inv_temperature, softcap, HAS_SOFTCAP)
-
-    # ga, gb of DESIGN.md (p == 0 terms contribute exactly 0: log p may be -inf there).
-    log_p = a - lse_a[:, None]
-    p = tl.exp(log_p)
-    live = p > 0
-    ga = _guarded(g_ent, tl.where(live, -p * (log_p + entropy[:, None]), 0.0))
-    if HAS_TARGETS:
-        ga += _guarded(g_lp, tl.where(is_target, 1.0 - p, -p))
-    if HAS_REF:
-        log_q = b - lse_b[:, None]
-        q = tl.exp(log_q)
-        ga += _guarded(g_kl, tl.where(live, p * (log_p - log_q - kl[:, None]), 0.0))
-        gb = _guarded(g_kl, q - p)
-        if HAS_TARGETS:
-            gb += _guarded(g_rlp, tl.where(is_target, 1.0 - q, -q))
-        if HAS_MIX:
-            pi = tl.exp(mix(a, b, coef) - lse_m[:, None])
-            delta_pi = tl.where(is_target, 1.0 - pi, -pi)
-            ga += _guarded(g_mix * (1 - coef), delta_pi)
-            gb += _guarded(g_mix * coef, delta_pi)
-        if HAS_GRAD_REF_HIDDEN or HAS_GRAD_REF_WEIGHT or HAS_GRAD_REF_BIAS:
-            dr = tl.where(keep[:, None], gb * db, 0.0)  # ignored rows get exactly 0
-            if HAS_GRAD_REF_BIAS:
-                tl.atomic_add(d_ref_bias_ptr + cols, tl.sum(dr, 0), mask=col_mask, sem="relaxed")
-            dr_hi, dr_lo = _split_operand(dr, ref_weight_ptr.dtype.element_ty, IS_SPLIT_DR)
-
-    if HAS_GRAD_HIDDEN or HAS_GRAD_WEIGHT or HAS_GRAD_BIAS:
-        dz = tl.where(keep[:, None], ga * da, 0.0)  # ignored rows get exactly 0
-        if HAS_GRAD_BIAS:
-            tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
-        dz_hi, dz_lo = _split_operand(dz, weight_ptr.dtype.element_ty, IS_SPLIT_DZ)
-        _accumulate_grads(dz_hi, dz_lo, hidden_ptr, weight_ptr, d_hidden_ptr, d_weight_ptr, rows,
-                          cols, row_mask, col_mask, D, HAS_GRAD_HIDDEN, HAS_GRAD_WEIGHT,
-                          IS_SPLIT_DZ, IS_TF32, BLOCK_D)
-    if HAS_GRAD_REF_HIDDEN or HAS_GRAD_REF_WEIGHT:
-        _accumulate_grads(dr_hi, dr_lo, ref_hidden_ptr, ref_weight_ptr, d_ref_hidden_ptr,
-                          d_ref_weight_ptr, rows, cols, row_mask, col_mask, DR,
-                          HAS_GRAD_REF_HIDDEN, HAS_GRAD_REF_WEIGHT, IS_SPLIT_DR, IS_TF32, BLOCK_D)
-
-
 # ----------------------------------------------------------------------------------------------
 # Host wrappers
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef):
+def check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef):
     """The launch contract (shapes, dtypes, contiguity, devices). The scalars were validated
     once, by the op (``nashkern.ops``' ``Scalars``)."""
     def check_model(name, h, w, b):
@@ -564,7 +356,7 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
         raise ValueError("N == 0 is handled by the caller")
 
 
-def _is_tf32() -> bool:
+def is_tf32() -> bool:
     """fp32 operands may be rounded to tf32 exactly when PyTorch's matmuls may."""
     return torch.get_float32_matmul_precision() != "highest"
 
@@ -614,7 +406,7 @@ def _launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_b
     """Check, allocate the split workspace, launch the forward kernel (under the caller's
     device guard) -> (workspace, flags)."""
     coef, softcap = scalars.coef, scalars.softcap
-    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
+    check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
     cfg = config
     (n, d), v = hidden.shape, weight.shape[0]
     has_ref = ref_hidden is not None
@@ -633,87 +425,8 @@ def _launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_b
         n, v, d, ref_hidden.shape[1] if has_ref else 0, splits, tiles_per_split,
         1.0 / scalars.temperature, softcap or 0.0, coef or 0.0,
         HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-        HAS_SOFTCAP=softcap is not None, IS_TF32=_is_tf32(), **flags,
+        HAS_SOFTCAP=softcap is not None, IS_TF32=is_tf32(), **flags,
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_FWD, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return partials, flags
-
-
-def linear_token_stats_backward(
-    grad_stats: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    ref_hidden: Optional[torch.Tensor],
-    ref_weight: Optional[torch.Tensor],
-    ref_bias: Optional[torch.Tensor],
-    stats: torch.Tensor,
-    lse: torch.Tensor,
-    scalars: layout.Scalars,
-    *,
-    needs_input_grad: Tuple[bool, bool, bool, bool, bool, bool],
-    config,
-    split_grad_operand: bool = False,
-    reduce_hidden_grad=None,
-) -> Tuple[Optional[torch.Tensor], ...]:
-    """Gradients ``(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)`` of
-    ``sum(grad_stats * stats)``, None where ``needs_input_grad`` is False or the input is None.
-    ``config``: a ``nashkern.tuning.LinearTokenStatsTriton`` (``tuning.config_for``).
-
-    ``split_grad_operand`` (a numerics option, not a tuning value; internal: the ops use the
-    default): for bf16/fp16 models, False rounds the fp32 logit gradient once to the model's
-    dtype before its two tensor-core products (as eager PyTorch, Cut Cross-Entropy and Liger:
-    6 N*D*V backward FLOPs per model, error ~eps(dtype) relative to the largest gradient entry);
-    True feeds it as hi + lo in the model's dtype (two dots each, 10 N*D*V FLOPs), so gradients
-    match float32 math up to the output rounding.
-
-    ``reduce_hidden_grad`` (a vocabulary shard, ``nashkern/backends/
-    linear_token_stats_vocab_parallel.py``): called on the float32 d_hidden / d_ref_hidden
-    before the cast to the inputs' dtype (the sum over the shards); ``targets`` are then local
-    (another shard's target: a value outside ``[0, V_r)`` other than ``ignore_index``)."""
-    coef, softcap = scalars.coef, scalars.softcap
-    _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, coef)
-    n, d = hidden.shape
-    for name, t, rows in (("grad_stats", grad_stats, NUM_STATS), ("stats", stats, NUM_STATS),
-                          ("lse", lse, NUM_LSE)):
-        if t.shape != (rows, n) or t.dtype != torch.float32 or t.device != hidden.device:
-            raise ValueError(f"{name}: expected float32 [{rows}, {n}], got {tuple(t.shape)} "
-                             f"{t.dtype}")
-    if len(needs_input_grad) != 6:
-        raise ValueError("needs_input_grad must hold 6 flags")
-    cfg = config
-    v = weight.shape[0]
-    inputs = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    needed = [need and t is not None for need, t in zip(needs_input_grad, inputs)]
-    if not any(needed):
-        return (None,) * 6
-
-    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None
-             for need, t in zip(needed, inputs)]
-    has_ref = ref_hidden is not None
-    grid = (triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V_BWD),)
-    with layout.device_guard(hidden.device):
-        _bwd_kernel[grid](
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-            grad_stats.contiguous(), stats.contiguous(), lse.contiguous(), *grads,
-            n, v, d, ref_hidden.shape[1] if has_ref else 0, scalars.ignore_index,
-            1.0 / scalars.temperature, softcap or 0.0, coef or 0.0,
-            HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
-            HAS_TARGETS=targets is not None, HAS_MIX=coef is not None and targets is not None,
-            HAS_SOFTCAP=softcap is not None,
-            HAS_GRAD_HIDDEN=needed[0], HAS_GRAD_WEIGHT=needed[1], HAS_GRAD_BIAS=needed[2],
-            HAS_GRAD_REF_HIDDEN=needed[3], HAS_GRAD_REF_WEIGHT=needed[4],
-            HAS_GRAD_REF_BIAS=needed[5],
-            IS_SPLIT_DZ=split_grad_operand and weight.dtype != torch.float32,
-            IS_SPLIT_DR=has_ref and split_grad_operand and ref_weight.dtype != torch.float32,
-            IS_TF32=_is_tf32(),
-            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V_BWD, BLOCK_D=cfg.BLOCK_D,
-            GROUP_N=cfg.GROUP_N_BWD, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if reduce_hidden_grad is not None:
-        for k in (0, 3):
-            if grads[k] is not None:
-                reduce_hidden_grad(grads[k])
-    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))

@@ -33,8 +33,9 @@ from .torch.common import Partials, _OnlineLSE
 
 try:
     from ..kernels import linear_token_stats as triton_kernels
+    from ..kernels.linear_token_stats_backward import linear_token_stats_backward as triton_backward
 except ImportError:  # triton is optional
-    triton_kernels = None
+    triton_kernels = triton_backward = None
 
 
 def linear_token_stats_forward(
@@ -174,7 +175,7 @@ def triton_linear_token_stats_backward(
         if d.numel():
             dist.all_reduce(d, op=dist.ReduceOp.SUM, group=process_group)
 
-    return triton_kernels.linear_token_stats_backward(
+    return triton_backward(
         grad_stats, hidden, weight, _local_targets(targets, vocab_start, weight.shape[0],
                                                    scalars.ignore_index),
         bias, ref_hidden, ref_weight, ref_bias, stats, lse, scalars,

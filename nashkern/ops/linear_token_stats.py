@@ -34,9 +34,10 @@ from .registry import (
 )
 
 try:
-    from ..kernels import linear_token_stats as triton_linear_token_stats
+    from ..kernels.linear_token_stats import linear_token_stats_forward as triton_forward
+    from ..kernels.linear_token_stats_backward import linear_token_stats_backward as triton_backward
 except ImportError:  # triton is optional
-    triton_linear_token_stats = None
+    triton_forward = triton_backward = None
 
 #: Positions of (hidden, weight, bias, ref_hidden, ref_weight, ref_bias) among the op's inputs.
 _GRAD_INPUTS = (0, 1, 3, 4, 5, 6)
@@ -142,10 +143,8 @@ _FUSED = {
     "torch": Implementation(torch_linear_token_stats.linear_token_stats_forward,
                             torch_linear_token_stats.linear_token_stats_backward),
 }
-if triton_linear_token_stats is not None:
-    _FUSED["triton"] = Implementation(triton_linear_token_stats.linear_token_stats_forward,
-                                      triton_linear_token_stats.linear_token_stats_backward,
-                                      tuning="linear_token_stats")
+if triton_forward is not None:
+    _FUSED["triton"] = Implementation(triton_forward, triton_backward, tuning="linear_token_stats")
 
 
 def _chunked(backend: str) -> Implementation:

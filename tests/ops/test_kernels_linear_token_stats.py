@@ -1,4 +1,5 @@
-"""Direct tests of the fused ``hidden @ weight.T`` kernels (kernels/linear_token_stats.py).
+"""Direct tests of the fused ``hidden @ weight.T`` kernels (kernels/linear_token_stats.py and
+kernels/linear_token_stats_backward.py).
 
 Forward statistics, the saved log-sum-exps and every gradient (hidden, weight, bias and the
 reference's three, for random upstream grads of all five fields) are compared with the float64
@@ -19,6 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from nashkern.kernels import linear_token_stats as lts  # noqa: E402
+from nashkern.kernels.linear_token_stats_backward import linear_token_stats_backward  # noqa: E402
 from nashkern.kernels.layout import Scalars  # noqa: E402
 from nashkern.naive import mix_logits, naive_linear_token_stats, softcap_logits  # noqa: E402
 from nashkern.tuning import LinearTokenStatsTriton  # noqa: E402
@@ -129,9 +131,9 @@ def _check(inputs, *, coef, temperature=1.0, softcap=None, rows=None, grad_stats
     stats, lse = lts.linear_token_stats_forward(*args, **kw)
     assert stats.shape == (NUM_STATS, n) and stats.dtype == torch.float32
     assert lse.shape == (NUM_LSE, n) and lse.dtype == torch.float32
-    grads = lts.linear_token_stats_backward(grad_stats, *args[:-1], stats, lse, args[-1], **kw,
-                                            needs_input_grad=needs,
-                                            split_grad_operand=split_grad_operand)
+    grads = linear_token_stats_backward(grad_stats, *args[:-1], stats, lse, args[-1], **kw,
+                                        needs_input_grad=needs,
+                                        split_grad_operand=split_grad_operand)
     ref_stats, ref_lse, ref_grads = _reference(inputs, grad_stats, coef=coef,
                                                temperature=temperature, softcap=softcap,
                                                fields=fields)
@@ -237,5 +239,5 @@ def test_needs_input_grad_subset():
                                 "ref_weight", "ref_bias")]
     scalars, kw = Scalars(0.3, 1.0, None, IGNORE), dict(config=CFG)
     stats, lse = lts.linear_token_stats_forward(*args, scalars, **kw)
-    assert lts.linear_token_stats_backward(torch.ones_like(stats), *args, stats, lse, scalars, **kw,
-                                           needs_input_grad=(False,) * 6) == (None,) * 6
+    assert linear_token_stats_backward(torch.ones_like(stats), *args, stats, lse, scalars, **kw,
+                                       needs_input_grad=(False,) * 6) == (None,) * 6
