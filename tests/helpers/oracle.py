@@ -160,3 +160,16 @@ def logit_inputs(lead, V, dtype, device, ref=True, targets=True, ignore=True, sc
     else:
         out["targets"] = None
     return out
+
+
+def assert_samples_follow(samples: torch.Tensor, probs: torch.Tensor, never: int,
+                          chi2_max: float = 40.0) -> None:
+    """Chi-square test of the frequencies of ``samples`` (``[draws]`` ids) against ``probs``
+    (``[V]``), and column ``never`` never drawn. The default bound is for at most 13 entries > 0
+    (12 degrees of freedom: P(chi2 > 40) < 1e-4)."""
+    counts = torch.bincount(samples.cpu(), minlength=probs.numel()).double()
+    assert counts[never] == 0
+    keep = probs > 0
+    expected = probs[keep].double() * samples.numel()
+    chi2 = (((counts[keep] - expected) ** 2) / expected).sum().item()
+    assert chi2 < chi2_max, (chi2, counts, expected)
