@@ -1,6 +1,8 @@
-"""Shared helpers of the XPO / Online DPO trainer tests (tiny local models, no hub)."""
+"""Shared helpers of the trainer and CLI tests (tiny local models, no hub)."""
+import copy
 import json
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -44,8 +46,8 @@ def full_logits_logps(model, ids, mask, ctx):
     return (lp * mask[:, ctx:]).sum(1)
 
 
-def save_tiny_model_dirs(tmp_path):
-    """A policy dir, a reward-model dir and a prompts .jsonl for the CLI tests."""
+def save_tiny_model_dirs(tmp_path, prompts=PROMPTS):
+    """A policy dir, a reward-model dir and a ``prompts`` .jsonl for the CLI tests."""
     path = tmp_path / "model"
     tiny_causal_lm().save_pretrained(path)
     make_tokenizer().save_pretrained(path)
@@ -53,9 +55,60 @@ def save_tiny_model_dirs(tmp_path):
     tiny_reward_model(seed=3).save_pretrained(rm)
     make_tokenizer().save_pretrained(rm)
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path, rm, data
 
 
 def first_last_mean(values, k):
     return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def lora_trainer(make, tmp_path, **kw):
+    """``make(tmp_path, model=<tiny policy>, peft_config=<LoRA on q, v>, **kw)``: the trainer, its
+    unwrapped PEFT model and an untouched copy of the base (the reference it must use)."""
+    peft = pytest.importorskip("peft")
+    base = tiny_causal_lm(seed=0)
+    base_copy = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False, task_type="CAUSAL_LM")
+    tr = make(tmp_path, model=base, peft_config=cfg, **kw)
+    assert tr.ref_model is None and tr.is_peft
+    return tr, tr.accelerator.unwrap_model(tr.model), base_copy
+
+
+def assert_reference_is_the_base(tr, model, base_copy, sample):
+    """On a generated ``sample``: the step's reference log-probs are the base model's, the
+    policy's differ (the adapters act)."""
+    from nashkern.rl.completion_stats import completion_stats
+    from nashkern.rl.pairs import sequence_logps
+
+    ref, ctx = tr._ref(model)
+    P = sample.prompt_ids.shape[1]
+    st = completion_stats(model, sample.input_ids, sample.attention_mask, P, ref_model=ref,
+                          ref_context=ctx)
+    base_lp = full_logits_logps(base_copy, sample.input_ids, sample.attention_mask, P)
+    torch.testing.assert_close(sequence_logps(st.ref_logprobs, sample.completion_mask), base_lp,
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(sequence_logps(st.logprobs, sample.completion_mask).detach(),
+                              base_lp, atol=1e-3)
+
+
+def train_only_the_adapters(tr, base_copy):
+    """``tr.train()``; the base weights never change, only the adapters train."""
+    frozen = {k: v.clone() for k, v in base_copy.state_dict().items()}
+    tr.train()
+    sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+          for k, v in tr.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(sd[k], v) for k, v in frozen.items())
+
+
+def train_updating_the_policy_only(tr, key):
+    """``tr.train()``; the reference's weights never change (nor get a gradient), the policy's
+    do. Returns the logged rows that hold ``key``."""
+    ref_before = [p.clone() for p in tr.ref_model.parameters()]
+    pol_before = [p.detach().clone() for p in tr.model.parameters()]
+    tr.train()
+    assert all(torch.equal(a, b) for a, b in zip(ref_before, tr.ref_model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.model.parameters()))
+    assert all(p.grad is None for p in tr.ref_model.parameters())
+    return [h for h in tr.state.log_history if key in h]

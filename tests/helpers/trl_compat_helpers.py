@@ -150,6 +150,9 @@ def vowels(prompts, completions, completion_ids=None, **kwargs):
 # TRL 1.13's own trainer tests, as data: (config kwargs, trainer kwargs by role, dataset config)
 # ------------------------------------------------------------------------------------------------
 TRAIN = dict(per_device_train_batch_size=2, max_steps=3, report_to="none")
+#: TRL's ``test_training_pre_pefted_model_implicit_ref*`` (Nash-MD and XPO) train with this.
+PRE_PEFTED_TRAIN = dict(per_device_train_batch_size=1, max_steps=2, learning_rate=5.0e-7,
+                        eval_strategy="no", report_to="none", remove_unused_columns=False)
 
 
 def trl_case_objects(checkpoints, reward: str):

@@ -6,9 +6,9 @@ import torch
 from datasets import Dataset
 
 from nashkern.apps.tiny import CHARS
+from online_helpers import (PROMPTS, lora_trainer, save_tiny_model_dirs, train_only_the_adapters,
+                            train_updating_the_policy_only)
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
-
-PROMPTS = ["tell me a story", "hi", "what is one plus one?", "count: 1 2 3", "abc", "why?"]
 
 
 def vowel_reward(prompts, completions, completion_ids=None, **kw):
@@ -56,10 +56,7 @@ def test_import_is_light():
 
 def test_train_with_reward_funcs_logs_metrics_and_updates_policy_only(tmp_path):
     tr = trainer_for(tmp_path)
-    ref_before = [p.clone() for p in tr.ref_model.parameters()]
-    pol_before = [p.detach().clone() for p in tr.model.parameters()]
-    tr.train()
-    logs = [h for h in tr.state.log_history if "loss/kl" in h]
+    logs = train_updating_the_policy_only(tr, "loss/kl")
     assert len(logs) == 2
     assert METRICS | {"rewards/chosen", "rewards/rejected"} <= set(logs[0])
     assert logs[0]["beta"] == 0.1 and logs[0]["mixture_coef"] == 0.5
@@ -70,9 +67,6 @@ def test_train_with_reward_funcs_logs_metrics_and_updates_policy_only(tmp_path):
         assert all(h[k] > 0 for k in phases), h
     total = sum(h["train_runtime"] for h in tr.state.log_history if "train_runtime" in h)
     assert sum(h[k] for h in logs for k in phases) <= total
-    assert all(torch.equal(a, b) for a, b in zip(ref_before, tr.ref_model.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.model.parameters()))
-    assert all(p.grad is None for p in tr.ref_model.parameters())
 
 
 def test_reward_model_same_and_different_tokenizer(tmp_path):
@@ -216,18 +210,9 @@ def test_softcap_and_fallback_warning():
 
 
 def test_peft_reference_is_base_with_adapters_disabled(tmp_path):
-    peft = pytest.importorskip("peft")
-    import copy
-
     from nashkern.rl.generation import SamplingParams, generate
 
-    base = tiny_causal_lm(seed=0)
-    base_copy = copy.deepcopy(base)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          init_lora_weights=False, task_type="CAUSAL_LM")
-    tr = trainer_for(tmp_path, model=base, peft_config=cfg)
-    assert tr.ref_model is None and tr.is_peft
-    model = tr.accelerator.unwrap_model(tr.model)
+    tr, model, base_copy = lora_trainer(trainer_for, tmp_path)
     ref, ctx = tr._ref(model)
     tok = make_tokenizer()
     enc = tok(PROMPTS[:3], return_tensors="pt", padding=True)
@@ -241,25 +226,13 @@ def test_peft_reference_is_base_with_adapters_disabled(tmp_path):
                    generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(mix.completion_ids, want.completion_ids)
     assert not torch.equal(pol.completion_ids, want.completion_ids)  # adapters do act
-    frozen = {k: v.clone() for k, v in base_copy.state_dict().items()}
-    tr.train()
-    # base weights never change; only the adapters train
-    sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-          for k, v in tr.model.state_dict().items() if "lora_" not in k}
-    assert all(torch.equal(sd[k], v) for k, v in frozen.items())
+    train_only_the_adapters(tr, base_copy)
 
 
 def test_train_cli_with_local_paths(tmp_path):
     from nashkern.apps.cli import main
 
-    path = tmp_path / "model"
-    tiny_causal_lm().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    rm = tmp_path / "rm"
-    tiny_reward_model(seed=3).save_pretrained(rm)
-    make_tokenizer().save_pretrained(rm)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    path, rm, data = save_tiny_model_dirs(tmp_path, PROMPTS)
     out = tmp_path / "out"
     rc = main(["train", "--model_name_or_path", str(path), "--reward_model_path", str(rm),
                "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2",

@@ -1,7 +1,6 @@
 """OnlineDPOTrainer: metrics, the step against the original (full-logits) definition, judge /
 reward model / reward functions (with dataset columns and weights), conversational prompts,
 PEFT, schedules, memory, CLI, learning."""
-import copy
 import json
 
 import pytest
@@ -9,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from online_helpers import (PROMPTS, first_last_mean, full_logits_logps, make_args,
-                            save_tiny_model_dirs, trainer_for, vowel_count)
+from online_helpers import (PROMPTS, assert_reference_is_the_base, first_last_mean, lora_trainer,
+                            make_args, save_tiny_model_dirs, train_only_the_adapters,
+                            train_updating_the_policy_only, trainer_for, vowel_count)
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
 
 METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
@@ -29,17 +29,12 @@ def odpo(tmp_path, **kw):
 
 def test_train_with_reward_funcs_logs_all_metrics_and_updates_policy_only(tmp_path):
     tr = odpo(tmp_path)
-    ref_before = [p.clone() for p in tr.ref_model.parameters()]
-    pol_before = [p.detach().clone() for p in tr.model.parameters()]
-    tr.train()
-    logs = [h for h in tr.state.log_history if "objective/non_score_reward" in h]
+    logs = train_updating_the_policy_only(tr, "objective/non_score_reward")
     assert len(logs) == 2
     assert METRICS | SCORE_METRICS <= set(logs[0])
     assert "loss/xpo" not in logs[0] and "alpha" not in logs[0]
     assert logs[0]["beta"] == 0.1 and logs[0]["objective/kl"] == 0
     assert logs[0]["objective/scores_margin"] >= 0
-    assert all(torch.equal(a, b) for a, b in zip(ref_before, tr.ref_model.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.model.parameters()))
     row = tr.last_samples[0]
     assert {"step", "prompt", "completion_1", "completion_2", "chosen", "score_1",
             "score_2"} <= set(row)
@@ -136,31 +131,14 @@ def test_reward_model_and_reward_funcs_with_columns_and_weights(tmp_path):
 
 
 def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
-    peft = pytest.importorskip("peft")
     from nashkern.rl.generation import generate
-    from nashkern.rl.completion_stats import completion_stats
-    from nashkern.rl.pairs import sequence_logps
 
-    base = tiny_causal_lm(seed=0)
-    base_copy = copy.deepcopy(base)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          init_lora_weights=False, task_type="CAUSAL_LM")
-    tr = odpo(tmp_path, model=base, peft_config=cfg)
-    assert tr.ref_model is None and tr.is_peft
-    model = tr.accelerator.unwrap_model(tr.model)
+    tr, model, base_copy = lora_trainer(odpo, tmp_path)
     batch = tr.data_collator([{"prompt": p} for p in PROMPTS])
     s = generate(model, batch["input_ids"], batch["attention_mask"],
                  **tr._generation_kwargs(torch.Generator().manual_seed(0)))
-    P = s.prompt_ids.shape[1]
-    ref, ctx = tr._ref(model)
-    st = completion_stats(model, s.input_ids, s.attention_mask, P, ref_model=ref,
-                          ref_context=ctx)
-    base_lp = full_logits_logps(base_copy, s.input_ids, s.attention_mask, P)
-    torch.testing.assert_close(sequence_logps(st.ref_logprobs, s.completion_mask), base_lp,
-                               rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(sequence_logps(st.logprobs, s.completion_mask).detach(), base_lp,
-                              atol=1e-3)
-    tr.train()
+    assert_reference_is_the_base(tr, model, base_copy, s)
+    train_only_the_adapters(tr, base_copy)
     assert METRICS <= set(tr.state.log_history[0])
 
 

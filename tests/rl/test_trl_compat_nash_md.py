@@ -8,8 +8,8 @@ import nashkern.rl.nash_md as nash_md_module
 from nashkern import GeometricMixtureWrapper, NashMDConfig, NashMDTrainer
 from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm
 from tiny_models import single_thread  # noqa: F401
-from trl_compat_helpers import (CPU, TRAIN, checkpoints, lora, run_trl_case, scenario_tests,
-                                trl_case_objects)  # noqa: F401
+from trl_compat_helpers import (CPU, PRE_PEFTED_TRAIN, TRAIN, checkpoints, lora, run_trl_case,
+                                scenario_tests, trl_case_objects)  # noqa: F401
 
 # -- TRL 1.13: tests/experimental/test_nash_md_trainer.py ------------------------------------
 @pytest.fixture
@@ -90,9 +90,7 @@ class TestNashMDTrainer:
 
     def test_training_pre_pefted_model_implicit_ref_with_reward_model(self, objs, tmp_path):
         run_trl_case(NashMDTrainer, NashMDConfig, tmp_path, objs, pre_peft=lora(8, 16, 0.1),
-                     config=dict(per_device_train_batch_size=1, max_steps=2,
-                                 learning_rate=5.0e-7, eval_strategy="no", report_to="none",
-                                 remove_unused_columns=False),
+                     config=PRE_PEFTED_TRAIN,
                      roles=dict(reward_funcs="reward_model"))
 
 

@@ -7,8 +7,8 @@ import nashkern.rl.xpo as xpo_module
 from nashkern import XPOConfig, XPOTrainer
 from nashkern.rl.judges import RandomPairwiseJudge
 from tiny_models import single_thread  # noqa: F401
-from trl_compat_helpers import (TRAIN, checkpoints, lora, run_trl_case, scenario_tests,
-                                trl_case_objects)  # noqa: F401
+from trl_compat_helpers import (PRE_PEFTED_TRAIN, TRAIN, checkpoints, lora, run_trl_case,
+                                scenario_tests, trl_case_objects)  # noqa: F401
 
 # -- TRL: tests/experimental/test_xpo_trainer.py ----------------------------------------------
 LR9 = dict(TRAIN, remove_unused_columns=False, gradient_accumulation_steps=1, learning_rate=9e-1,
@@ -49,9 +49,7 @@ class TestXPOTrainer:
 
     def test_training_pre_pefted_model_implicit_ref(self, objs, tmp_path):
         run_trl_case(XPOTrainer, XPOConfig, tmp_path, objs, pre_peft=lora(8, 16, 0.1),
-                     config=dict(per_device_train_batch_size=1, max_steps=2,
-                                 learning_rate=5.0e-7, eval_strategy="no", report_to="none",
-                                 remove_unused_columns=False),
+                     config=PRE_PEFTED_TRAIN,
                      roles=dict(reward_funcs="reward_model"))
 
     @pytest.mark.parametrize("config_name", ["standard_prompt_only", "conversational_prompt_only"])

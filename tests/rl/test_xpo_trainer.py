@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from online_helpers import (PROMPTS, first_last_mean, full_logits_logps, make_args,
-                            save_tiny_model_dirs, trainer_for, vowel_count)
+from online_helpers import (PROMPTS, assert_reference_is_the_base, first_last_mean, lora_trainer,
+                            make_args, save_tiny_model_dirs, train_only_the_adapters,
+                            train_updating_the_policy_only, trainer_for, vowel_count)
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
 
 METRICS = {"loss/xpo", "loss/dpo", "objective/kl", "objective/entropy", "rewards/chosen",
@@ -29,18 +30,12 @@ def xpo(tmp_path, **kw):
 
 def test_train_with_reward_funcs_logs_all_metrics_and_updates_policy_only(tmp_path):
     tr = xpo(tmp_path)
-    ref_before = [p.clone() for p in tr.ref_model.parameters()]
-    pol_before = [p.detach().clone() for p in tr.model.parameters()]
-    tr.train()
-    logs = [h for h in tr.state.log_history if "loss/xpo" in h]
+    logs = train_updating_the_policy_only(tr, "loss/xpo")
     assert len(logs) == 2
     assert METRICS | SCORE_METRICS <= set(logs[0])
     assert logs[0]["alpha"] == 1e-5 and logs[0]["beta"] == 0.1  # the original defaults
     assert logs[0]["objective/kl"] == 0  # step 0: policy == reference
     assert logs[0]["objective/scores_margin"] >= 0  # chosen − rejected
-    assert all(torch.equal(a, b) for a, b in zip(ref_before, tr.ref_model.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.model.parameters()))
-    assert all(p.grad is None for p in tr.ref_model.parameters())
     row = tr.last_samples[0]
     assert {"step", "prompt", "policy", "reference", "chosen", "policy_score",
             "reference_score"} <= set(row)
@@ -144,18 +139,9 @@ def test_reward_model_same_and_different_tokenizer(tmp_path):
 
 
 def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
-    peft = pytest.importorskip("peft")
     from nashkern.rl.generation import derived_generator, generate
-    from nashkern.rl.completion_stats import completion_stats
-    from nashkern.rl.pairs import sequence_logps
 
-    base = tiny_causal_lm(seed=0)
-    base_copy = copy.deepcopy(base)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          init_lora_weights=False, task_type="CAUSAL_LM")
-    tr = xpo(tmp_path, model=base, peft_config=cfg, config=dict(max_new_tokens=8))
-    assert tr.ref_model is None and tr.is_peft
-    model = tr.accelerator.unwrap_model(tr.model)
+    tr, model, base_copy = lora_trainer(xpo, tmp_path, config=dict(max_new_tokens=8))
     batch = tr.data_collator([{"prompt": p} for p in PROMPTS])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     y, ty = tr._completions(model, ids, mask, torch.Generator().manual_seed(0))
@@ -167,22 +153,9 @@ def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
     want_ty = generate(base_copy, ids, mask, **kw)
     assert torch.equal(y.completion_ids, want_y.completion_ids)
     assert torch.equal(ty.completion_ids, want_ty.completion_ids)
-    # reference log-probs of a step are the base model's; the policy's differ (adapters act)
-    ref, ctx = tr._ref(model)
-    P = ty.prompt_ids.shape[1]
-    st = completion_stats(model, ty.input_ids, ty.attention_mask, P, ref_model=ref,
-                          ref_context=ctx)
-    base_lp = full_logits_logps(base_copy, ty.input_ids, ty.attention_mask, P)
-    torch.testing.assert_close(sequence_logps(st.ref_logprobs, ty.completion_mask), base_lp,
-                               rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(sequence_logps(st.logprobs, ty.completion_mask).detach(), base_lp,
-                              atol=1e-3)
-    frozen = {k: v.clone() for k, v in base_copy.state_dict().items()}
-    tr.train()
+    assert_reference_is_the_base(tr, model, base_copy, ty)
+    train_only_the_adapters(tr, base_copy)
     assert METRICS <= set(tr.state.log_history[0])
-    sd = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-          for k, v in tr.model.state_dict().items() if "lora_" not in k}
-    assert all(torch.equal(sd[k], v) for k, v in frozen.items())  # only the adapters train
 
 
 def test_bad_input(tmp_path):

@@ -1,19 +1,8 @@
 """`nashkern train` options beyond the basic run (tests/rl/test_nash_md_trainer.py has that)."""
 import json
 
-from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
-
-
-def _paths(tmp_path):
-    model = tmp_path / "model"
-    tiny_causal_lm().save_pretrained(model)
-    make_tokenizer().save_pretrained(model)
-    rm = tmp_path / "rm"
-    tiny_reward_model(seed=3).save_pretrained(rm)
-    make_tokenizer().save_pretrained(rm)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["ab", "hello", "x y", "q"]))
-    return model, rm, data
+from online_helpers import save_tiny_model_dirs
+from tiny_models import single_thread  # noqa: F401
 
 
 def test_train_cli_use_peft_saves_only_adapters_and_keeps_the_base(tmp_path):
@@ -22,7 +11,7 @@ def test_train_cli_use_peft_saves_only_adapters_and_keeps_the_base(tmp_path):
 
     from nashkern.apps.cli import main
 
-    model, rm, data = _paths(tmp_path)
+    model, rm, data = save_tiny_model_dirs(tmp_path, ["ab", "hello", "x y", "q"])
     out = tmp_path / "out"
     rc = main(["train", "--model_name_or_path", str(model), "--reward_model_path", str(rm),
                "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2",
@@ -46,7 +35,7 @@ def test_train_cli_random_judge_and_bad_judge(tmp_path):
 
     from nashkern.apps.cli import main
 
-    model, _, data = _paths(tmp_path)
+    model, _, data = save_tiny_model_dirs(tmp_path, ["ab", "hello", "x y", "q"])
     common = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
               "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_new_tokens", "3",
               "--report_to", "none", "--use_cpu", "--save_strategy", "no"]
@@ -81,7 +70,7 @@ def test_train_cli_dtype_and_attention_flags(tmp_path):
 
     from nashkern.apps.cli import main
 
-    model, _, data = _paths(tmp_path)
+    model, _, data = save_tiny_model_dirs(tmp_path, ["ab", "hello", "x y", "q"])
     common = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
               "--judge", "random", "--max_steps", "1", "--per_device_train_batch_size", "2",
               "--max_new_tokens", "3", "--report_to", "none", "--use_cpu", "--save_strategy", "no"]
