@@ -18,7 +18,7 @@ python examples/scripts/xpo.py \
 
 LoRA: add --use_peft --lora_r 16 --lora_alpha 32. Under accelerate: `accelerate launch
 --config_file examples/accelerate/<engine>.yaml examples/scripts/xpo.py ...`.
-tests/test_user_paths.py runs these commands on tiny local checkpoints.
+tests/rl/test_user_paths.py runs these commands on tiny local checkpoints.
 """
 import os
 import sys

@@ -18,14 +18,13 @@ from nashkern import (GeometricMixtureWrapper, NashMDConfig, NashMDTrainer, Onli
                       OnlineDPOTrainer, XPOConfig, XPOTrainer)
 from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm, tiny_reward_model
 
-sys.path.insert(0, os.path.dirname(__file__))
-from online_helpers import PROMPTS, vowel_count  # noqa: E402
+from online_helpers import PROMPTS, vowel_count
 
 # touches transformers / accelerate / datasets / peft through the trainers: also run by the
 # minimum-versions job (the oldest supported releases; item 5's cache argument above all)
 pytestmark = pytest.mark.min_versions
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINERS = {"nash_md": (NashMDTrainer, NashMDConfig), "xpo": (XPOTrainer, XPOConfig),
             "online_dpo": (OnlineDPOTrainer, OnlineDPOConfig)}
 
