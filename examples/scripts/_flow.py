@@ -5,7 +5,28 @@ the base model with the adapters disabled is the reference), the reward model or
 tokenizer and the data set, train, save, and push to the Hub with the data set named in the
 model card. The same command lines as TRL's scripts (``--model_name_or_path``,
 ``--reward_model_path``, ``--dataset_name``, ``--push_to_hub``, ``--use_peft`` …); on a machine
-without a bf16 GPU add ``--use_cpu`` (the configs default to bf16, as TRL 1.13's do)."""
+without a bf16 GPU add ``--use_cpu`` (the configs default to bf16, as TRL 1.13's do).
+
+Usage (TRL's documented command; ``<method>`` is ``nash_md``, ``xpo`` or ``online_dpo``, and the
+output folder ``pythia-1b-tldr-nash-md``, ``-xpo`` or ``-online-dpo``)::
+
+    python examples/scripts/<method>.py \\
+        --model_name_or_path trl-lib/pythia-1b-deduped-tldr-sft \\
+        --reward_model_path trl-lib/pythia-1b-deduped-tldr-rm \\
+        --dataset_name trl-lib/tldr \\
+        --learning_rate 5.0e-7 \\
+        --output_dir pythia-1b-tldr-<method> \\
+        --per_device_train_batch_size 4 \\
+        --gradient_accumulation_steps 32 \\
+        --num_train_epochs 3 \\
+        --max_new_tokens 64 \\
+        --warmup_ratio 0.1 \\
+        --missing_eos_penalty 1.0 \\
+        --push_to_hub
+
+LoRA: add ``--use_peft --lora_r 16 --lora_alpha 32``. Under accelerate: ``accelerate launch
+--config_file examples/accelerate/<engine>.yaml examples/scripts/<method>.py ...``.
+tests/rl/test_user_paths.py runs these commands on tiny local checkpoints."""
 from __future__ import annotations
 
 import sys

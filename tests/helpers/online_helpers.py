@@ -25,9 +25,11 @@ def make_args(Config, tmp_path, **kw):
     return Config(**base)
 
 
-def trainer_for(Trainer, Config, tmp_path, model=None, tok=None, dataset=None, **kw):
+def trainer_for(Trainer, Config, tmp_path, model=None, tok=None, dataset=None, config=None, **kw):
+    """A ``Trainer`` on the tiny policy and :data:`PROMPTS` (``args``, else :func:`make_args`
+    with the ``config`` overrides; the vowel-count reward unless a scorer is given)."""
     tok = tok or make_tokenizer()
-    args = kw.pop("args", None) or make_args(Config, tmp_path)
+    args = kw.pop("args", None) or make_args(Config, tmp_path, **(config or {}))
     scorer = {k: kw.pop(k) for k in ("reward_model", "judge", "reward_funcs") if k in kw}
     if not scorer:
         scorer = {"reward_funcs": vowel_count}
@@ -57,10 +59,6 @@ def save_tiny_model_dirs(tmp_path, prompts=PROMPTS):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path, rm, data
-
-
-def first_last_mean(values, k):
-    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
 def lora_trainer(make, tmp_path, **kw):
@@ -102,13 +100,71 @@ def train_only_the_adapters(tr, base_copy):
     assert all(torch.equal(sd[k], v) for k, v in frozen.items())
 
 
-def train_updating_the_policy_only(tr, key):
+def train_updating_the_policy_only(tr, key, metrics):
     """``tr.train()``; the reference's weights never change (nor get a gradient), the policy's
-    do. Returns the logged rows that hold ``key``."""
+    do; every step logs a row holding ``key`` and the ``metrics``. Returns those rows."""
     ref_before = [p.clone() for p in tr.ref_model.parameters()]
     pol_before = [p.detach().clone() for p in tr.model.parameters()]
     tr.train()
     assert all(torch.equal(a, b) for a, b in zip(ref_before, tr.ref_model.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(pol_before, tr.model.parameters()))
     assert all(p.grad is None for p in tr.ref_model.parameters())
-    return [h for h in tr.state.log_history if key in h]
+    logs = [h for h in tr.state.log_history if key in h]
+    assert len(logs) == tr.args.max_steps
+    assert all(metrics <= set(h) for h in logs), metrics - set(logs[0])
+    return logs
+
+
+def train_with_reward_model_tokenizers(make, tmp_path):
+    """``make(tmp_path, reward_model=…)`` with a reward model that shares the policy's tokenizer
+    (none kept), then with one of a different vocabulary (completions are decoded and
+    re-tokenised): both train. Returns the two trainers."""
+    same = make(tmp_path, reward_model=tiny_reward_model(seed=5))
+    assert same.reward_processing_class is None
+    same.train()
+    other = make_tokenizer()
+    other.add_tokens(["<extra>"])
+    different = make(tmp_path, reward_model=tiny_reward_model(seed=5, vocab_size=len(other)),
+                     reward_processing_class=other)
+    assert different.reward_processing_class is other
+    different.train()
+    return same, different
+
+
+def first_last_mean(values, k):
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def train_on_the_rule_reward(make, tmp_path, score_key):
+    """``make`` trained 30 steps (lr 1e-2) on reward = number of vowels: the mean of the last 5
+    logged ``score_key`` values is more than 2 above the first 5's. Returns (trainer, last)."""
+    tr = make(tmp_path, config=dict(max_steps=30, per_device_train_batch_size=8, max_new_tokens=8,
+                                    learning_rate=1e-2, lr_scheduler_type="constant",
+                                    temperature=1.0, beta=0.1),
+              dataset=Dataset.from_dict({"prompt": PROMPTS * 4}))
+    tr.train()
+    scores = [h[score_key] for h in tr.state.log_history if score_key in h]
+    first, last = first_last_mean(scores, 5)
+    assert last > first + 2.0, scores
+    return tr, last
+
+
+def step_allocations(make, tmp_path):
+    """One step (generation, scoring, fused log-probs, loss, backward) of ``make`` with a
+    vocabulary much larger than the other dimensions (V = 16384, D = 16; 4 prompts, 2 completions
+    each of at most 8 tokens), under the allocation recorder: it never allocates the
+    ``[rows, T, V]`` logits. The largest tensors are V x D (the embedding gradient) and
+    rows x vocabulary-tile (4096) blocks. Returns the recorder."""
+    from nashkern.memory import AllocationRecorder
+
+    V, D = 16384, 16
+    tr = make(tmp_path, model=tiny_causal_lm(vocab_size=V, hidden=D),
+              config=dict(max_new_tokens=8, per_device_train_batch_size=4))
+    batch = tr.data_collator([{"prompt": p} for p in PROMPTS[:4]])
+    tr.model.train()
+    with AllocationRecorder() as rec:
+        tr.compute_loss(tr.model, batch).backward()
+    rows = 2 * 4 * 8
+    largest, op = rec.largest()
+    assert largest <= max(V * D, rows * 4096) < rows * V, (largest, op)
+    return rec

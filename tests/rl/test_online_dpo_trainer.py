@@ -8,10 +8,19 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from online_helpers import (PROMPTS, assert_reference_is_the_base, first_last_mean, lora_trainer,
-                            make_args, save_tiny_model_dirs, train_only_the_adapters,
-                            train_updating_the_policy_only, trainer_for, vowel_count)
+from online_helpers import (PROMPTS, assert_reference_is_the_base, lora_trainer, make_args,
+                            save_tiny_model_dirs, step_allocations, train_on_the_rule_reward,
+                            train_only_the_adapters, train_updating_the_policy_only, trainer_for,
+                            vowel_count)
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
+
+
+def odpo(tmp_path, **kw):
+    """A OnlineDPOTrainer on the tiny models (online_helpers.trainer_for)."""
+    from nashkern import OnlineDPOConfig, OnlineDPOTrainer
+
+    return trainer_for(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, **kw)
+
 
 METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
            "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -19,19 +28,9 @@ METRICS = {"objective/kl", "objective/entropy", "objective/non_score_reward", "r
 SCORE_METRICS = {"objective/rlhf_reward", "objective/scores_margin", "objective/scores"}
 
 
-def odpo(tmp_path, **kw):
-    from nashkern import OnlineDPOConfig, OnlineDPOTrainer
-
-    if "args" not in kw:
-        kw["args"] = make_args(OnlineDPOConfig, tmp_path, **kw.pop("config", {}))
-    return trainer_for(OnlineDPOTrainer, OnlineDPOConfig, tmp_path, **kw)
-
-
 def test_train_with_reward_funcs_logs_all_metrics_and_updates_policy_only(tmp_path):
     tr = odpo(tmp_path)
-    logs = train_updating_the_policy_only(tr, "objective/non_score_reward")
-    assert len(logs) == 2
-    assert METRICS | SCORE_METRICS <= set(logs[0])
+    logs = train_updating_the_policy_only(tr, "objective/non_score_reward", METRICS | SCORE_METRICS)
     assert "loss/xpo" not in logs[0] and "alpha" not in logs[0]
     assert logs[0]["beta"] == 0.1 and logs[0]["objective/kl"] == 0
     assert logs[0]["objective/scores_margin"] >= 0
@@ -157,31 +156,11 @@ def test_bad_input(tmp_path):
 
 
 def test_no_tokens_x_vocab_tensor_in_a_step(tmp_path):
-    from nashkern.memory import AllocationRecorder
-
-    V, D = 16384, 16
-    tr = odpo(tmp_path, model=tiny_causal_lm(vocab_size=V, hidden=D),
-              config=dict(max_new_tokens=8, per_device_train_batch_size=4))
-    batch = tr.data_collator([{"prompt": p} for p in PROMPTS[:4]])
-    tr.model.train()
-    with AllocationRecorder() as rec:
-        tr.compute_loss(tr.model, batch).backward()
-    rows = 2 * 4 * 8
-    largest, op = rec.largest()
-    assert largest <= max(V * D, rows * 4096) < rows * V, (largest, op)
+    step_allocations(odpo, tmp_path)
 
 
 def test_learning_signal_on_a_rule_reward(tmp_path):
-    from nashkern import OnlineDPOConfig
-
-    args = make_args(OnlineDPOConfig, tmp_path, max_steps=30, per_device_train_batch_size=8,
-                     max_new_tokens=8, learning_rate=1e-2, lr_scheduler_type="constant",
-                     temperature=1.0, beta=0.1)
-    tr = odpo(tmp_path, args=args, dataset=Dataset.from_dict({"prompt": PROMPTS * 4}))
-    tr.train()
-    scores = [h["objective/scores"] for h in tr.state.log_history if "objective/scores" in h]
-    first, last = first_last_mean(scores, 5)
-    assert last > first + 2.0, scores
+    train_on_the_rule_reward(odpo, tmp_path, "objective/scores")
 
 
 def test_train_cli_method_online_dpo_with_local_paths(tmp_path):

@@ -185,6 +185,7 @@ def script_inputs(tmp_path):
 def _run_script(name, argv, monkeypatch):
     script = os.path.join(REPO, "examples", "scripts", f"{name}.py")
     monkeypatch.setattr(sys, "argv", [script, *argv])
+    monkeypatch.syspath_prepend(os.path.dirname(script))  # as `python <script>` puts it first
     runpy.run_path(script, run_name="__main__")
 
 

@@ -9,9 +9,19 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from online_helpers import (PROMPTS, assert_reference_is_the_base, first_last_mean, lora_trainer,
-                            make_args, save_tiny_model_dirs, train_only_the_adapters,
-                            train_updating_the_policy_only, trainer_for, vowel_count)
+                            make_args, save_tiny_model_dirs, step_allocations,
+                            train_on_the_rule_reward, train_only_the_adapters,
+                            train_updating_the_policy_only, train_with_reward_model_tokenizers,
+                            trainer_for, vowel_count)
 from tiny_models import make_tokenizer, single_thread, tiny_causal_lm, tiny_reward_model  # noqa: F401
+
+
+def xpo(tmp_path, **kw):
+    """An XPOTrainer on the tiny models (online_helpers.trainer_for)."""
+    from nashkern import XPOConfig, XPOTrainer
+
+    return trainer_for(XPOTrainer, XPOConfig, tmp_path, **kw)
+
 
 METRICS = {"loss/xpo", "loss/dpo", "objective/kl", "objective/entropy", "rewards/chosen",
            "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -20,19 +30,9 @@ METRICS = {"loss/xpo", "loss/dpo", "objective/kl", "objective/entropy", "rewards
 SCORE_METRICS = {"objective/model_scores", "objective/ref_scores", "objective/scores_margin"}
 
 
-def xpo(tmp_path, **kw):
-    from nashkern import XPOConfig, XPOTrainer
-
-    if "args" not in kw:
-        kw["args"] = make_args(XPOConfig, tmp_path, **kw.pop("config", {}))
-    return trainer_for(XPOTrainer, XPOConfig, tmp_path, **kw)
-
-
 def test_train_with_reward_funcs_logs_all_metrics_and_updates_policy_only(tmp_path):
     tr = xpo(tmp_path)
-    logs = train_updating_the_policy_only(tr, "loss/xpo")
-    assert len(logs) == 2
-    assert METRICS | SCORE_METRICS <= set(logs[0])
+    logs = train_updating_the_policy_only(tr, "loss/xpo", METRICS | SCORE_METRICS)
     assert logs[0]["alpha"] == 1e-5 and logs[0]["beta"] == 0.1  # the original defaults
     assert logs[0]["objective/kl"] == 0  # step 0: policy == reference
     assert logs[0]["objective/scores_margin"] >= 0  # chosen − rejected
@@ -125,17 +125,8 @@ def test_judge_conversational_prompts_and_per_epoch_schedules(tmp_path):
 
 
 def test_reward_model_same_and_different_tokenizer(tmp_path):
-    tr = xpo(tmp_path, reward_model=tiny_reward_model(seed=5))
-    assert tr.reward_processing_class is None
-    tr.train()
-    assert SCORE_METRICS <= set(tr.state.log_history[0])
-    other = make_tokenizer()
-    other.add_tokens(["<extra>"])
-    tr2 = xpo(tmp_path, reward_model=tiny_reward_model(seed=5, vocab_size=len(other)),
-              reward_processing_class=other)
-    assert tr2.reward_processing_class is other
-    tr2.train()
-    assert SCORE_METRICS <= set(tr2.state.log_history[0])
+    for tr in train_with_reward_model_tokenizers(xpo, tmp_path):
+        assert SCORE_METRICS <= set(tr.state.log_history[0])
 
 
 def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
@@ -184,38 +175,13 @@ def test_bad_input(tmp_path):
 
 
 def test_no_tokens_x_vocab_tensor_in_a_step(tmp_path):
-    """A step (generation, scoring, fused log-probs, loss, backward) never allocates the
-    [rows, T, V] logits: checked with a vocabulary much larger than the other dimensions."""
-    from nashkern.memory import AllocationRecorder
-
-    V, D = 16384, 16
-    tr = xpo(tmp_path, model=tiny_causal_lm(vocab_size=V, hidden=D),
-             config=dict(max_new_tokens=8, per_device_train_batch_size=4))
-    batch = tr.data_collator([{"prompt": p} for p in PROMPTS[:4]])
-    tr.model.train()
-    with AllocationRecorder() as rec:
-        loss = tr.compute_loss(tr.model, batch)
-        loss.backward()
-    rows = 2 * 4 * 8  # 2B completions of at most 8 tokens
-    largest, op = rec.largest()
-    # the largest tensors are V x D (embedding gradient) and rows x vocab-tile (4096) blocks
-    assert largest <= max(V * D, rows * 4096) < rows * V, (largest, op)
-    assert len(rec.sizes) > 100
+    """A step never allocates the [rows, T, V] logits (online_helpers.step_allocations)."""
+    assert len(step_allocations(xpo, tmp_path).sizes) > 100
 
 
 def test_learning_signal_on_a_rule_reward(tmp_path):
     """Reward = number of vowels; after 30 steps the policy's completions score much higher."""
-    from nashkern import XPOConfig
-
-    args = make_args(XPOConfig, tmp_path, max_steps=30, per_device_train_batch_size=8,
-                     max_new_tokens=8, learning_rate=1e-2, lr_scheduler_type="constant",
-                     temperature=1.0, beta=0.1)
-    tr = xpo(tmp_path, args=args, dataset=Dataset.from_dict({"prompt": PROMPTS * 4}))
-    tr.train()
-    scores = [h["objective/model_scores"] for h in tr.state.log_history
-              if "objective/model_scores" in h]
-    first, last = first_last_mean(scores, 5)
-    assert last > first + 2.0, scores
+    tr, last = train_on_the_rule_reward(xpo, tmp_path, "objective/model_scores")
     ref_scores = [h["objective/ref_scores"] for h in tr.state.log_history
                   if "objective/ref_scores" in h]
     assert last > first_last_mean(ref_scores, 5)[1] + 2.0  # the reference did not move
