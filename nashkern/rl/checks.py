@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 NONFINITE_POLICIES = ("raise", "skip")
+LOSS_TYPES = ("sigmoid", "ipo")  # of Online DPO / XPO (nashkern.rl.losses); Nash-MD accepts them
 
 
 # ------------------------------------------------------------------------------------------------
@@ -64,9 +65,12 @@ FIELD_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "reward_weights": (_finite, "a list of finite floats"),
     "warmup_ratio": (_optional(lambda v: _finite(v) and 0 <= v < 1), "None or a float in [0, 1)"),
     "kl_estimator": (_one_of("sample", "full"), "'sample' or 'full'"),
+    "loss_type": (_one_of(*LOSS_TYPES), f"one of {LOSS_TYPES}"),
+    "ema_decay": (lambda v: _finite(v) and 0 <= v <= 1,
+                  "a float in [0, 1] (0: self-play, 1: the opponent stays at the initial policy)"),
     "nonfinite_scores": (_one_of(*NONFINITE_POLICIES), f"one of {NONFINITE_POLICIES}"),
 }
-LIST_FIELDS = ("beta", "alpha", "mixture_coef", "reward_weights")
+LIST_FIELDS = ("beta", "alpha", "mixture_coef", "reward_weights", "ema_decay")
 
 
 def check_fields(obj, rules: Dict[str, Tuple[Callable[[Any], bool], str]] = FIELD_RULES) -> None:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import LOSS_TYPES
+
 
 def _finite_nonneg(x) -> bool:
     return bool(x >= 0) and math.isfinite(float(x))
@@ -76,9 +78,6 @@ def nash_md_loss(logprobs: Tensor, ref_logprobs: Tensor, probability: Union[Tens
         kl = ((lp - ref).detach() * lp).sum(1)
     loss = (beta * kl - score).mean()
     return loss, score, kl
-
-
-LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def _check_pair_inputs(named, beta: float, loss_type: str) -> None:

@@ -39,7 +39,7 @@ import torch
 from transformers import TrainerCallback
 
 from . import engines
-from .ema import ParameterEMA, check_decay
+from .ema import ParameterEMA
 from .generation import generate
 from .nash_md import NashMDTrainer
 from .online import OnlinePreferenceConfig, _as_list
@@ -66,12 +66,6 @@ class NashEMAConfig(OnlinePreferenceConfig):
     kl_estimator: str = field(default="sample", metadata={
         "help": "'sample': Σ sg(logπ−logμ)·logπ (as Nash-MD); 'full': exact per-token KL."})
 
-    def __post_init__(self):
-        if self.kl_estimator not in ("sample", "full"):
-            raise ValueError(f"kl_estimator must be 'sample' or 'full', got {self.kl_estimator!r}")
-        for d in _as_list("ema_decay", self.ema_decay):
-            check_decay(d)
-        super().__post_init__()
 
 
 class _UpdateEMA(TrainerCallback):

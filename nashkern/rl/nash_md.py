@@ -24,7 +24,7 @@ from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, nash_md_loss
 from .mixture_wrapper import GeometricMixtureWrapper  # noqa: F401  (TRL 1.13's import path)
 from .model_card import NASH_MD_PAPER
-from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
+from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer
 from .scoring import preference_probability
 
 
@@ -48,17 +48,11 @@ class NashMDConfig(OnlinePreferenceConfig):
         "choices": list(LOSS_TYPES)})
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        super().__post_init__()  # every field (loss_type, mixture_coef, ...): checks.FIELD_RULES
         if self.loss_type != "sigmoid":
             warnings.warn(f"NashMDConfig.loss_type={self.loss_type!r} has no effect: the Nash-MD "
                           f"loss has no DPO/IPO variants (TRL 1.13 ignored it as well)",
                           UserWarning, stacklevel=3)
-        if self.kl_estimator not in ("sample", "full"):
-            raise ValueError(f"kl_estimator must be 'sample' or 'full', got {self.kl_estimator!r}")
-        if any(not 0 <= c <= 1 for c in _as_list("mixture_coef", self.mixture_coef)):
-            raise ValueError(f"mixture_coef must be in [0, 1], got {self.mixture_coef}")
-        super().__post_init__()  # lists the schedules, checks beta and the lengths
 
 
 class NashMDTrainer(OnlinePreferenceTrainer):

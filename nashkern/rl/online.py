@@ -139,13 +139,11 @@ class OnlinePreferenceConfig(TrainingArguments):
                                                                  "generation_kwargs"]
 
     def __post_init__(self):
-        if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-            self.warmup_steps = float(self.warmup_ratio)
         for name in self._schedules:
             setattr(self, name, _as_list(name, getattr(self, name)))
         check_fields(self)  # every scalar field against nashkern.rl.checks.FIELD_RULES
+        if self.warmup_ratio is not None:
+            self.warmup_steps = float(self.warmup_ratio)
         if self.max_length is not None and self.max_new_tokens >= self.max_length:
             warnings.warn(  # TRL 1.13 warns here too
                 f"max_new_tokens ({self.max_new_tokens}) >= max_length ({self.max_length}): every "

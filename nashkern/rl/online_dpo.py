@@ -34,8 +34,7 @@ class OnlineDPOConfig(OnlinePreferenceConfig):
         "help": "'sigmoid' (DPO) or 'ipo' (IPO; beta is its tau).", "choices": list(LOSS_TYPES)})
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        # loss_type and beta alone: checks.FIELD_RULES (in super().__post_init__); together here
         if self.loss_type == "ipo" and any(b == 0 for b in _as_list("beta", self.beta)):
             raise ValueError("loss_type='ipo' needs beta > 0 (its target is 1/(2·beta))")
         super().__post_init__()

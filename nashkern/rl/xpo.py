@@ -23,7 +23,7 @@ import torch
 from .generation import generate_pair
 from .losses import xpo_loss
 from .model_card import XPO_PAPER
-from .online import OnlinePreferenceTrainer, _as_list
+from .online import OnlinePreferenceTrainer
 from .online_dpo import OnlineDPOConfig
 from .pairs import chosen_rejected_from_preference, concat_generations
 
@@ -39,10 +39,6 @@ class XPOConfig(OnlineDPOConfig):
     alpha: List[float] = field(default_factory=lambda: [1e-5], metadata={
         "help": "Weight of the XPO exploration term α·Σlogπ(ỹ): float or one per epoch."})
 
-    def __post_init__(self):
-        if any(a < 0 for a in _as_list("alpha", self.alpha)):
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        super().__post_init__()
 
 
 class XPOTrainer(OnlinePreferenceTrainer):
