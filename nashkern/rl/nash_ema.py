@@ -83,9 +83,7 @@ class NashEMATrainer(NashMDTrainer):
     policy's parameter EMA (module docstring). Same arguments as :class:`NashMDTrainer`."""
 
     config_class = NashEMAConfig
-    _tag_names = ["nashkern", "nash-ema"]
     _method_name = "Nash-EMA"  # the paper (Munos et al., 2023) is Nash-MD's, inherited
-    _default_output_dir = "nash-ema"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -59,10 +59,8 @@ class NashMDTrainer(OnlinePreferenceTrainer):
     """Nash-MD (Munos et al., 2023) with KV-cached mixture generation and fused token stats."""
 
     config_class = NashMDConfig
-    _tag_names = ["nashkern", "nash-md"]
     _method_name = "Nash-MD"
     _paper = NASH_MD_PAPER
-    _default_output_dir = "nash-md"
     _reward_tokenizer_from_path = False  # TRL 1.13's Nash-MD scores with the policy's tokenizer
 
     def __init__(self, model=None, ref_model=None, reward_funcs=None, args=None,

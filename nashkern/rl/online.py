@@ -368,11 +368,18 @@ class OnlinePreferenceTrainer(Trainer):
     #: a reward model in reward_funcs without a tokenizer: load the one at its path (TRL 1.13's
     #: XPO / Online DPO) or use the policy's (False: TRL 1.13's Nash-MD)
     _reward_tokenizer_from_path = True
-    _tag_names = ["nashkern"]
-    _default_output_dir = "online-preference"
-    #: the method and its paper, named in the model card (model_card.Paper or None)
+    #: the method and its paper, named in the model card (model_card.Paper or None); a subclass's
+    #: default output_dir and its model-card tag are the method name, lower-case and hyphenated
+    #: (set by __init_subclass__: "Online DPO" -> "online-dpo")
     _method_name = "online preference optimisation"
     _paper = None
+    _tag_names = ["nashkern"]
+    _default_output_dir = "online-preference"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._default_output_dir = cls._method_name.lower().replace(" ", "-")
+        cls._tag_names = ["nashkern", cls._default_output_dir]
 
     def __init__(self, model: Union[str, nn.Module], ref_model: Optional[nn.Module] = None,
                  reward_funcs: Optional[Union[RewardFunc, List[RewardFunc]]] = None,

@@ -44,10 +44,8 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
     """Online DPO: two policy samples per prompt, the preferred one chosen, the DPO loss."""
 
     config_class = OnlineDPOConfig
-    _tag_names = ["nashkern", "online-dpo"]
     _method_name = "Online DPO"
     _paper = ONLINE_DPO_PAPER
-    _default_output_dir = "online-dpo"
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)

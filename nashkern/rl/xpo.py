@@ -45,10 +45,8 @@ class XPOTrainer(OnlinePreferenceTrainer):
     """XPO: DPO on (policy sample, reference sample) pairs plus α·Σ log π(ỹ)."""
 
     config_class = XPOConfig
-    _tag_names = ["nashkern", "xpo"]
     _method_name = "XPO"
     _paper = XPO_PAPER
-    _default_output_dir = "xpo"
 
     @property
     def alpha(self) -> float:

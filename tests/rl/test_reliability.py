@@ -68,6 +68,8 @@ METHODS = ["nash_md", "xpo", "online_dpo"]
     ("nash_md", dict(max_new_tokens=0), "max_new_tokens"),
     ("nash_md", dict(kl_estimator="exact"), "kl_estimator"),
     ("nash_md", dict(warmup_ratio=1.0), "warmup_ratio"),
+    ("nash_md", dict(loss_type="kto"), "NashMDConfig.loss_type"),
+    ("online_dpo", dict(loss_type="kto"), "OnlineDPOConfig.loss_type"),
 ])
 def test_config_rejects_bad_field_at_construction(tmp_path, method, kw, field):
     Config = _classes(method)[1]
