@@ -229,6 +229,25 @@ def cache_argument(model) -> str:
 _CACHE_ARGUMENT: dict = {}
 
 
+def _prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos, cache_implementation,
+                       slots):
+    """The reference's prefill: ``(last-position logits [B, V], its new KV cache)``, run inside
+    ``ref_ctx()`` (e.g. the PEFT base with the adapters disabled)."""
+    cache = _new_cache(ref_model, cache_implementation, slots)
+    with ref_ctx():
+        return _forward_last_logits(ref_model, input_ids, attention_mask, pos, cache)
+
+
+def _prompt_tokens(params, input_ids, attention_mask, vocab) -> Optional[Tensor]:
+    """``[B, V]`` bool, the tokens present in each (unpadded) prompt, for the repetition penalty
+    (the sampler adds each sampled token); None when the penalty is off."""
+    if params.repetition_penalty in (None, 1.0):
+        return None
+    return torch.zeros(input_ids.shape[0], vocab, dtype=torch.long,
+                       device=input_ids.device).scatter_add_(
+        1, input_ids.clamp(0, vocab - 1), attention_mask) > 0
+
+
 def _forward_last_logits(model, ids, mask, pos, cache):
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     inner = engines.inner_module(model)
@@ -311,17 +330,11 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
         z, cache = _forward_last_logits(model, input_ids, attention_mask, pos, cache)
         r = ref_cache = None
         if use_ref:
-            ref_cache = _new_cache(ref_model, cache_implementation, slots)
-            with ref_ctx():
-                r, ref_cache = _forward_last_logits(ref_model, input_ids, attention_mask, pos,
-                                                    ref_cache)
+            r, ref_cache = _prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos,
+                                              cache_implementation, slots)
             r = tp.reference(r)
         vocab = tp.vocab(z)
-        seen = None
-        if params.repetition_penalty not in (None, 1.0):
-            # tokens present in the (unpadded) prompt; grows with each sampled token
-            seen = torch.zeros(B, vocab, dtype=torch.long, device=device).scatter_add_(
-                1, input_ids.clamp(0, vocab - 1), attention_mask) > 0
+        seen = _prompt_tokens(params, input_ids, attention_mask, vocab)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         tokens, masks = [], []
         next_pos = pos[:, -1:]
@@ -459,17 +472,12 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
             if P > B:
                 cache = _repeat_cache(cache, twice)
                 z = z[twice]
-        r = ref_cache = None
-        if use_ref:
-            ref_cache = _new_cache(ref_model, cache_implementation, slots)
-            with ref_ctx():
-                r, ref_cache = _forward_last_logits(ref_model, input_ids, attention_mask, pos,
-                                                    ref_cache)
+        r, ref_cache = (_prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos,
+                                           cache_implementation, slots)
+                        if use_ref else (None, None))
         vocab = z.shape[-1]
-        seen = None
-        if params.repetition_penalty not in (None, 1.0):
-            seen = torch.zeros(B, vocab, dtype=torch.long, device=device).scatter_add_(
-                1, input_ids.clamp(0, vocab - 1), attention_mask) > 0
+        seen = _prompt_tokens(params, input_ids, attention_mask, vocab)
+        if seen is not None:
             seen = seen[twice]  # [2B]: y rows, then y′ rows
         finished = torch.zeros(2 * B, dtype=torch.bool, device=device)
         group_done = [False, False]
