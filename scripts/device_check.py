@@ -93,20 +93,20 @@ GPU_TESTS = ("tests/ops/test_kernels_linear_token_stats.py", "tests/ops/test_lin
 #: Every other test file, and why it proves nothing on the device: CPU trainers on tiny models,
 #: subprocess launches with the GPU hidden, the AOT compile gate, the nvcc build (setup built
 #: the library), the CPU benchmark shapes, fake-CUDA registry logic, this script's dry run.
-CPU_ONLY_TESTS = ("tests/tools/test_bench_trainers_smoke.py", "tests/ops/test_benchmarks_smoke.py",
-                  "tests/rl/test_callbacks.py", "tests/tools/test_cli.py", "tests/ops/test_compile.py",
+CPU_ONLY_TESTS = ("tests/ops/test_benchmarks_smoke.py", "tests/ops/test_compile.py",
                   "tests/ops/test_compile_gate.py", "tests/ops/test_cuda_build.py",
-                  "tests/tools/test_device_check.py", "tests/rl/test_generation.py",
-                  "tests/rl/test_losses.py", "tests/ops/test_memory.py",
+                  "tests/ops/test_memory.py", "tests/ops/test_registry.py",
+                  "tests/ops/test_tuning.py", "tests/rl/test_callbacks.py",
+                  "tests/rl/test_generation.py", "tests/rl/test_losses.py",
                   "tests/rl/test_nash_ema.py", "tests/rl/test_nash_ema_sharded.py",
                   "tests/rl/test_nash_equilibrium_lm.py", "tests/rl/test_nash_md_trainer.py",
-                  "tests/rl/test_online_dpo_trainer.py", "tests/ops/test_registry.py",
-                  "tests/rl/test_reliability.py", "tests/rl/test_sharded.py", "tests/rl/test_tabular.py",
-                  "tests/rl/test_trl_compat_nash_md.py", "tests/rl/test_trl_compat_online_dpo.py",
-                  "tests/rl/test_trl_compat_xpo.py", "tests/ops/test_tuning.py",
-                  "tests/rl/test_tensor_parallel.py",
-                  "tests/test_user_paths.py",
-                  "tests/rl/test_xpo_trainer.py")
+                  "tests/rl/test_online_dpo_trainer.py", "tests/rl/test_reliability.py",
+                  "tests/rl/test_sharded.py", "tests/rl/test_tabular.py",
+                  "tests/rl/test_tensor_parallel.py", "tests/rl/test_trl_compat_nash_md.py",
+                  "tests/rl/test_trl_compat_online_dpo.py", "tests/rl/test_trl_compat_xpo.py",
+                  "tests/rl/test_user_paths.py", "tests/rl/test_xpo_trainer.py",
+                  "tests/tools/test_bench_trainers_smoke.py", "tests/tools/test_cli.py",
+                  "tests/tools/test_device_check.py")
 PER_TEST_TIMEOUT_S = 60
 TEST_WORKERS = 6
 
