@@ -19,7 +19,7 @@ _LAZY = {"NashMDConfig": "nash_md", "NashMDTrainer": "nash_md",
          "NashEMAConfig": "nash_ema", "NashEMATrainer": "nash_ema",
          "XPOConfig": "xpo", "XPOTrainer": "xpo",
          "OnlineDPOConfig": "online_dpo", "OnlineDPOTrainer": "online_dpo",
-         "OnlinePreferenceConfig": "online", "OnlinePreferenceTrainer": "online",
+         "OnlinePreferenceConfig": "config", "OnlinePreferenceTrainer": "online",
          "LogCompletionsCallback": "callbacks", "GeometricMixtureWrapper": "mixture_wrapper"}
 
 

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     import torch
 
     from ..rl.callbacks import LogCompletionsCallback
-    from ..rl.online import model_load_kwargs
+    from ..rl.trainer_setup import model_load_kwargs
     from ..rl.judges import PairRMJudge, RandomPairwiseJudge
 
     method, argv = split_method(sys.argv[1:] if argv is None else list(argv))

@@ -42,7 +42,7 @@ from . import engines
 from .ema import ParameterEMA
 from .generation import generate
 from .nash_md import NashMDTrainer
-from .online import OnlinePreferenceConfig, _as_list
+from .config import OnlinePreferenceConfig, _as_list
 
 EMA_STATE_NAME = "nash_ema.pt"  # file name in a checkpoint (sharded engines: one per rank)
 

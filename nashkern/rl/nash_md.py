@@ -24,7 +24,8 @@ from .completion_stats import completion_stats
 from .losses import LOSS_TYPES, nash_md_loss
 from .mixture_wrapper import GeometricMixtureWrapper  # noqa: F401  (TRL 1.13's import path)
 from .model_card import NASH_MD_PAPER
-from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer
+from .config import OnlinePreferenceConfig
+from .online import OnlinePreferenceTrainer
 from .scoring import preference_probability
 
 

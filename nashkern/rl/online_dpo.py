@@ -21,7 +21,8 @@ import torch
 from .generation import generate_pair
 from .losses import LOSS_TYPES, dpo_loss
 from .model_card import ONLINE_DPO_PAPER
-from .online import OnlinePreferenceConfig, OnlinePreferenceTrainer, _as_list
+from .config import OnlinePreferenceConfig, _as_list
+from .online import OnlinePreferenceTrainer
 from .pairs import chosen_rejected_from_preference, concat_generations
 
 

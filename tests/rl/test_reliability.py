@@ -542,7 +542,7 @@ def test_loss_functions_reject_nonfinite_beta_and_alpha(bad):
 
 
 def test_prompt_that_tokenizes_to_nothing_is_an_error():
-    from nashkern.rl.online import PromptCollator
+    from nashkern.rl.trainer_setup import PromptCollator
 
     class DropsDigits:  # a tokenizer that has no token for digits
         padding_side, chat_template = "left", None

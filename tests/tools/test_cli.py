@@ -49,7 +49,7 @@ def test_model_load_kwargs_picks_flash_attention_only_when_usable(monkeypatch):
 
     import torch
 
-    from nashkern.rl.online import model_load_kwargs
+    from nashkern.rl.trainer_setup import model_load_kwargs
 
     assert model_load_kwargs(None) == {"trust_remote_code": False}
     assert model_load_kwargs({"trust_remote_code": True})["trust_remote_code"] is True
