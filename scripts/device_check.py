@@ -262,25 +262,6 @@ def find_sanitizer() -> Optional[str]:
     return None
 
 
-
-def find_sanitizer() -> Optional[str]:
-    """compute-sanitizer on PATH, else next to nvcc / under CUDA_HOME (the CUDA toolkit's
-    bin/ and compute-sanitizer/ folders)."""
-    found = shutil.which("compute-sanitizer")
-    if found:
-        return found
-    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        roots.insert(0, str(Path(nvcc).resolve().parent.parent))
-    for root in filter(None, roots):
-        for sub in ("bin", "compute-sanitizer"):
-            path = Path(root) / sub / "compute-sanitizer"
-            if path.is_file():
-                return str(path)
-    return None
-
-
 def deadlines(start: float = 0.0) -> Dict[str, float]:
     """Each part's deadline: ``start`` plus the budgets up to and including it."""
     out, t = {}, start

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
@@ -34,20 +35,21 @@ SHARDED = ("fsdp1", "fsdp2", "zero3")
 # ------------------------------------------------------------------------------------------------
 # what is what
 # ------------------------------------------------------------------------------------------------
-def _fsdp1_class():
+def optional_class(module: str, name: str):
+    """``module.name``, or ``()`` (which ``isinstance`` matches with nothing) where this torch
+    lacks it (e.g. built without distributed)."""
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        return FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - torch without distributed
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # pragma: no cover - torch without distributed
         return ()
+
+
+def _fsdp1_class():
+    return optional_class("torch.distributed.fsdp", "FullyShardedDataParallel")
 
 
 def _fsdp2_class():
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        return FSDPModule
-    except ImportError:  # pragma: no cover
-        return ()
+    return optional_class("torch.distributed.fsdp", "FSDPModule")
 
 
 def _is_deepspeed_engine(model) -> bool:

@@ -49,11 +49,7 @@ class VocabShard:
 
 
 def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-        return DTensor
-    except ImportError:  # pragma: no cover
-        return ()
+    return engines.optional_class("torch.distributed.tensor", "DTensor")
 
 
 def is_dtensor(t) -> bool:

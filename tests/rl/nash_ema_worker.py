@@ -16,12 +16,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from datasets import Dataset  # noqa: E402
 
 from nashkern import NashEMAConfig, NashEMATrainer  # noqa: E402
-from nashkern.apps.tiny import make_tokenizer, tiny_causal_lm  # noqa: E402
+from nashkern.apps.tiny import tiny_causal_lm  # noqa: E402
 from nashkern.rl import engines  # noqa: E402
-from sharded_worker import PROMPTS, engine_args, force_engine, reward  # noqa: E402
+from sharded_worker import engine_args, force_engine, in_order, reward  # noqa: E402
 
 STEPS = dict(max_steps=2, max_new_tokens=6, top_k=1, ema_decay=0.5, optim="sgd",
              learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant")
@@ -37,14 +36,8 @@ def make_trainer(engine, out, **kw):
                          logging_steps=1,
                          **({} if engine is None else {"ddp_backend": "gloo"}),
                          **engine_args(None if engine in (None, "ddp") else engine), **kw)
-
-    class Sequential(NashEMATrainer):
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    return Sequential(model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
-                      processing_class=make_tokenizer(),
-                      train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    return in_order(NashEMATrainer, model=policy, ref_model=ref_model, reward_funcs=reward,
+                    args=args)
 
 
 def full_average(tr):

@@ -36,6 +36,25 @@ from nashkern.rl import engines  # noqa: E402
 PROMPTS = ["hi", "the quick brown fox", "a", "one two three four five"]
 
 
+def in_order(Trainer, **kw):
+    """``Trainer(**kw)`` with the tiny tokenizer and :data:`PROMPTS` read in order: rank r gets
+    prompts [2r, 2r + 1], the halves of one process's batch."""
+    class Sequential(Trainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    return Sequential(processing_class=make_tokenizer(),
+                      train_dataset=Dataset.from_dict({"prompt": PROMPTS}), **kw)
+
+
+def start_worker(timeout_s: float) -> None:
+    """One thread per process; a deadlock prints every thread's stack and exits after
+    ``timeout_s`` (or NASHKERN_WORKER_TIMEOUT) instead of waiting for the test's timeout."""
+    faulthandler.dump_traceback_later(float(os.environ.get("NASHKERN_WORKER_TIMEOUT", timeout_s)),
+                                      exit=True)
+    torch.set_num_threads(1)
+
+
 def reward(prompts, completions, completion_ids=None, **kw):
     return [float(sum(map(ord, c)) % 13) for c in completions]
 
@@ -133,19 +152,14 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, bf16=False, p
     if not ref:
         policy, ref_model = tiny_causal_lm(seed=0), None
 
-    class Sequential(cls):
-        def _get_train_sampler(self, *a, **k):  # rank r gets prompts [2r, 2r + 1]
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
     peft_config = None
     if peft:  # LoRA on the attention projections; the reference is the base (adapters off)
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                                  target_modules=["q_proj", "v_proj"])
-    return Sequential(model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
-                       processing_class=make_tokenizer(), peft_config=peft_config,
-                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    return in_order(cls, model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
+                    peft_config=peft_config)
 
 
 def _local(p):
@@ -266,10 +280,7 @@ def mixed_precision_run(engine, out):
 
 
 def main(engine, out):
-    # A deadlock prints every thread's stack and exits instead of waiting for the test timeout.
-    faulthandler.dump_traceback_later(float(os.environ.get("NASHKERN_WORKER_TIMEOUT", 360)),
-                                      exit=True)
-    torch.set_num_threads(1)
+    start_worker(360)
     force_engine()
     if engine == "zero3":
         # zero.Init (models built after a ZeRO-3 config) needs deepspeed.comm up; accelerate

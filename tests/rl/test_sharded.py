@@ -236,21 +236,6 @@ def test_vocab_parallel_linear_token_stats(tmp_path):
         assert diff["after_shape"] == [3], diff
 
 
-@pytest.fixture
-def world_of_one():
-    """A 1-process gloo group in this process (destroyed afterwards)."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def _head(V=7, D=4, N=3):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(N, D, generator=g), torch.randn(V, D, generator=g),

@@ -166,20 +166,6 @@ def test_tp_x_ddp(one_process, tmp_path):
     assert lengths[0] == lengths[1] < lengths[2] == lengths[3], lengths
 
 
-@pytest.fixture
-def world_of_one():
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def test_head_sharding_read_and_refused(world_of_one):
     """The shard is read from the DTensor (mesh, placements; placements other than rows are
     refused by name on 2 ranks: tp_worker.refused_placements); a reference sharded

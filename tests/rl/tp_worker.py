@@ -13,7 +13,6 @@ pass for materialised logits); the collectives of the head's statistics (torch.d
 collectives wrapped while ops.linear_token_stats runs); the sharded sampler against the
 one-process sampler on whole rows (P > 1).
 """
-import faulthandler
 import json
 import os
 import sys
@@ -22,16 +21,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the
 
 import torch
 import torch.distributed as dist
-from datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 from nashkern import NashMDConfig, NashMDTrainer  # noqa: E402
-from nashkern.apps.tiny import make_tokenizer  # noqa: E402
 from nashkern.memory import AllocationRecorder  # noqa: E402
 from nashkern.rl import completion_stats as cs_module  # noqa: E402
 from nashkern.rl import tensor_parallel  # noqa: E402
-
-PROMPTS = ["hi", "the quick brown fox", "a", "one two three four five"]
+from sharded_worker import PROMPTS, in_order, start_worker  # noqa: E402
 VOCAB, HIDDEN = 71, 32  # shards (36/35, 18/18/18/17) unlike any other width here
 MAX_NEW = 6
 
@@ -187,14 +183,7 @@ def make_trainer(ckpt, out, world, dp, greedy):
                         per_device_train_batch_size=len(PROMPTS) // dp,
                         **({"top_k": 1} if greedy else {}),
                         **({"ddp_backend": "gloo"} if world > 1 else {}))
-
-    class Sequential(NashMDTrainer):
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    return Sequential(model=policy, ref_model=ref, reward_funcs=reward, args=args,
-                      processing_class=make_tokenizer(),
-                      train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    return in_order(NashMDTrainer, model=policy, ref_model=ref, reward_funcs=reward, args=args)
 
 
 def full_params(tr):
@@ -300,9 +289,7 @@ def refused_placements():
 
 
 def main(ckpt, out):
-    faulthandler.dump_traceback_later(float(os.environ.get("NASHKERN_WORKER_TIMEOUT", 300)),
-                                      exit=True)
-    torch.set_num_threads(1)
+    start_worker(300)
     small_tiles()
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
