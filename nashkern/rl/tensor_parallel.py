@@ -161,6 +161,11 @@ def model_shard(model) -> Optional[VocabShard]:
     """The vocabulary shard of ``model``'s output head (None: not sharded, or no head)."""
     if model is None:
         return None
+    if engines.engine_of(model) == "fsdp2" or any(
+            isinstance(m, engines._fsdp2_class()) for m in engines.inner_module(model).modules()):
+        # FSDP2's parameters are DTensors placed Shard(0) on the data-parallel mesh between
+        # forwards: the engine's sharding (gathered by its own context), not a vocabulary shard
+        return None
     try:
         head = engines.inner_module(model).get_output_embeddings()
     except Exception:  # noqa: BLE001
