@@ -157,14 +157,25 @@ def shard_lm_head(model, process_group=None) -> VocabShard:
     return head_shard(head.weight)
 
 
+def _fsdp2_rows(model, weight) -> bool:
+    """True when ``weight``'s row sharding is FSDP2's: between forwards FSDP2 leaves its
+    parameters as DTensors placed Shard(0) on the data-parallel mesh (gathered by the engine's
+    own context), which is no vocabulary shard. Under FSDP2 only a mesh dimension named as
+    tensor-parallel ("tp", as transformers' TP x DP mesh names it) shards the vocabulary."""
+    if not is_dtensor(weight) or not any(isinstance(m, engines._fsdp2_class())
+                                         for m in engines.inner_module(model).modules()):
+        return False
+    from torch.distributed.tensor import Shard
+
+    names = weight.device_mesh.mesh_dim_names
+    row_dims = [d for d, p in enumerate(weight.placements)
+                if type(p) is Shard and p.dim % weight.dim() == 0 and weight.device_mesh.size(d) > 1]
+    return not any(names is not None and "tp" in str(names[d]).lower() for d in row_dims)
+
+
 def model_shard(model) -> Optional[VocabShard]:
     """The vocabulary shard of ``model``'s output head (None: not sharded, or no head)."""
     if model is None:
-        return None
-    if engines.engine_of(model) == "fsdp2" or any(
-            isinstance(m, engines._fsdp2_class()) for m in engines.inner_module(model).modules()):
-        # FSDP2's parameters are DTensors placed Shard(0) on the data-parallel mesh between
-        # forwards: the engine's sharding (gathered by its own context), not a vocabulary shard
         return None
     try:
         head = engines.inner_module(model).get_output_embeddings()
@@ -173,6 +184,8 @@ def model_shard(model) -> Optional[VocabShard]:
     weight = getattr(head, "weight", None)
     if weight is None and hasattr(head, "get_base_layer"):
         weight = getattr(head.get_base_layer(), "weight", None)
+    if weight is not None and _fsdp2_rows(model, weight):
+        return None
     return head_shard(weight) if weight is not None else None
 
 
