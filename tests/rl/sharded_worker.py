@@ -137,6 +137,15 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, bf16=False, p
     empty placeholder parameters)."""
     config_cls = XPOConfig if cls is XPOTrainer else NashMDConfig
     if ref:
+        # full weights even after an earlier ZeRO-3 run of this launch: a ZeRO-3
+        # TrainingArguments still alive (an earlier trainer's) keeps transformers'
+        # is_deepspeed_zero3_enabled() on, and from_config then builds the model under
+        # zero.Init, with other initial weights than one process's (measured: the bf16
+        # equivalence step, run after section 2, sampled other completions: loss 0.396 against
+        # 0.638). The config made below sets its own again.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         policy = tiny_causal_lm(seed=0, tie_word_embeddings=False)
         ref_model = tiny_causal_lm(seed=1, tie_word_embeddings=False)
     # float32 without activation checkpointing (the configs default to TRL's bf16 + checkpointing):
@@ -151,6 +160,10 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, bf16=False, p
     assert args.device is not None
     if not ref:
         policy, ref_model = tiny_causal_lm(seed=0), None
+    # the models were built as the docstring says (whole before the config, or zero.Init-ed
+    # after a ZeRO-3 config)
+    assert any(hasattr(p, "ds_id") for p in policy.parameters()) == (engine == "zero3"
+                                                                      and not ref), engine
 
     peft_config = None
     if peft:  # LoRA on the attention projections; the reference is the base (adapters off)
