@@ -150,6 +150,15 @@ class OnlinePreferenceTrainer(TrainerSetup, Trainer):
                          processing_class=tok, compute_metrics=compute_metrics,
                          callbacks=callbacks, optimizers=optimizers,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        self._engine = engines.engine_of_accelerator(self.accelerator)
+        if args.nonfinite_scores == "skip" and self._engine == "deepspeed":
+            # the correction of an all-dropped micro-batch rescales the accumulated gradient
+            # between the engine's backward and its step; only ZeRO-3's gradient partitions
+            # have a per-rank accessor for that (deepspeed.utils.safe_set_local_grad)
+            raise ValueError("nonfinite_scores='skip' is not supported under DeepSpeed ZeRO "
+                             f"stage {self.accelerator.state.deepspeed_plugin.zero_stage}: a "
+                             "micro-batch whose prompts were all dropped would scale the step "
+                             "down. Use ZeRO stage 3, FSDP or DDP, or nonfinite_scores='raise'")
         self._prepare_reference()
         if self.reward_model is not None:
             self.reward_model.to(self.accelerator.device)
@@ -413,46 +422,73 @@ class OnlinePreferenceTrainer(TrainerSetup, Trainer):
             loss = loss.mean()
         check_finite_loss(loss, int(self.state.global_step))
         loss = loss / self.args.gradient_accumulation_steps
+        skip = self.args.nonfinite_scores == "skip"
         with self._timed("backward"):
-            self.accelerator.backward(loss)
-        if self.args.nonfinite_scores == "skip":
-            self._rescale_for_dropped_micro_batches(model)
-        return loss.detach()
+            if self._engine in ("zero3", "deepspeed"):
+                factor = self._deepspeed_backward(loss, skip)
+            else:
+                self.accelerator.backward(loss)
+                factor = self._skip_window_factor() if skip else 1.0
+                if factor != 1.0:
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(factor)
+        return self._logged_loss(loss.detach(), factor) if skip else loss.detach()
 
-    def _rescale_for_dropped_micro_batches(self, model) -> None:
+    def _deepspeed_backward(self, loss: torch.Tensor, skip: bool) -> float:
+        """What accelerate's DeepSpeed backward does (the accumulation boundary, the engine's
+        backward, at the boundary the engine's step), with the loss already divided by the
+        accumulation steps (``scale_wrt_gas=False``, as ``transformers.Trainer``: DeepSpeed would
+        divide it again) and, in "skip" mode, the accumulated gradient rescaled between the
+        boundary's backward and the step (:meth:`_skip_window_factor`; ZeRO-3's fp32 gradient
+        partitions, DeepSpeed's own accessors). Returns the factor applied (1.0: none)."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        boundary = self.accelerator.sync_gradients
+        engine.set_gradient_accumulation_boundary(is_boundary=boundary)
+        engine.backward(loss, scale_wrt_gas=False)
+        factor = self._skip_window_factor() if skip else 1.0
+        if factor != 1.0:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+            for p in engine.module.parameters():
+                if p.requires_grad:
+                    safe_set_local_grad(p, safe_get_local_grad(p) * factor)
+        if boundary:
+            engine.step()
+        return factor
+
+    def _skip_window_factor(self) -> float:
         """``nonfinite_scores="skip"``: a micro-batch whose prompts were all dropped contributes
         no gradient (its loss is 0), but the others were divided by the full number of
-        micro-batches. At the last micro-batch of the accumulation window (after the backward:
-        the gradients are reduced, nothing clipped or stepped yet) the accumulated gradient is
-        multiplied by ``micro-batches / non-empty micro-batches``, counted over all processes,
-        so it is the mean over the micro-batches that had data. (One small all-reduce per
-        optimizer step, in "skip" mode only.) Under DeepSpeed the engine steps inside its
-        backward: there the scale cannot be corrected, and a warning says so once."""
+        micro-batches. Counted over the accumulation window and all processes (one small
+        all-reduce at its last micro-batch, after the backward: the gradients are reduced,
+        nothing clipped or stepped yet), the factor ``micro-batches / non-empty micro-batches``
+        that makes the accumulated gradient the mean over the micro-batches that had data; 1.0
+        before the window's last micro-batch and when none (or every one) was empty."""
         keep = self._keep
         empty = keep is not None and not bool(keep.any())
         self._window = getattr(self, "_window", [0, 0])
         self._window[0] += 1
         self._window[1] += 0 if empty else 1
         if not self.accelerator.sync_gradients:
-            return
+            return 1.0
         counts = torch.tensor(self._window, dtype=torch.float32, device=self.accelerator.device)
         self._window = [0, 0]
         counts = self.accelerator.reduce(counts, reduction="sum")
         total, nonempty = float(counts[0]), float(counts[1])
-        if nonempty in (0.0, total):
-            return
-        if engines.engine_of(model) in ("zero3", "deepspeed"):
-            if not getattr(self, "_skip_scale_warned", False):
-                self._skip_scale_warned = True
-                warnings.warn(f"nonfinite_scores='skip': {int(total - nonempty)} of {int(total)} "
-                              "micro-batches of this step had every prompt dropped; under "
-                              "DeepSpeed their zero gradient is averaged in (the step is "
-                              "scaled by the fraction of micro-batches with data)", UserWarning)
-            return
-        factor = total / nonempty
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(factor)
+        return 1.0 if nonempty in (0.0, total) else total / nonempty
+
+    def _logged_loss(self, loss: torch.Tensor, factor: float) -> torch.Tensor:
+        """The value ``transformers.Trainer`` adds up for its ``loss`` log ("skip" mode): the
+        window's returns sum to ``factor`` times this rank's summed micro-batch losses, so that
+        the logged loss (their mean over the processes) is the mean over the non-empty
+        micro-batches, as the gradient is, not averaged with the dropped ones' zeros. A step
+        whose every micro-batch was dropped logs 0 (no gradient either)."""
+        self._window_loss = getattr(self, "_window_loss", 0.0) + loss
+        if not self.accelerator.sync_gradients:
+            return loss
+        window, self._window_loss = self._window_loss, 0.0
+        return loss + (factor - 1.0) * window
 
     def _warn_long_prompts(self, inputs) -> None:
         """Prompts longer than ``max_length - max_new_tokens`` tokens are truncated from the left

@@ -14,7 +14,9 @@ One launch does all the checks of its engine (a launch costs ~15-25 s of start-u
      with the default reference (the mixture / reference generation under the engine's bf16
      units crashed on FSDP1); on FSDP2 and ZeRO-3 also a LoRA (PEFT) Nash-MD step, the
      reference being the base model with the adapters disabled;
-  4. no fallback warning, the fused head used (``_nashkern_separable``) in every run.
+  4. ZeRO-3 only: ``nonfinite_scores="skip"`` with an all-dropped micro-batch per rank
+     (:func:`skip_mode_run`), and ZeRO-2 refusing skip mode at construction;
+  5. no fallback warning, the fused head used (``_nashkern_separable``) in every run.
 
 ENGINE ``ddp``: no plugin (accelerate's MULTI_CPU DDP), the same checks.
 """
@@ -36,15 +38,16 @@ from nashkern.rl import engines  # noqa: E402
 PROMPTS = ["hi", "the quick brown fox", "a", "one two three four five"]
 
 
-def in_order(Trainer, **kw):
-    """``Trainer(**kw)`` with the tiny tokenizer and :data:`PROMPTS` read in order: rank r gets
-    prompts [2r, 2r + 1], the halves of one process's batch."""
+def in_order(Trainer, prompts=PROMPTS, **kw):
+    """``Trainer(**kw)`` with the tiny tokenizer and ``prompts`` (:data:`PROMPTS`) read in order:
+    with 2 prompts per device, rank r gets batches r, r + 2, ... (prompts [2r, 2r + 1] of
+    PROMPTS: the halves of one process's batch)."""
     class Sequential(Trainer):
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     return Sequential(processing_class=make_tokenizer(),
-                      train_dataset=Dataset.from_dict({"prompt": PROMPTS}), **kw)
+                      train_dataset=Dataset.from_dict({"prompt": list(prompts)}), **kw)
 
 
 def start_worker(timeout_s: float) -> None:
@@ -76,6 +79,10 @@ def engine_args(engine, orig_params=False):
     is a 1-D shard)."""
     if engine in (None, "ddp"):  # ddp: accelerate's own MULTI_CPU set-up (no plugin)
         return {}
+    if engine == "zero2":  # only constructed (skip_mode_run: refused at construction)
+        return dict(deepspeed={"zero_optimization": {"stage": 2},
+                               "train_micro_batch_size_per_gpu": "auto",
+                               "gradient_accumulation_steps": "auto"})
     if engine == "zero3":
         return dict(deepspeed={
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
@@ -129,7 +136,7 @@ def force_engine():
 
 
 def make_trainer(cls, engine, out, *, ref=None, orig_params=False, bf16=False, peft=False,
-                 **kw):
+                 prompts=PROMPTS, reward_funcs=reward, **kw):
     """With ``ref``: the models are built before the config (full weights, the same as one
     process: under ZeRO-3 the engine partitions them), untied heads (a tied tiny model greedily
     repeats its last token, policy and reference alike) and a distinct reference. Without: the
@@ -171,8 +178,8 @@ def make_trainer(cls, engine, out, *, ref=None, orig_params=False, bf16=False, p
 
         peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                                  target_modules=["q_proj", "v_proj"])
-    return in_order(cls, model=policy, ref_model=ref_model, reward_funcs=reward, args=args,
-                    peft_config=peft_config)
+    return in_order(cls, prompts, model=policy, ref_model=ref_model, reward_funcs=reward_funcs,
+                    args=args, peft_config=peft_config)
 
 
 def _local(p):
@@ -292,6 +299,44 @@ def mixed_precision_run(engine, out):
     return res
 
 
+#: skip_mode_run's prompts whose rewards are NaN (nonfinite_scores="skip" drops them)
+DROPPED = ["xyz", "count 1 2 3", "zz top", "qq"]
+
+
+def dropped_nan_reward(prompts, completions, completion_ids=None, **kw):
+    return [float("nan") if p in DROPPED else r
+            for p, r in zip(prompts, reward(prompts, completions))]
+
+
+def skip_mode_run(engine, out):
+    """nonfinite_scores="skip" with 2 micro-batches per step, each rank's second one having
+    every prompt dropped (the dataset PROMPTS + DROPPED read in order: rank r gets PROMPTS'
+    [2r, 2r + 1], then DROPPED's), against the same step without the dropped micro-batches
+    (accumulation 1, PROMPTS): the update (SGD at lr 1: the gradient) and the logged loss must
+    be the same. Under DeepSpeed this also checks the accumulation scaling (the engine's
+    backward must not divide the loss by the accumulation steps again). ZeRO-3 only: ZeRO 0-2
+    refuses skip mode at construction (the message is returned)."""
+    res = {}
+    for name, prompts, accumulation in (("plain", PROMPTS, 1),
+                                        ("dropped", PROMPTS + DROPPED, 2)):
+        tr = make_trainer(NashMDTrainer, engine, out, ref=True, per_device_train_batch_size=2,
+                          prompts=prompts, reward_funcs=dropped_nan_reward,
+                          nonfinite_scores="skip", gradient_accumulation_steps=accumulation,
+                          **EQUIVALENCE)
+        tr.train()
+        log = [h for h in tr.state.log_history if "loss/kl" in h][0]
+        res[name] = dict(loss=log["loss"], loss_score=log["loss/score"],
+                         nonfinite=log.get("scores/nonfinite_count", 0.0),
+                         params=full_params(tr))
+    if engine == "zero3":
+        try:
+            make_trainer(NashMDTrainer, "zero2", out, nonfinite_scores="skip", max_steps=1)
+            res["zero2_error"] = None
+        except ValueError as e:
+            res["zero2_error"] = str(e)
+    return res
+
+
 def main(engine, out):
     start_worker(360)
     force_engine()
@@ -337,6 +382,12 @@ def main(engine, out):
         # the default reference; with PEFT (FSDP2, ZeRO-3) a LoRA Nash-MD step
         result["bf16"] = mixed_precision_run(engine, out)
         params_bf16 = result["bf16"].pop("params")
+        # 4. nonfinite_scores="skip" with an all-dropped micro-batch (ZeRO-3: the engine steps
+        # inside its backward, nashkern corrects the gradient there)
+        if engine == "zero3":
+            skip = skip_mode_run(engine, out)
+            params_skip = {k: skip[k].pop("params") for k in ("plain", "dropped")}
+            result["skip"] = skip
     result["fallback_warnings"] = [str(w.message) for w in caught
                                    if "chunked logits" in str(w.message)
                                    or "separated" in str(w.message)]
@@ -346,6 +397,8 @@ def main(engine, out):
     if rank == 0:
         torch.save(params, os.path.join(out, "params.pt"))
         torch.save(params_bf16, os.path.join(out, "params_bf16.pt"))
+        if engine == "zero3":
+            torch.save(params_skip, os.path.join(out, "params_skip.pt"))
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f)
     dist.barrier()

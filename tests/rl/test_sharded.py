@@ -67,8 +67,10 @@ def _launch(engine, out, worker="sharded_worker.py"):
     assert proc.returncode == 0, "\n".join(errors[:20]) + "\n" + log[-3000:]
     if worker != "sharded_worker.py":
         return None
-    return (json.loads((out / "result.json").read_text()), torch.load(out / "params.pt"),
-            torch.load(out / "params_bf16.pt"))
+    extra = {"params_skip": torch.load(out / "params_skip.pt")} \
+        if (out / "params_skip.pt").exists() else {}
+    return (dict(json.loads((out / "result.json").read_text()), **extra),
+            torch.load(out / "params.pt"), torch.load(out / "params_bf16.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +129,8 @@ def test_sharded_engine_matches_one_process(engine, tmp_path, one_process):
         for k, v in one_process["stats"].items():
             torch.testing.assert_close(torch.tensor(rank_stats[k]), v, rtol=1e-4, atol=1e-5)
     _check_bf16(engine, res["bf16"], params_bf16, one_process)
+    if engine == "zero3":
+        _check_skip_mode(res["skip"], res["params_skip"], one_process["before"])
     if engine == "ddp":
         return  # the rest is about sharded generation and a sharded reference
     # the regression run: ranks finished their generations at different steps (unsynchronised
@@ -167,6 +171,30 @@ def _check_bf16(engine, res, params, one_process):
         # adapters disabled) gives KL 0 at the first step
         assert peft["first_kl"] == pytest.approx(0.0, abs=1e-6), peft
         assert peft["lora_local"] > 0 and peft["lora_moved"] > 0, peft
+
+
+def _check_skip_mode(res, params, before):
+    """ZeRO-3, nonfinite_scores="skip": each rank's second micro-batch had every prompt dropped;
+    the update and the logged loss equal the step without those micro-batches (accumulation 1):
+    the engine's gradient was rescaled between its backward and its step, and the loss was not
+    divided by the accumulation steps twice (either is a factor of 2: float32 tolerance as
+    above). ZeRO-2 refuses skip mode at construction."""
+    plain, dropped = res["plain"], res["dropped"]
+    # per micro-batch, summed over the ranks (0, then 2 + 2), averaged over the 2 micro-batches
+    assert dropped["nonfinite"] == pytest.approx(2.0)
+    assert plain["nonfinite"] == 0.0
+    # the Trainer's loss log (rounded to 4 digits by transformers) and the loss/* metrics
+    assert abs(plain["loss"]) > 1e-2, plain
+    assert dropped["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=2e-4)
+    assert dropped["loss_score"] == pytest.approx(plain["loss_score"], rel=1e-4, abs=1e-6)
+    ref, got = params["plain"], params["dropped"]
+    assert ref.keys() == got.keys() == before.keys()
+    assert max(float((ref[k] - before[k]).abs().max()) for k in ref) > 0.1  # a real update
+    for k in ref:
+        torch.testing.assert_close(got[k] - before[k], ref[k] - before[k], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"skip mode {k}: {m}")
+    assert "nonfinite_scores='skip' is not supported under DeepSpeed ZeRO stage 2" \
+        in res["zero2_error"], res["zero2_error"]
 
 
 def test_single_process_engine_helpers():

@@ -362,8 +362,8 @@ def test_skip_all_dropped_micro_batch_neither_scales_gradient_nor_logs_zero_loss
                                                                                  tmp_path):
     """nonfinite_scores='skip', 2 micro-batches per step, the second with every prompt dropped:
     the update equals the one from the first micro-batch alone (accumulation 1, the same
-    prompts: SGD at lr 1 makes the update the gradient), and the logged loss/* are the first
-    micro-batch's, not averaged with zeros. completions.jsonl stays strict JSON (null, not
+    prompts: SGD at lr 1 makes the update the gradient), and the logged loss and loss/* are the
+    first micro-batch's, not averaged with zeros. completions.jsonl stays strict JSON (null, not
     NaN)."""
     from nashkern.rl.callbacks import LogCompletionsCallback
 
@@ -399,6 +399,11 @@ def test_skip_all_dropped_micro_batch_neither_scales_gradient_nor_logs_zero_loss
     assert log["scores/nonfinite_count"] == pytest.approx(1.0)  # 2 dropped / 2 micro-batches
     for k in [k for k in ref_log if k.startswith("loss/")]:
         assert log[k] == pytest.approx(ref_log[k], rel=1e-4, abs=1e-6), k
+    # the Trainer's own loss log (rounded to 4 digits by transformers): the first micro-batch's,
+    # not its mean with the dropped one's 0 (half of it)
+    assert abs(ref_log["loss"]) > 1e-2, ref_log
+    assert log["loss"] == pytest.approx(ref_log["loss"], rel=1e-4, abs=2e-4)
+    assert tr.state.log_history[-1]["train_loss"] == pytest.approx(ref_log["loss"], rel=1e-3)
     lines = (tmp_path / "two" / "completions.jsonl").read_text().splitlines()
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
             for line in lines]
