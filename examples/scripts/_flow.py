@@ -26,7 +26,9 @@ output folder ``pythia-1b-tldr-nash-md``, ``-xpo`` or ``-online-dpo``)::
 
 LoRA: add ``--use_peft --lora_r 16 --lora_alpha 32``. Under accelerate: ``accelerate launch
 --config_file examples/accelerate/<engine>.yaml examples/scripts/<method>.py ...``.
-tests/rl/test_user_paths.py runs these commands on tiny local checkpoints."""
+TRL's PairRM commands replace ``--reward_model_path`` with ``--judge pair_rm`` (needs
+``pip install llm-blender``). tests/rl/test_user_paths.py runs these commands on tiny local
+checkpoints (the PairRM ones with a local stand-in for llm-blender's ranker)."""
 from __future__ import annotations
 
 import sys

@@ -232,6 +232,124 @@ def test_example_script_documented_command(name, tmp_path, script_inputs, local_
     assert weights <= set(os.listdir(pushed)), sorted(os.listdir(pushed))
 
 
+class FakeBlender:
+    """Stand-in for ``llm_blender.Blender`` with PairRM loaded (no hub), with the API TRL's
+    PairRMJudge (and nashkern's) calls: ``loadranker(name, device=...)``, then
+    ``rank(prompts, candidates, return_scores=..., disable_tqdm=True)`` -> a numpy array
+    [N, candidates]: PairRM's scores (logits, higher = better) with ``return_scores=True``, else
+    the ranks (1 = best). The score of a completion is :meth:`score` (a fixed text function),
+    so the test can recompute every preference."""
+
+    instances = []
+
+    def __init__(self):
+        self.loaded, self.calls = [], []
+        FakeBlender.instances.append(self)
+
+    def loadranker(self, name, device=None, **kw):
+        self.loaded.append((name, str(device)))
+
+    @staticmethod
+    def score(text):
+        return (sum(map(ord, text)) % 17) / 4.0 + len(text) / 1000.0
+
+    def rank(self, inputs, candidates, instructions=None, return_scores=False, batch_size=8,
+             disable_tqdm=False, **kw):
+        import numpy as np
+
+        assert self.loaded, "rank() before loadranker()"
+        assert len(inputs) == len(candidates) and all(isinstance(p, str) for p in inputs)
+        self.calls.append((list(inputs), [list(c) for c in candidates], return_scores))
+        scores = np.array([[self.score(c) for c in cands] for cands in candidates])
+        if return_scores:
+            return scores
+        return (-scores).argsort(-1).argsort(-1) + 1  # rank 1: the highest score
+
+
+@pytest.fixture
+def fake_llm_blender(monkeypatch):
+    import types
+
+    module = types.ModuleType("llm_blender")
+    module.Blender = FakeBlender
+    monkeypatch.setitem(sys.modules, "llm_blender", module)
+    FakeBlender.instances = []
+    return FakeBlender
+
+
+# TRL's documented PairRM commands (docs of the Nash-MD / XPO trainers; Online DPO's alike):
+# --judge pair_rm on trl-lib/ultrafeedback-prompt (conversational prompts), no reward model
+JUDGE_COMMAND = ["--judge", "pair_rm", "--learning_rate", "5.0e-7", "--logging_steps", "25",
+                 "--warmup_ratio", "0.1", "--push_to_hub"]
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_example_script_pair_rm_judge_command(name, tmp_path, script_inputs, local_hub,
+                                              fake_llm_blender, monkeypatch):
+    """``python examples/scripts/<name>.py --model_name_or_path … --judge pair_rm --dataset_name
+    <conversational prompts> … --push_to_hub`` with a local stand-in for llm-blender's PairRM
+    (FakeBlender): the judge is loaded as PairRM, asked about every step's completion pairs
+    (with scores for Nash-MD's preference probability, ranks for XPO / Online DPO's choice),
+    and the trainer's preferences are the stand-in's, mapped back through the judge's random
+    order shuffling; the model is saved and pushed with its card."""
+    from nashkern.rl.online import OnlinePreferenceTrainer
+
+    policy, _, _ = script_inputs
+    data = tmp_path / "ultrafeedback-prompt"
+    data.mkdir()
+    for split, rows in (("train", PROMPTS[:4]), ("test", PROMPTS[4:])):
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in rows))
+    made = []
+    real_init = OnlinePreferenceTrainer.__init__
+
+    def recording_init(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(OnlinePreferenceTrainer, "__init__", recording_init)
+    out = tmp_path / f"tiny-{name}-pair-rm"
+    _run_script(name, ["--model_name_or_path", str(policy), "--dataset_name", str(data),
+                       "--output_dir", str(out), "--per_device_train_batch_size", "2",
+                       "--max_steps", "1", "--max_new_tokens", "4", "--use_cpu",
+                       "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+                       *JUDGE_COMMAND], monkeypatch)
+    (blender,) = fake_llm_blender.instances
+    assert [n for n, _ in blender.loaded] == ["llm-blender/PairRM"]
+    (trainer,) = made
+    assert type(trainer.judge).__name__ == "PairRMJudge" and trainer.reward_funcs is None
+    # one step of 2 prompts: one judge call on their 2 pairs (shuffled within each pair)
+    (prompts, candidates, return_scores), = blender.calls
+    assert len(prompts) == 2 and all(len(c) == 2 for c in candidates)
+    assert return_scores == (name == "nash_md")
+    rows = trainer.last_samples
+    assert len(rows) == 2
+    score = fake_llm_blender.score
+    flipped = []
+    for row, cands in zip(rows, candidates):
+        if name == "nash_md":
+            first, second = row["policy"], row["mixture"]
+            # P(policy preferred): PairRM's scores as logits, softmax over the pair
+            want = 1.0 / (1.0 + math.exp(score(second) - score(first)))
+            assert row["probability"] == pytest.approx(want, rel=1e-5), row
+        else:
+            first, second = ((row["policy"], row["reference"]) if name == "xpo"
+                             else (row["completion_1"], row["completion_2"]))
+            assert score(first) != score(second), row  # a decided pair (no tie)
+            first_wins = score(first) > score(second)
+            assert row["chosen"] == (("policy" if first_wins else "reference") if name == "xpo"
+                                     else (1 if first_wins else 2)), row
+        assert sorted(cands) == sorted([first, second])  # the pair the judge saw
+        flipped.append(cands != [first, second])
+    # the judge showed a pair in swapped order (its shuffle_order, numpy's RNG seeded by the
+    # Trainer): the preference above went through its un-swapping
+    assert any(flipped), flipped
+    pushed = tmp_path / "hub" / "local-user" / f"tiny-{name}-pair-rm"
+    _check_card((pushed / "README.md").read_text(), name,
+                base=f"`{policy}` (a local checkpoint)")
+    assert "model.safetensors" in os.listdir(pushed)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. bad inputs that used to crash mid-step
 # ------------------------------------------------------------------------------------------------
