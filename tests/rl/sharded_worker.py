@@ -1,7 +1,8 @@
 """Run by tests/rl/test_sharded.py under `accelerate launch` (2 CPU processes, gloo), one launch per
 engine: ``python sharded_worker.py ENGINE OUT_DIR`` with ENGINE in fsdp1, fsdp2, zero3.
 
-One launch does all the checks of its engine (a launch costs ~15-25 s of start-up):
+One launch does all the checks of its engine(s) (a launch costs ~15-25 s of start-up; ENGINE
+may name several, joined by "+", checked one after the other in the same processes):
   1. one Nash-MD step with an explicit reference, greedy generation (top_k=1: the samples do not
      depend on the per-rank generator) and SGD, ranks holding different prompts: the loss, the
      updated parameters and completion_stats after the step are written for the test to compare
@@ -337,10 +338,14 @@ def skip_mode_run(engine, out):
     return res
 
 
-def main(engine, out):
+def main(engine_list, out):
+    """Every check of each engine of ``engine_list`` ("fsdp2", or several joined by "+", e.g.
+    "ddp+fsdp1": one launch's start-up, ~2/3 of a launch's CPU time, shared), one after the
+    other; the results of ENGINE in OUT_DIR/result_ENGINE.json, params_ENGINE.pt,
+    params_bf16_ENGINE.pt (ZeRO-3: params_skip_ENGINE.pt)."""
     start_worker(360)
     force_engine()
-    if engine == "zero3":
+    if "zero3" in engine_list.split("+"):
         # zero.Init (models built after a ZeRO-3 config) needs deepspeed.comm up; accelerate
         # starts it only on its non-CPU DeepSpeed path
         # (without DeepSpeed's shared-memory CPU all-reduce: a C++ op JIT-compiled at start-up,
@@ -350,6 +355,11 @@ def main(engine, out):
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
+    for engine in engine_list.split("+"):
+        run_engine(engine, out)
+
+
+def run_engine(engine, out):
     rank = int(os.environ.get("RANK", 0))
     result = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -371,7 +381,7 @@ def main(engine, out):
                                                                   "kl", "entropy")}
         result["fused"] = bool(getattr(engines.inner_module(tr.model_wrapped),
                                        "_nashkern_separable", False))
-        params = full_params(tr)
+        params = {"params": full_params(tr)}
         # 2. the regression: different prompts per rank, long sampled generations, the
         # default reference (a copy of the policy), Nash-MD then XPO (sharded engines: DDP's
         # generation is not a collective)
@@ -381,12 +391,12 @@ def main(engine, out):
         # bf16 parameter / compute policies): the equivalence step again, then 1 XPO step with
         # the default reference; with PEFT (FSDP2, ZeRO-3) a LoRA Nash-MD step
         result["bf16"] = mixed_precision_run(engine, out)
-        params_bf16 = result["bf16"].pop("params")
+        params["params_bf16"] = result["bf16"].pop("params")
         # 4. nonfinite_scores="skip" with an all-dropped micro-batch (ZeRO-3: the engine steps
         # inside its backward, nashkern corrects the gradient there)
         if engine == "zero3":
             skip = skip_mode_run(engine, out)
-            params_skip = {k: skip[k].pop("params") for k in ("plain", "dropped")}
+            params["params_skip"] = {k: skip[k].pop("params") for k in ("plain", "dropped")}
             result["skip"] = skip
     result["fallback_warnings"] = [str(w.message) for w in caught
                                    if "chunked logits" in str(w.message)
@@ -395,11 +405,9 @@ def main(engine, out):
     dist.all_gather_object(stats, result["stats"])
     result["stats"] = stats
     if rank == 0:
-        torch.save(params, os.path.join(out, "params.pt"))
-        torch.save(params_bf16, os.path.join(out, "params_bf16.pt"))
-        if engine == "zero3":
-            torch.save(params_skip, os.path.join(out, "params_skip.pt"))
-        with open(os.path.join(out, "result.json"), "w") as f:
+        for name, value in params.items():
+            torch.save(value, os.path.join(out, f"{name}_{engine}.pt"))
+        with open(os.path.join(out, f"result_{engine}.json"), "w") as f:
             json.dump(result, f)
     dist.barrier()
 

@@ -1,7 +1,7 @@
 """Sharded engines through `accelerate launch` on the CPU (2 processes, gloo): FSDP1, FSDP2,
 DeepSpeed ZeRO-3 (stage3_param_persistence_threshold=0: no weight kept whole), and DDP. One
-launch per engine runs every check of tests/rl/sharded_worker.py (a launch costs ~15-25 s of
-start-up alone), in float32 and in bf16 mixed precision (the configs' default bf16=True), with a
+launch per engine (DDP's shares FSDP1's: LAUNCH_OF) runs every check of
+tests/rl/sharded_worker.py (a launch costs ~15-25 s of start-up alone), in float32 and in bf16 mixed precision (the configs' default bf16=True), with a
 LoRA step on FSDP2 and ZeRO-3.
 
 Compared with one process on the same data (the 4 prompts of both ranks in one batch, the same
@@ -65,12 +65,35 @@ def _launch(engine, out, worker="sharded_worker.py"):
                     + log[-3000:])
     errors = [line for line in log.splitlines() if "Error" in line and "rank" in line]
     assert proc.returncode == 0, "\n".join(errors[:20]) + "\n" + log[-3000:]
-    if worker != "sharded_worker.py":
-        return None
-    extra = {"params_skip": torch.load(out / "params_skip.pt")} \
-        if (out / "params_skip.pt").exists() else {}
-    return (dict(json.loads((out / "result.json").read_text()), **extra),
-            torch.load(out / "params.pt"), torch.load(out / "params_bf16.pt"))
+
+
+#: the launch each engine's checks run in: DDP shares FSDP1's processes (one launch's start-up,
+#: measured ~2/3 of a launch's CPU time on this 2-core machine: two workers importing torch,
+#: transformers, datasets, peft, ~7 s each, plus the launcher); DDP first, with no plugin, so
+#: that no forced FSDP state can leak into it (each run asserts the engine it got)
+LAUNCH_OF = {"fsdp2": "fsdp2", "fsdp1": "ddp+fsdp1", "ddp": "ddp+fsdp1", "zero3": "zero3"}
+
+
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory):
+    """``get(engine) -> (result, params, params_bf16)``: the worker's output for ``engine``,
+    launching its LAUNCH_OF entry once per module."""
+    done = {}
+
+    def get(engine):
+        spec = LAUNCH_OF[engine]
+        if spec not in done:
+            out = tmp_path_factory.mktemp(spec.replace("+", "_"))
+            _launch(spec, out)
+            done[spec] = out
+        out = done[spec]
+        res = json.loads((out / f"result_{engine}.json").read_text())
+        if (out / f"params_skip_{engine}.pt").exists():
+            res["params_skip"] = torch.load(out / f"params_skip_{engine}.pt")
+        return res, torch.load(out / f"params_{engine}.pt"), \
+            torch.load(out / f"params_bf16_{engine}.pt")
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +123,12 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "fsdp1", "zero3", "ddp"])
-def test_sharded_engine_matches_one_process(engine, tmp_path, one_process):
+def test_sharded_engine_matches_one_process(engine, engine_results, one_process):
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="ZeRO-3 needs deepspeed (make install has it)")
     if engine in ("fsdp2", "zero3"):
         pytest.importorskip("peft", reason="the LoRA step needs peft (make install has it)")
-    res, params, params_bf16 = _launch(engine, tmp_path)
+    res, params, params_bf16 = engine_results(engine)
     # the engine really ran (accelerate on the CPU would silently fall back to DDP)
     ref_engine = "single" if engine == "ddp" else engine  # DDP: the frozen reference as is
     assert res["world"] == 2 and res["engine"] == engine and res["ref_engine"] == ref_engine
