@@ -1,8 +1,9 @@
-"""Run by tests/rl/test_sharded.py under `accelerate launch` (2 CPU processes, gloo), one launch per
-engine: ``python sharded_worker.py ENGINE OUT_DIR`` with ENGINE in fsdp1, fsdp2, zero3.
+"""Run by tests/rl/test_sharded.py under `accelerate launch` (2 CPU processes, gloo):
+``python sharded_worker.py ENGINES OUT_DIR`` with ENGINES one of ddp, fsdp1, fsdp2, zero3 or
+several joined by "+" (test_sharded launches "ddp+fsdp1+fsdp2+zero3": one start-up for all).
 
-One launch does all the checks of its engine(s) (a launch costs ~15-25 s of start-up; ENGINE
-may name several, joined by "+", checked one after the other in the same processes):
+Each engine gets all of these checks, one engine after the other in the same processes (a
+launch costs ~15-25 s of start-up):
   1. one Nash-MD step with an explicit reference, greedy generation (top_k=1: the samples do not
      depend on the per-rank generator) and SGD, ranks holding different prompts: the loss, the
      updated parameters and completion_stats after the step are written for the test to compare
@@ -343,9 +344,15 @@ def main(engine_list, out):
     "ddp+fsdp1": one launch's start-up, ~2/3 of a launch's CPU time, shared), one after the
     other; the results of ENGINE in OUT_DIR/result_ENGINE.json, params_ENGINE.pt,
     params_bf16_ENGINE.pt (ZeRO-3: params_skip_ENGINE.pt)."""
-    start_worker(360)
+    start_worker(540)
     force_engine()
-    if "zero3" in engine_list.split("+"):
+    for engine in engine_list.split("+"):
+        run_engine(engine, out)
+
+
+def run_engine(engine, out):
+    """Sections 1-5 (the module docstring) on ``engine``; the results written into ``out``."""
+    if engine == "zero3":
         # zero.Init (models built after a ZeRO-3 config) needs deepspeed.comm up; accelerate
         # starts it only on its non-CPU DeepSpeed path
         # (without DeepSpeed's shared-memory CPU all-reduce: a C++ op JIT-compiled at start-up,
@@ -355,11 +362,6 @@ def main(engine_list, out):
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
-    for engine in engine_list.split("+"):
-        run_engine(engine, out)
-
-
-def run_engine(engine, out):
     rank = int(os.environ.get("RANK", 0))
     result = {}
     with warnings.catch_warnings(record=True) as caught:
