@@ -340,8 +340,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
         next_pos = pos[:, -1:]
         for step in range(params.max_new_tokens):
             c = coef if use_ref else 0.0
-            sampled = tp.sample(z, r, c, params, seen, generator, sample_next) if tp.active \
-                else sample_next(z, r, c, params, seen, generator)
+            sampled = tp.sample(z, r, c, params, seen, generator, sample_next)
             bad = (sampled < 0) | (sampled >= vocab)
             tok = torch.where(finished, torch.full_like(sampled, pad_token_id), sampled)
             tokens.append(tok)
@@ -458,8 +457,12 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
     B, device = input_ids.shape[0], input_ids.device
     P = 2 * B if second_uses_policy else B  # the policy's rows
     twice = torch.cat([torch.arange(B, device=device)] * 2)
+    # vocabulary-sharded heads (tensor parallelism): local logit columns, the sharded sampler
+    # (every row of both samples; no [rows, V] all-gather per token)
+    tp = GenerationShards(model, ref_model if use_ref else None)
+    synced_gpus = synced_gpus or tp.active  # every forward of a tensor-parallel model is a collective
     with _eval_mode(model, ref_model if use_ref else None), \
-            (gather_context or contextlib.nullcontext)():
+            (gather_context or contextlib.nullcontext)(), tp.context():
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         slots = input_ids.shape[1] + params.max_new_tokens
         cache = _new_cache(model, cache_implementation, slots)
@@ -475,7 +478,8 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
         r, ref_cache = (_prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos,
                                            cache_implementation, slots)
                         if use_ref else (None, None))
-        vocab = z.shape[-1]
+        r = tp.reference(r)
+        vocab = tp.vocab(z)
         seen = _prompt_tokens(params, input_ids, attention_mask, vocab)
         if seen is not None:
             seen = seen[twice]  # [2B]: y rows, then y′ rows
@@ -487,7 +491,7 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
         rows = (slice(0, B), slice(B, 2 * B))
         for step in range(params.max_new_tokens):
             if joint:
-                sampled = sample_next(z, None, 0.0, params, seen, generator)
+                sampled = tp.sample(z, None, 0.0, params, seen, generator, sample_next)
             else:
                 parts = []
                 for g, (sl, gen) in enumerate(((rows[0], generator), (rows[1], second_generator))):
@@ -503,8 +507,8 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
                         pz, pr, c = r, None, 0.0  # as generate(ref_model, ...) samples
                     else:
                         pz, pr, c = z[B:], r, coef
-                    parts.append(sample_next(pz, pr, c, params,
-                                             None if seen is None else seen[sl], gen))
+                    parts.append(tp.sample(pz, pr, c, params,
+                                           None if seen is None else seen[sl], gen, sample_next))
                 sampled = torch.cat(parts)
             bad = (sampled < 0) | (sampled >= vocab)
             tok = torch.where(finished, torch.full_like(sampled, pad_token_id), sampled)
@@ -539,6 +543,7 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
                 with ref_ctx():
                     r, ref_cache = _forward_last_logits(ref_model, tok[B:, None], attention_mask,
                                                         next_pos, ref_cache)
+                r = tp.reference(r)
     completion_ids = torch.stack(tokens, 1)
     completion_mask = torch.stack(masks, 1).long()
     prompt_mask = attention_mask[:, : input_ids.shape[1]]

@@ -319,7 +319,9 @@ class GenerationShards:
                generator, whole_rows: Callable) -> Tensor:
         """Global ids ``[B]``: the sharded two-pass sampler for plain sampling; ``whole_rows``
         (the one-process ``sample_next``) on all-gathered rows for greedy decoding and logits
-        processors (they need whole rows)."""
+        processors (they need whole rows). Not sharded: ``whole_rows`` on ``z``, ``r``."""
+        if not self.active:
+            return whole_rows(z, r, coef, params, seen, generator)
         if params.do_sample and not params.has_processors:
             return mixture_sample_vocab_parallel.mixture_sample(
                 z, z if r is None else r, coef=0.0 if r is None else coef,

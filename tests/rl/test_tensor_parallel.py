@@ -75,15 +75,20 @@ def _same_step(got, want, params, want_params):
             torch.testing.assert_close(params[k], want_params[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def _head_properties(res, rows_per_rank, world):
-    """No [N, V] / [B, T, V] / [N, V_r] allocation; the head's forward communicating O(N)."""
+def _head_properties(res, rows_per_rank, sharded_sampler=True):
+    """No [N, V] / [B, T, V] / [N, V_r] allocation on this rank; the head's forward
+    communicating O(N); generation's collectives O(rows) per token (``sharded_sampler``: the
+    sampled run, whose every token goes through the sharded sampler)."""
     from tp_worker import MAX_NEW, VOCAB
 
-    # per-token rows of the sampler, 1-D vectors; generate_pair (policy and mixture samples in
-    # one loop, issue 24) does not use the sharded sampler yet: it all-gathers [2B, 1, V] rows
-    # per token (its all-gather buffer [P * 2B, 1, V_r]; per-token rows still, never N or B*T)
+    # Per-token logit rows only: generate_pair (issue 24) decodes the policy's 2B rows (y, then
+    # y′) in one loop, so a row block is <= 2B rows of this rank's V_r columns; never N = B*T
+    # rows (the statistics' tiles are 8 x 8: tp_worker.small_tiles).
     for shape, op in res["vocab_shaped"]:
-        assert torch.Size(shape[:-1]).numel() <= 2 * rows_per_rank * world, (shape, op)
+        assert torch.Size(shape[:-1]).numel() <= 2 * rows_per_rank, (shape, op)
+    if sharded_sampler:
+        # ... and no [rows, V] at all: the sharded sampler never gathers a full row
+        assert all(shape[-1] != VOCAB for shape, _ in res["vocab_shaped"]), res["vocab_shaped"]
     # ... while the model's own forward (transformers' colwise_gather_output) is seen gathering
     # [1, T, V]: the recorder sees through the DTensors
     assert any(shape[-1] == VOCAB and torch.Size(shape[:-1]).numel() >= 5
@@ -93,6 +98,14 @@ def _head_properties(res, rows_per_rank, world):
     calls = res["collectives"]
     assert [name for name, _ in calls] == ["all_gather", "all_reduce", "all_reduce"], calls
     assert sum(n for _, n in calls) == 2 + 2 * N + 7 * N, calls
+    # generation: every collective of torch.distributed moves O(rows) values: the sampler's
+    # [3, rows] maxima, [rows] totals and ids (rows <= 2B), the finished flag; a gathered
+    # [2B, V_r] logit block would be 2B * V_r values (>= 280 here)
+    assert res["generation_collectives"], res
+    for call in res["generation_collectives"]:
+        if sharded_sampler:
+            assert call and max(n for _, n in call) <= 3 * 2 * rows_per_rank, call
+            assert {name for name, _ in call} <= {"all_reduce", "all_gather"}, call
 
 
 def _sampler_matches(res):
@@ -127,9 +140,11 @@ def test_tp_nash_md_matches_one_process(nproc, one_process, tmp_path):
         step = res["sampled"]
         assert res["world"] == nproc and step["sharded"], res
         layout.append(tuple(step["shard"]))
+        # one generate_pair call (y and y′ in one loop), both samples = one process's
+        assert [len(call) for call in step["completions"]] == [2], step["completions"]
         assert step["completions"] == one["sampled"]["completions"]
         _same_step(step, one["sampled"], params, one_params["sampled"])
-        _head_properties(step, len(PROMPTS), nproc)
+        _head_properties(step, len(PROMPTS))
         _sampler_matches(res)
         assert res["refused_placements"] == ["Shard(dim=1)", "Partial(sum)"], res
         if nproc == 2:
@@ -156,9 +171,11 @@ def test_tp_x_ddp(one_process, tmp_path):
     for res in ranks:
         step, group = res["greedy"], res["rank"] // 2
         assert step["sharded"] and step["shard"][2] == VOCAB
-        assert step["completions"] == [rows[2 * group:2 * group + 2] for rows in want]
+        assert step["completions"] == [[rows[2 * group:2 * group + 2] for rows in call]
+                                       for call in want]
         _same_step(step, one["greedy"], params, one_params["greedy"])
-        _head_properties(step, len(PROMPTS) // 2, 2)
+        # greedy decoding needs whole rows: the documented all-gather of the per-token rows
+        _head_properties(step, len(PROMPTS) // 2, sharded_sampler=False)
         _sampler_matches(res)
         length, expected = res["termination"]
         assert length == expected, res["termination"]

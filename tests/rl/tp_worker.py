@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from nashkern import NashMDConfig, NashMDTrainer  # noqa: E402
 from nashkern.memory import AllocationRecorder  # noqa: E402
 from nashkern.rl import completion_stats as cs_module  # noqa: E402
 from nashkern.rl import tensor_parallel  # noqa: E402
@@ -162,11 +161,20 @@ def sampler_checks(world, rank):
     return cases
 
 
-def make_trainer(ckpt, out, world, dp, greedy):
-    """Nash-MD on the saved tiny Llamas: one SGD step at lr 1; ``world // dp`` tensor-parallel
-    ranks per data-parallel replica (transformers' ``DistributedConfig(tp_size, dp_replicate_size)``
-    when ``dp > 1``: TP x HSDP-replication, i.e. TP x DDP); ``greedy`` (top_k=1): samples that
-    do not depend on the per-group sampler key."""
+#: name -> (trainer, config, fields of the config, reward): one SGD step at lr 1 (the update is
+#: the gradient). "greedy" (top_k=1): samples that do not depend on the per-group sampler key.
+RUNS = {
+    "sampled": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4}, reward),
+    "greedy": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4, "top_k": 1}, reward),
+}
+
+
+def make_trainer(ckpt, out, world, dp, run="sampled", save=0):
+    """``RUNS[run]`` on the saved tiny Llamas; ``world // dp`` tensor-parallel ranks per
+    data-parallel replica (transformers' ``DistributedConfig(tp_size, dp_replicate_size)``
+    when ``dp > 1``: TP x HSDP-replication, i.e. TP x DDP). ``save``: a checkpoint every
+    ``save`` steps (0: none)."""
+    import nashkern
     from transformers import LlamaForCausalLM
 
     tp = dict(tp_plan="auto") if world > 1 else {}
@@ -175,15 +183,17 @@ def make_trainer(ckpt, out, world, dp, greedy):
         tp = dict(distributed_config=DistributedConfig(tp_size=world // dp, dp_replicate_size=dp))
     policy = LlamaForCausalLM.from_pretrained(os.path.join(ckpt, "policy"), **tp)
     ref = LlamaForCausalLM.from_pretrained(os.path.join(ckpt, "ref"), **tp)
-    args = NashMDConfig(output_dir=out, report_to="none", save_strategy="no", use_cpu=True,
-                        bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
-                        logging_steps=1, max_steps=1, max_new_tokens=MAX_NEW, mixture_coef=0.4,
-                        optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
-                        lr_scheduler_type="constant",
-                        per_device_train_batch_size=len(PROMPTS) // dp,
-                        **({"top_k": 1} if greedy else {}),
-                        **({"ddp_backend": "gloo"} if world > 1 else {}))
-    return in_order(NashMDTrainer, model=policy, ref_model=ref, reward_funcs=reward, args=args)
+    trainer, config, fields, scorer = RUNS[run]
+    Config = getattr(nashkern, config)
+    fields = dict(dict(max_steps=1, optim="sgd", learning_rate=1.0), **fields)
+    args = Config(output_dir=out, report_to="none", use_cpu=True,
+                  save_strategy="steps" if save else "no", save_steps=save or 1,
+                  bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
+                  logging_steps=1, max_new_tokens=MAX_NEW, max_grad_norm=0.0,
+                  lr_scheduler_type="constant", per_device_train_batch_size=len(PROMPTS) // dp,
+                  **fields, **({"ddp_backend": "gloo"} if world > 1 else {}))
+    return in_order(getattr(nashkern, trainer), model=policy, ref_model=ref,
+                    reward_funcs=scorer, args=args)
 
 
 def full_params(tr):
@@ -191,13 +201,24 @@ def full_params(tr):
             for k, v in tr.model.state_dict().items()}
 
 
-def recorded_step(tr):
-    """Train one step recording the allocations, the head's collectives and the completions."""
+GENERATING_MODULES = ("nash_md", "nash_ema", "xpo", "online_dpo")
+
+
+def recorded_step(tr, **train_kw):
+    """Train recording the allocations, the collectives of the head's statistics and of every
+    generation call outside the models' forwards (the sampler's, the finished flags', any
+    all-gather of logit rows; the body's row-parallel all-reduces of [rows, t, D] hidden
+    states inside the forwards are not counted), and the completions of every generation
+    call."""
+    import importlib
+
+    from nashkern.rl import generation
+
     shard = tensor_parallel.model_shard(tr.model)
     result = dict(sharded=shard is not None,
                   shard=None if shard is None else [shard.start, shard.rows, shard.vocab])
     counting = Counting()
-    completions = []
+    completions, generation_calls = [], []
     real_fused = cs_module.ops.linear_token_stats
 
     def counted_fused(*a, **k):  # the head's statistics, forward: its collectives counted
@@ -207,27 +228,51 @@ def recorded_step(tr):
         finally:
             counting.on = False
 
-    import nashkern.rl.generation as generation
-    import nashkern.rl.nash_md as nash_md
-    real_generate = generation.generate
+    def recording(real):
+        def generating(*a, **k):
+            first = len(counting.calls)
+            counting.on = True
+            try:
+                out = real(*a, **k)
+            finally:
+                counting.on = False
+            generation_calls.append(counting.calls[first:])
+            del counting.calls[first:]
+            outs = out if isinstance(out, tuple) else (out,)
+            completions.append([o.completion_ids.tolist() for o in outs])
+            return out
+        return generating
 
-    def recording_generate(*a, **k):
-        o = real_generate(*a, **k)
-        completions.append(o.completion_ids.tolist())
-        return o
+    real_forward = generation._forward_last_logits
 
+    def uncounted_forward(*a, **k):  # a model forward inside generation: its collectives not
+        was, counting.on = counting.on, False
+        try:
+            return real_forward(*a, **k)
+        finally:
+            counting.on = was
+
+    patched = [(generation, "_forward_last_logits", real_forward)]
+    generation._forward_last_logits = uncounted_forward
+    for name in GENERATING_MODULES:
+        module = importlib.import_module(f"nashkern.rl.{name}")
+        for fn in ("generate", "generate_pair"):
+            if hasattr(module, fn):
+                patched.append((module, fn, getattr(module, fn)))
+                setattr(module, fn, recording(getattr(generation, fn)))
     cs_module.ops.linear_token_stats = counted_fused
-    nash_md.generate = recording_generate
     widths = {VOCAB} | ({shard.rows} if shard is not None else set())
     try:
         with ShapeRecorder(widths) as rec:
-            tr.train()
+            tr.train(**train_kw)
     finally:
         cs_module.ops.linear_token_stats = real_fused
-        nash_md.generate = real_generate
+        for module, fn, real in patched:
+            setattr(module, fn, real)
     result.update(vocab_shaped=rec.vocab_shaped, collectives=counting.calls,
-                  completions=completions,
-                  logs=[h for h in tr.state.log_history if "loss/kl" in h])
+                  generation_collectives=generation_calls, completions=completions,
+                  logs=[{k: v for k, v in h.items() if not k.startswith("time/")}
+                        for h in tr.state.log_history if "loss" in h])
     # the recorder does see a gathered [B, T, V]: the model's own forward (colwise_gather_output)
     with ShapeRecorder(widths) as check:
         tr.model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]))
@@ -306,11 +351,10 @@ def main(ckpt, out):
         result["triton_shard"] = triton_shard_checks(rank)
     if world > 1:
         result["refused_placements"] = refused_placements()
-    # sampled (TP only; one data-parallel group draws with the one-process key) and greedy
-    runs = [("sampled", False)] if world > 1 and dp == 1 else \
-        [("greedy", True)] if dp > 1 else [("sampled", False), ("greedy", True)]
-    for name, greedy in runs:
-        tr = make_trainer(ckpt, os.path.join(out, name), world, dp, greedy)
+    # sampled (TP: one data-parallel group draws with the one-process key), greedy (TP x DDP)
+    runs = ["greedy"] if dp > 1 else ["sampled"] if world > 1 else list(RUNS)
+    for name in runs:
+        tr = make_trainer(ckpt, os.path.join(out, name), world, dp, name)
         result[name] = recorded_step(tr)
         params = full_params(tr)
         if rank == 0:
