@@ -54,13 +54,15 @@ def _torchrun(nproc, ckpt, out, **env):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The checkpoints, and the same Nash-MD steps in one process (no TP): sampled and greedy."""
+    """The checkpoints, and the same steps in one process (no TP): every run of
+    tp_worker.RUNS."""
+    from tp_worker import RUNS
+
     ckpt = tmp_path_factory.mktemp("tp_ckpt")
     out = tmp_path_factory.mktemp("tp_one")
     _run([sys.executable, os.path.join(HERE, "tp_worker.py"), str(ckpt), str(out)])
     res = json.loads((out / "result0.json").read_text())
-    return ckpt, res, {name: torch.load(out / f"params_{name}.pt") for name in ("sampled",
-                                                                                  "greedy")}
+    return ckpt, res, {name: torch.load(out / f"params_{name}.pt") for name in RUNS}
 
 
 def _same_step(got, want, params, want_params):
@@ -75,10 +77,11 @@ def _same_step(got, want, params, want_params):
             torch.testing.assert_close(params[k], want_params[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def _head_properties(res, rows_per_rank, sharded_sampler=True):
+def _head_properties(res, rows_per_rank, sharded_sampler=True, tokens=None):
     """No [N, V] / [B, T, V] / [N, V_r] allocation on this rank; the head's forward
-    communicating O(N); generation's collectives O(rows) per token (``sharded_sampler``: the
-    sampled run, whose every token goes through the sharded sampler)."""
+    communicating O(N) (``tokens``: exactly one forward of that N); generation's collectives
+    O(rows) per token (``sharded_sampler``: the sampled runs, whose every token goes through
+    the sharded sampler)."""
     from tp_worker import MAX_NEW, VOCAB
 
     # Per-token logit rows only: generate_pair (issue 24) decodes the policy's 2B rows (y, then
@@ -93,11 +96,20 @@ def _head_properties(res, rows_per_rank, sharded_sampler=True):
     # [1, T, V]: the recorder sees through the DTensors
     assert any(shape[-1] == VOCAB and torch.Size(shape[:-1]).numel() >= 5
                for shape, _ in res["own_forward_vocab_shaped"])
-    # the shard size and N (2 integers per rank), the maxima of 2 models, the 7 sums per row
-    N = rows_per_rank * MAX_NEW
+    # per statistics forward: the shard size and N (2 integers per rank), the maxima of 2
+    # models, the 7 sums per row; Nash-MD: one forward over the B x MAX_NEW completion tokens
+    # (its reference's fields in the same pass); the pair trainers (XPO, Online DPO) and
+    # Nash-EMA: N <= 2B x MAX_NEW per forward
     calls = res["collectives"]
-    assert [name for name, _ in calls] == ["all_gather", "all_reduce", "all_reduce"], calls
-    assert sum(n for _, n in calls) == 2 + 2 * N + 7 * N, calls
+    assert calls and len(calls) % 3 == 0, calls
+    for i in range(0, len(calls), 3):
+        (g, sizes), (r1, maxima), (r2, sums) = calls[i:i + 3]
+        assert (g, r1, r2) == ("all_gather", "all_reduce", "all_reduce"), calls
+        N = maxima // 2
+        assert (sizes, maxima, sums) == (2, 2 * N, 7 * N), calls
+        assert 0 < N <= (tokens or 2 * rows_per_rank * MAX_NEW), calls
+    if tokens is not None:
+        assert len(calls) == 3, calls
     # generation: every collective of torch.distributed moves O(rows) values: the sampler's
     # [3, rows] maxima, [rows] totals and ids (rows <= 2B), the finished flag; a gathered
     # [2B, V_r] logit block would be 2B * V_r values (>= 280 here)
@@ -122,29 +134,38 @@ TP_SIZES = [2, 4] if os.environ.get("NASHKERN_TP_TESTS") == "all" else [2]
 
 
 @pytest.mark.parametrize("nproc", TP_SIZES)
-def test_tp_nash_md_matches_one_process(nproc, one_process, tmp_path):
+def test_tp_matches_one_process(nproc, one_process, tmp_path):
     """One NashMDTrainer step with policy and reference tensor-parallel over P ranks (one
     data-parallel group): the same sampled completions, loss, metrics and updated parameters as
     one process; the head's statistics on each rank's own rows (uneven: 71 rows), no [N, V] /
     [B, T, V] (nor [N, V_r]) allocation on any rank, the head's forward communicating O(N)
     values; the sharded sampler equal to the one-process sampler (+inf, NaN, all -inf rows, a
-    tiny temperature). With 2 processes, also the Triton shard pass
-    (:func:`_triton_shard_pass_matches_oracle`)."""
-    from tp_worker import PROMPTS, VOCAB
+    tiny temperature). With 2 processes, in the same launch: XPO, Online DPO and Nash-EMA
+    (β = 0.5: the EMA after the step compared too) with the same properties, and the Triton
+    shard pass (:func:`_triton_shard_pass_matches_oracle`)."""
+    from tp_worker import MAX_NEW, PROMPTS, TP_RUNS, VOCAB
 
     ckpt, one, one_params = one_process
     ranks = _torchrun(nproc, ckpt, tmp_path)
-    params = torch.load(tmp_path / "params_sampled.pt")
+    runs = TP_RUNS if nproc == 2 else ("sampled",)
+    params = {name: torch.load(tmp_path / f"params_{name}.pt") for name in runs}
+    if "nash_ema" in params:  # the EMA (full tensors) is compared with the parameters
+        assert any(k.startswith("ema.") for k in params["nash_ema"]), params["nash_ema"].keys()
+    # generation calls per step: Nash-MD, XPO, Online DPO one generate_pair (2 outputs),
+    # Nash-EMA two generate calls (its opponent has other weights)
+    outputs = dict(sampled=[2], xpo=[2], online_dpo=[2], nash_ema=[1, 1])
     layout = []
     for res in ranks:
-        step = res["sampled"]
-        assert res["world"] == nproc and step["sharded"], res
-        layout.append(tuple(step["shard"]))
-        # one generate_pair call (y and y′ in one loop), both samples = one process's
-        assert [len(call) for call in step["completions"]] == [2], step["completions"]
-        assert step["completions"] == one["sampled"]["completions"]
-        _same_step(step, one["sampled"], params, one_params["sampled"])
-        _head_properties(step, len(PROMPTS))
+        assert res["world"] == nproc, res
+        for name in runs:
+            step = res[name]
+            assert step["sharded"], (name, step)
+            assert [len(call) for call in step["completions"]] == outputs[name], name
+            assert step["completions"] == one[name]["completions"], name
+            _same_step(step, one[name], params[name], one_params[name])
+            _head_properties(step, len(PROMPTS),
+                             tokens=len(PROMPTS) * MAX_NEW if name == "sampled" else None)
+        layout.append(tuple(res["sampled"]["shard"]))
         _sampler_matches(res)
         assert res["refused_placements"] == ["Shard(dim=1)", "Partial(sum)"], res
         if nproc == 2:
@@ -162,7 +183,7 @@ def test_tp_x_ddp(one_process, tmp_path):
     greedy samples (each replica draws with its own key): the completions, loss, metrics and
     updated parameters of one process on the 4 prompts; the head's properties as with TP alone;
     and generation terminates when the replicas finish at different steps."""
-    from tp_worker import PROMPTS, VOCAB
+    from tp_worker import MAX_NEW, PROMPTS, VOCAB
 
     ckpt, one, one_params = one_process
     ranks = _torchrun(4, ckpt, tmp_path, NASHKERN_TP_DP="2")
@@ -175,7 +196,8 @@ def test_tp_x_ddp(one_process, tmp_path):
                                        for call in want]
         _same_step(step, one["greedy"], params, one_params["greedy"])
         # greedy decoding needs whole rows: the documented all-gather of the per-token rows
-        _head_properties(step, len(PROMPTS) // 2, sharded_sampler=False)
+        _head_properties(step, len(PROMPTS) // 2, sharded_sampler=False,
+                         tokens=len(PROMPTS) // 2 * MAX_NEW)
         _sampler_matches(res)
         length, expected = res["termination"]
         assert length == expected, res["termination"]

@@ -163,10 +163,17 @@ def sampler_checks(world, rank):
 
 #: name -> (trainer, config, fields of the config, reward): one SGD step at lr 1 (the update is
 #: the gradient). "greedy" (top_k=1): samples that do not depend on the per-group sampler key.
+#: XPO (y ~ π and ỹ ~ μ in one generate_pair loop), Online DPO (a joint draw of 2B policy
+#: rows), Nash-EMA (two generate calls, the second with the EMA swapped in; β = 0.5).
 RUNS = {
     "sampled": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4}, reward),
     "greedy": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4, "top_k": 1}, reward),
+    "xpo": ("XPOTrainer", "XPOConfig", {"alpha": 0.4}, reward),
+    "online_dpo": ("OnlineDPOTrainer", "OnlineDPOConfig", {}, reward),
+    "nash_ema": ("NashEMATrainer", "NashEMAConfig", {"ema_decay": 0.5}, reward),
 }
+#: the runs of the 2-process TP launch (one launch: start-up dominates)
+TP_RUNS = ("sampled", "xpo", "online_dpo", "nash_ema")
 
 
 def make_trainer(ckpt, out, world, dp, run="sampled", save=0):
@@ -280,6 +287,23 @@ def recorded_step(tr, **train_kw):
     return result
 
 
+def full_ema(tr):
+    """Nash-EMA's average as full tensors, by parameter name (each rank holds its local
+    shards of the DTensor parameters: assembled with the parameter's mesh and placements)."""
+    from torch.distributed.tensor import DTensor
+
+    ema = tr.ema
+    params = dict(ema.model.named_parameters())
+    out = {}
+    for name, shadow in zip(ema.names, ema.shadow):
+        p = params[name]
+        if isinstance(p, DTensor):
+            shadow = DTensor.from_local(shadow, p.device_mesh, p.placements,
+                                        shape=p.shape, stride=p.stride()).full_tensor()
+        out[f"ema.{name}"] = shadow.detach().float().clone()
+    return out
+
+
 def termination_check(tr, group):
     """Data-parallel group ``group`` generates greedily from its own prompt; group 0 with its
     first token as EOS (done after 1 step, then stepping on padding), the others without an EOS
@@ -351,12 +375,16 @@ def main(ckpt, out):
         result["triton_shard"] = triton_shard_checks(rank)
     if world > 1:
         result["refused_placements"] = refused_placements()
-    # sampled (TP: one data-parallel group draws with the one-process key), greedy (TP x DDP)
-    runs = ["greedy"] if dp > 1 else ["sampled"] if world > 1 else list(RUNS)
+    # sampled (TP: one data-parallel group draws with the one-process key) and the other
+    # trainers on 2 ranks, sampled on 4, greedy under TP x DDP; every run in one process
+    runs = ["greedy"] if dp > 1 else list(TP_RUNS) if world == 2 else ["sampled"] \
+        if world > 2 else list(RUNS)
     for name in runs:
         tr = make_trainer(ckpt, os.path.join(out, name), world, dp, name)
         result[name] = recorded_step(tr)
         params = full_params(tr)
+        if name == "nash_ema":
+            params.update(full_ema(tr))
         if rank == 0:
             torch.save(params, os.path.join(out, f"params_{name}.pt"))
     if dp > 1:
