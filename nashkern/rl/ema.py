@@ -12,6 +12,8 @@ engine             local shard of a trainable parameter ``p`` (what is averaged 
 =================  =========================================================================
 single, DDP        ``p`` itself (DDP replicates the policy: so is the average)
 FSDP2              ``p.to_local()`` (``p`` is a DTensor; the all-gather reads this storage)
+tensor parallel    ``p.to_local()`` (a DTensor sharded by transformers' ``tp_plan``: this
+                   rank's rows / columns; replicated DTensors whole)
 FSDP1              the ``FlatParameter``'s local shard (``use_orig_params=True``: each
                    original parameter's view of it), as the wrapper's ``parameters()`` are
                    between forwards
@@ -123,6 +125,10 @@ class ParameterEMA:
         self.shadow = [t.detach().to(torch.promote_types(t.dtype, torch.float32), copy=True)
                        for _, t in shards]
         self.num_updates = 0
+        #: each rank holds its own part (a sharded engine, or DTensor parameters: FSDP2,
+        #: tensor parallelism): checkpoints keep one file per rank
+        self.per_rank = self.engine in engines.SHARDED or any(
+            hasattr(p, "to_local") for p in model.parameters() if p.requires_grad)
 
     def _shards(self) -> List[Tensor]:
         """This rank's local shards now, after :func:`release_gathered` (while an FSDP2 unit is

@@ -152,7 +152,7 @@ class NashEMATrainer(NashMDTrainer):
 
     # -- checkpoints: the average is saved and restored with the optimizer --------------------
     def _ema_path(self, folder: str) -> str:
-        if self._ema is not None and self._ema.engine in engines.SHARDED:
+        if self._ema is not None and self._ema.per_rank:
             return os.path.join(folder, f"nash_ema-rank{self.args.process_index}-of-"
                                         f"{self.args.world_size}.pt")
         return os.path.join(folder, EMA_STATE_NAME)
@@ -162,7 +162,7 @@ class NashEMATrainer(NashMDTrainer):
         ema = self.ema
         if ema is None:
             return
-        if ema.engine in engines.SHARDED or self.args.should_save:  # replicated: one file
+        if ema.per_rank or self.args.should_save:  # replicated: one file
             os.makedirs(output_dir, exist_ok=True)
             torch.save(ema.state_dict(), self._ema_path(output_dir))
 

@@ -43,6 +43,7 @@ from .pairs import first_preferred, sequence_logps
 from .scoring import (ModelRewardFunc, apply_missing_eos_penalty, reward_funcs_scores,
                       reward_model_scores, reward_texts, same_tokenizer)
 from .config import OnlinePreferenceConfig, _per_epoch
+from .tp_checkpoint import TensorParallelCheckpoints, optimizer_checkpoints_allowed
 from .trainer_setup import (PromptCollator, TrainerSetup, _disable_dropout,
                             _merge_reward_processing_classes, _set_reward_pad_token)
 
@@ -76,7 +77,7 @@ class _OptimizerTimer(TrainerCallback):
             self._phase = None
 
 
-class OnlinePreferenceTrainer(TrainerSetup, Trainer):
+class OnlinePreferenceTrainer(TrainerSetup, TensorParallelCheckpoints, Trainer):
     """Base class of the online preference trainers (see the module docstring). Subclasses set
     ``config_class`` and implement ``compute_loss``."""
 
@@ -144,12 +145,13 @@ class OnlinePreferenceTrainer(TrainerSetup, Trainer):
         self._check_vocabularies(model, tok)
         self._check_datasets(tok, train_dataset=train_dataset, eval_dataset=eval_dataset)
         args.remove_unused_columns = False
-        super().__init__(model=model, args=args,
-                         data_collator=data_collator or PromptCollator(tok),
-                         train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tok, compute_metrics=compute_metrics,
-                         callbacks=callbacks, optimizers=optimizers,
-                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+        with optimizer_checkpoints_allowed(model, args):  # TP: saved per rank (tp_checkpoint)
+            super().__init__(model=model, args=args,
+                             data_collator=data_collator or PromptCollator(tok),
+                             train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=tok, compute_metrics=compute_metrics,
+                             callbacks=callbacks, optimizers=optimizers,
+                             preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         self._engine = engines.engine_of_accelerator(self.accelerator)
         if args.nonfinite_scores == "skip" and self._engine == "deepspeed":
             # the correction of an all-dropped micro-batch rescales the accumulated gradient

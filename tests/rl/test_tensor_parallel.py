@@ -66,11 +66,13 @@ def one_process(tmp_path_factory):
 
 
 def _same_step(got, want, params, want_params):
-    (g,), (w,) = got["logs"], want["logs"]
-    assert g.keys() == w.keys()
-    for k in w:
-        if not k.startswith("time/"):  # wall-clock metrics
-            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
+    """The logged steps (every metric but wall-clock times) and the parameters after them."""
+    assert len(got["logs"]) == len(want["logs"]), (got["logs"], want["logs"])
+    for g, w in zip(got["logs"], want["logs"]):
+        assert g.keys() == w.keys()
+        for k in w:
+            if not k.startswith("time/"):  # wall-clock metrics
+                assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
     if params is not None:
         assert params.keys() == want_params.keys()
         for k in params:
@@ -140,8 +142,10 @@ def test_tp_matches_one_process(nproc, one_process, tmp_path):
     one process; the head's statistics on each rank's own rows (uneven: 71 rows), no [N, V] /
     [B, T, V] (nor [N, V_r]) allocation on any rank, the head's forward communicating O(N)
     values; the sharded sampler equal to the one-process sampler (+inf, NaN, all -inf rows, a
-    tiny temperature). With 2 processes, in the same launch: XPO, Online DPO and Nash-EMA
-    (β = 0.5: the EMA after the step compared too) with the same properties, and the Triton
+    tiny temperature). With 2 processes, in the same launch: XPO, Online DPO, Nash-EMA (β = 0.5,
+    4 AdamW steps: the EMA compared too) and Nash-MD with LoRA adapters on attention and MLP
+    (the head not adapted, the PEFT base as reference) with the same properties; Nash-EMA's
+    checkpoint after step 2 resumed under TP (:func:`_resumed_equals_uninterrupted`); the Triton
     shard pass (:func:`_triton_shard_pass_matches_oracle`)."""
     from tp_worker import MAX_NEW, PROMPTS, TP_RUNS, VOCAB
 
@@ -153,7 +157,7 @@ def test_tp_matches_one_process(nproc, one_process, tmp_path):
         assert any(k.startswith("ema.") for k in params["nash_ema"]), params["nash_ema"].keys()
     # generation calls per step: Nash-MD, XPO, Online DPO one generate_pair (2 outputs),
     # Nash-EMA two generate calls (its opponent has other weights)
-    outputs = dict(sampled=[2], xpo=[2], online_dpo=[2], nash_ema=[1, 1])
+    outputs = dict(sampled=[2], xpo=[2], online_dpo=[2], nash_ema=[1, 1] * 4, lora=[2])
     layout = []
     for res in ranks:
         assert res["world"] == nproc, res
@@ -170,10 +174,48 @@ def test_tp_matches_one_process(nproc, one_process, tmp_path):
         assert res["refused_placements"] == ["Shard(dim=1)", "Partial(sum)"], res
         if nproc == 2:
             _triton_shard_pass_matches_oracle(res["triton_shard"])
+    if nproc == 2:
+        _adapters_trained(params["lora"], one_params["lora"])
+        _resumed_equals_uninterrupted(ranks, params["nash_ema"],
+                                      torch.load(tmp_path / "params_resumed.pt"))
     # the shards tile [0, V) in rank order, uneven
     starts = [s for s, _, _ in layout]
     assert starts == sorted(starts) and starts[0] == 0
     assert sum(r for _, r, _ in layout) == VOCAB and len({r for _, r, _ in layout}) == 2
+
+
+def _adapters_trained(params, one_params):
+    """LoRA under TP: adapters on q/v/gate/up of both layers, none on the head (their values
+    after the step equal one process's: _same_step); the base weights untouched."""
+    import zlib
+
+    lora = [k for k in params if "lora_" in k]
+    assert len(lora) == 2 * 4 * 2 and not any("lm_head" in k and "lora" in k for k in params)
+    for k in lora:  # every adapter trained: moved from its seeded start (tp_worker.seed_adapters)
+        g = torch.Generator().manual_seed(zlib.crc32(k.encode()))
+        start = torch.randn(params[k].shape, generator=g) * 0.1
+        assert (params[k] - start).abs().max() > 1e-6, k
+    base = [k for k in params if "base_layer" in k]
+    assert base and all(torch.equal(params[k], one_params[k]) for k in base)
+
+
+def _resumed_equals_uninterrupted(ranks, uninterrupted, resumed):
+    """Nash-EMA under TP, 4 steps uninterrupted vs 2 steps, checkpoint, resume, 2 steps: the
+    same completions of steps 3-4, the same logs and the same parameters and EMA at the end
+    (float32 tolerance; measured identical, 0.0); the checkpoint holds one EMA file and one
+    optimizer state per rank (each rank's shards: nashkern/rl/tp_checkpoint.py) and the
+    model."""
+    for res in ranks:
+        got, want = res["resumed"], res["nash_ema"]
+        assert got["completions"] == want["completions"][4:]  # 2 generate calls per step
+        # the log history: steps 1-2 restored from the checkpoint's trainer state, 3-4 run
+        _same_step(got, want, None, None)
+        assert {"nash_ema-rank0-of-2.pt", "nash_ema-rank1-of-2.pt", "optimizer-rank0-of-2.pt",
+                "optimizer-rank1-of-2.pt", "scheduler.pt",
+                "model.safetensors"} <= set(got["files"]), got["files"]
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_tp_x_ddp(one_process, tmp_path):

@@ -170,10 +170,22 @@ RUNS = {
     "greedy": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4, "top_k": 1}, reward),
     "xpo": ("XPOTrainer", "XPOConfig", {"alpha": 0.4}, reward),
     "online_dpo": ("OnlineDPOTrainer", "OnlineDPOConfig", {}, reward),
-    "nash_ema": ("NashEMATrainer", "NashEMAConfig", {"ema_decay": 0.5}, reward),
+    # 4 steps of AdamW (a state to checkpoint; epsilon 1 keeps the update a smooth function of
+    # the gradient, so one process and TP stay within float32 rounding); TP: a checkpoint every
+    # 2 steps, then resumed from step 2 (:func:`resumed_steps`)
+    "nash_ema": ("NashEMATrainer", "NashEMAConfig",
+                 {"ema_decay": 0.5, "max_steps": 4, "optim": "adamw_torch", "learning_rate": 0.1,
+                  "adam_epsilon": 1.0}, reward),
+    # LoRA on attention (q/v) and MLP (gate/up), column-parallel layers; the head not adapted;
+    # the reference is the PEFT base (adapters disabled). Row-parallel targets (o_proj,
+    # down_proj) fail inside peft 0.21.2's DTensor LoRA as soon as autograd records ("shape
+    # '[5, 16]' is invalid for input of size 160" in lora_A: a plain PeftModel forward + backward
+    # under tp_plan="auto", nashkern not involved)
+    "lora": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4}, reward),
 }
 #: the runs of the 2-process TP launch (one launch: start-up dominates)
-TP_RUNS = ("sampled", "xpo", "online_dpo", "nash_ema")
+TP_RUNS = ("sampled", "xpo", "online_dpo", "nash_ema", "lora")
+SAVE_STEPS = 2
 
 
 def make_trainer(ckpt, out, world, dp, run="sampled", save=0):
@@ -189,7 +201,14 @@ def make_trainer(ckpt, out, world, dp, run="sampled", save=0):
         from transformers.distributed import DistributedConfig
         tp = dict(distributed_config=DistributedConfig(tp_size=world // dp, dp_replicate_size=dp))
     policy = LlamaForCausalLM.from_pretrained(os.path.join(ckpt, "policy"), **tp)
-    ref = LlamaForCausalLM.from_pretrained(os.path.join(ckpt, "ref"), **tp)
+    ref, peft_config = None, None
+    if run == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    else:
+        ref = LlamaForCausalLM.from_pretrained(os.path.join(ckpt, "ref"), **tp)
     trainer, config, fields, scorer = RUNS[run]
     Config = getattr(nashkern, config)
     fields = dict(dict(max_steps=1, optim="sgd", learning_rate=1.0), **fields)
@@ -199,8 +218,33 @@ def make_trainer(ckpt, out, world, dp, run="sampled", save=0):
                   logging_steps=1, max_new_tokens=MAX_NEW, max_grad_norm=0.0,
                   lr_scheduler_type="constant", per_device_train_batch_size=len(PROMPTS) // dp,
                   **fields, **({"ddp_backend": "gloo"} if world > 1 else {}))
-    return in_order(getattr(nashkern, trainer), model=policy, ref_model=ref,
-                    reward_funcs=scorer, args=args)
+    tr = in_order(getattr(nashkern, trainer), model=policy, ref_model=ref,
+                  reward_funcs=scorer, args=args, peft_config=peft_config)
+    if peft_config is not None:
+        seed_adapters(tr.model)
+    return tr
+
+
+def seed_adapters(model):
+    """Every LoRA A and B matrix set from a generator seeded by its name (the same full values in
+    one process and under TP, each rank taking its part): peft draws its initial A from the
+    global RNG, which loading a TP model advances differently; B non-zero, so the adapters
+    change the step's forward and every adapter gets a gradient."""
+    import zlib
+
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" not in name:
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            full = torch.randn(p.shape, generator=g) * 0.1
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements,
+                                                     src_data_rank=None).to_local())
+            else:
+                p.copy_(full)
 
 
 def full_params(tr):
@@ -304,6 +348,22 @@ def full_ema(tr):
     return out
 
 
+def resumed_steps(ckpt, out, world, rank):
+    """Nash-EMA under TP resumed from the checkpoint written after step 2 of its uninterrupted
+    run (model, AdamW state, EMA; samples keyed on the step): steps 3 and 4 recorded, the
+    parameters and the EMA after them written as ``params_resumed.pt`` (rank 0); the
+    checkpoint's files."""
+    folder = os.path.join(out, "nash_ema", f"checkpoint-{SAVE_STEPS}")
+    files = sorted(os.listdir(folder))
+    tr = make_trainer(ckpt, os.path.join(out, "resumed"), world, 1, "nash_ema")
+    steps = recorded_step(tr, resume_from_checkpoint=folder)
+    params = full_params(tr)
+    params.update(full_ema(tr))
+    if rank == 0:
+        torch.save(params, os.path.join(out, "params_resumed.pt"))
+    return dict(logs=steps["logs"], completions=steps["completions"], files=files)
+
+
 def termination_check(tr, group):
     """Data-parallel group ``group`` generates greedily from its own prompt; group 0 with its
     first token as EOS (done after 1 step, then stepping on padding), the others without an EOS
@@ -380,13 +440,17 @@ def main(ckpt, out):
     runs = ["greedy"] if dp > 1 else list(TP_RUNS) if world == 2 else ["sampled"] \
         if world > 2 else list(RUNS)
     for name in runs:
-        tr = make_trainer(ckpt, os.path.join(out, name), world, dp, name)
+        checkpointed = name == "nash_ema" and world > 1
+        tr = make_trainer(ckpt, os.path.join(out, name), world, dp, name,
+                          save=SAVE_STEPS if checkpointed else 0)
         result[name] = recorded_step(tr)
         params = full_params(tr)
         if name == "nash_ema":
             params.update(full_ema(tr))
         if rank == 0:
             torch.save(params, os.path.join(out, f"params_{name}.pt"))
+        if checkpointed:
+            result["resumed"] = resumed_steps(ckpt, out, world, rank)
     if dp > 1:
         group = tensor_parallel.sampler_rank(tr.model, rank) // (world // dp)
         result["termination"] = termination_check(tr, group)
