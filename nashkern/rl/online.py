@@ -324,15 +324,18 @@ class OnlinePreferenceTrainer(TrainerSetup, TensorParallelCheckpoints, Trainer):
         """Bool ``[B]``: the prompts whose values (``[B]`` each, None skipped) are all finite.
         Under ``nonfinite_scores="raise"`` a non-finite value raises, naming the judge (the
         reward functions / model have raised already in :meth:`_scores`); under ``"skip"`` the
-        number of dropped prompts, summed over processes, is recorded as
-        ``scores/nonfinite_count``."""
+        number of dropped prompts, summed over processes (each prompt once: one rank per
+        tensor-parallel group), is recorded as ``scores/nonfinite_count``."""
         source = f"judge {scorer_name(self.judge)}" if self.judge is not None else "the scores"
         keep = torch.ones(batch_size, dtype=torch.bool, device=device)
         for v in values:
             if v is not None:
                 keep &= finite_rows(v, source, self.args.nonfinite_scores, prompts).to(device)
         if self.args.nonfinite_scores == "skip":
-            dropped = self.accelerator.gather((~keep).sum().reshape(1)).sum()
+            # the ranks of a tensor-parallel group hold the same prompts: one of them counts
+            counts = tensor_parallel.sampler_rank(self.model, self.args.process_index) \
+                == self.args.process_index
+            dropped = self.accelerator.gather(((~keep).sum() * int(counts)).reshape(1)).sum()
             self._record_metrics({"scores/nonfinite_count": float(dropped)})
         self._keep = keep.detach()
         return keep

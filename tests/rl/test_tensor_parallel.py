@@ -175,6 +175,9 @@ def test_tp_matches_one_process(nproc, one_process, tmp_path):
         if nproc == 2:
             _triton_shard_pass_matches_oracle(res["triton_shard"])
     if nproc == 2:
+        # XPO drops the prompt "a" (a NaN reward, nonfinite_scores="skip"): counted once, as in
+        # one process (_same_step compared it), not once per rank of the TP group
+        assert [h["scores/nonfinite_count"] for h in one["xpo"]["logs"]] == [1.0]
         _adapters_trained(params["lora"], one_params["lora"])
         _resumed_equals_uninterrupted(ranks, params["nash_ema"],
                                       torch.load(tmp_path / "params_resumed.pt"))

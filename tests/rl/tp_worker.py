@@ -161,6 +161,13 @@ def sampler_checks(world, rank):
     return cases
 
 
+def nan_for_one_prompt(prompts, completions, completion_ids=None, **kw):
+    """:func:`reward`, NaN for the prompt "a" (dropped under nonfinite_scores="skip": the
+    logged scores/nonfinite_count must count it once, not once per tensor-parallel rank)."""
+    return [float("nan") if p == "a" else r
+            for p, r in zip(prompts, reward(prompts, completions))]
+
+
 #: name -> (trainer, config, fields of the config, reward): one SGD step at lr 1 (the update is
 #: the gradient). "greedy" (top_k=1): samples that do not depend on the per-group sampler key.
 #: XPO (y ~ π and ỹ ~ μ in one generate_pair loop), Online DPO (a joint draw of 2B policy
@@ -168,7 +175,8 @@ def sampler_checks(world, rank):
 RUNS = {
     "sampled": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4}, reward),
     "greedy": ("NashMDTrainer", "NashMDConfig", {"mixture_coef": 0.4, "top_k": 1}, reward),
-    "xpo": ("XPOTrainer", "XPOConfig", {"alpha": 0.4}, reward),
+    "xpo": ("XPOTrainer", "XPOConfig", {"alpha": 0.4, "nonfinite_scores": "skip"},
+            nan_for_one_prompt),
     "online_dpo": ("OnlineDPOTrainer", "OnlineDPOConfig", {}, reward),
     # 4 steps of AdamW (a state to checkpoint; epsilon 1 keeps the update a smooth function of
     # the gradient, so one process and TP stay within float32 rounding); TP: a checkpoint every
