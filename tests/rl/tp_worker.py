@@ -5,9 +5,10 @@ shards) loaded with transformers' own tensor parallelism (``from_pretrained(tp_p
 every linear layer and the ``lm_head`` DTensor-sharded, the Trainer then sets accelerate's
 ``ParallelismConfig(tp_size=P)``); P = 1 loads them plainly (the one-process baseline).
 
-One launch (start-up dominates) records, per rank: one Nash-MD step (sampled generation,
-SGD at lr 1: the update is the gradient): the logs, the full parameters after the step, the
-completions; the shape of every allocation whose last dimension is V or this rank's V_r
+One launch (start-up dominates) records, per rank and per run of :data:`RUNS` (2 ranks: Nash-MD,
+XPO, Online DPO, Nash-EMA with its checkpoint resumed, Nash-MD with LoRA; 4 ranks: Nash-MD;
+TP x DDP: greedy Nash-MD): the logs, the full parameters after the steps, the completions of
+every generation call and its collectives outside the model forwards; the shape of every allocation whose last dimension is V or this rank's V_r
 (nashkern.memory.AllocationRecorder, torch-backend tiles shrunk to 8 x 8 so that a tile cannot
 pass for materialised logits); the collectives of the head's statistics (torch.distributed's
 collectives wrapped while ops.linear_token_stats runs); the sharded sampler against the
