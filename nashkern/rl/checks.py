@@ -22,6 +22,9 @@ from torch import Tensor
 
 NONFINITE_POLICIES = ("raise", "skip")
 LOSS_TYPES = ("sigmoid", "ipo")  # of Online DPO / XPO (nashkern.rl.losses); Nash-MD accepts them
+#: ``compile_decode``: None (eager decode) or the ``torch.compile`` mode of the compiled one-token
+#: forward (nashkern.rl.compiled_decode; "reduce-overhead": CUDA graphs on a GPU)
+COMPILE_DECODE_MODES = (None, "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,6 +72,7 @@ FIELD_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "ema_decay": (lambda v: _finite(v) and 0 <= v <= 1,
                   "a float in [0, 1] (0: self-play, 1: the opponent stays at the initial policy)"),
     "nonfinite_scores": (_one_of(*NONFINITE_POLICIES), f"one of {NONFINITE_POLICIES}"),
+    "compile_decode": (_one_of(*COMPILE_DECODE_MODES), f"one of {COMPILE_DECODE_MODES}"),
 }
 LIST_FIELDS = ("beta", "alpha", "mixture_coef", "reward_weights", "ema_decay")
 

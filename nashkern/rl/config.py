@@ -70,6 +70,13 @@ class OnlinePreferenceConfig(TrainingArguments):
     cache_implementation: Optional[str] = field(default=None, metadata={
         "help": "KV cache of nashkern's generation: None / 'dynamic', 'static' (prompt + "
                 "max_new_tokens slots allocated up front) or 'offloaded' (accelerator only)."})
+    compile_decode: Optional[str] = field(default=None, metadata={
+        "help": "Compile each model's one-token decode forward (a static KV cache of max_length "
+                "positions + torch.compile, fixed shapes): None (eager), 'default', "
+                "'reduce-overhead' (CUDA graphs on a GPU) or 'max-autotune-no-cudagraphs'. "
+                "Compiled at the first step, reused by the next ones; a new batch size or "
+                "max_length recompiles (nashkern.rl.compiled_decode). Not with tensor "
+                "parallelism, FSDP or ZeRO-3."})
     use_vllm: bool = field(default=False, metadata={
         "help": "Not supported (the trainer raises): nashkern samples with its own KV-cached "
                 "sampler, the mixture needing both models' logits at every token."})

@@ -20,6 +20,9 @@ processed, and sampled by ``mixture_sample`` with ``coef=0``.
 ``do_sample=False`` takes the most likely token of the processed mixture logits (greedy).
 ``cache_implementation`` picks each model's KV cache: transformers' ``DynamicCache`` (default),
 ``StaticCache`` (``"static"``, prompt + ``max_new_tokens`` slots) or an offloaded dynamic cache.
+``compiled_decode`` (a :class:`~nashkern.rl.compiled_decode.CompiledDecode`, the config field
+``compile_decode``): the one-token forward of the decode loop runs compiled, on static caches of
+``max_length`` positions (that module says what is compiled and what recompiles).
 
 Prompts are left-padded; a prompt longer than ``max_length − max_new_tokens`` is truncated from
 the left. Each row stops at its first EOS (the EOS is kept, then padding follows); the loop ends
@@ -41,6 +44,7 @@ from torch import Tensor
 from .. import naive, ops
 from . import engines
 from .checks import check_fields
+from .compiled_decode import CompiledDecode, check_usable
 from .engines import all_ranks_done
 from .tensor_parallel import GenerationShards
 
@@ -229,13 +233,41 @@ def cache_argument(model) -> str:
 _CACHE_ARGUMENT: dict = {}
 
 
+def _generation_cache(model, implementation, slots, compiled: Optional[CompiledDecode],
+                      rows: int, role: str):
+    """A model's KV cache for one generation: :func:`_new_cache`, or with ``compiled`` its
+    static cache held across calls (``role``: "policy" / "reference", two caches of one PEFT
+    model)."""
+    if compiled is None:
+        return _new_cache(model, implementation, slots)
+    return compiled.cache(model, role, rows, slots)
+
+
+def _decode_forward(compiled: Optional[CompiledDecode], model, tok, mask, pos, cache):
+    """The decode loop's one-token forward: ``(logits [R, V] float32, cache)`` of ``tok [R]``
+    at ``pos [R, 1]``, eager or compiled."""
+    if compiled is None:
+        return _forward_last_logits(model, tok[:, None], mask, pos, cache)
+    return compiled(model, tok[:, None], mask, pos, cache), cache
+
+
 def _prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos, cache_implementation,
-                       slots):
+                       slots, compiled: Optional[CompiledDecode] = None):
     """The reference's prefill: ``(last-position logits [B, V], its new KV cache)``, run inside
     ``ref_ctx()`` (e.g. the PEFT base with the adapters disabled)."""
-    cache = _new_cache(ref_model, cache_implementation, slots)
+    cache = _generation_cache(ref_model, cache_implementation, slots, compiled,
+                              input_ids.shape[0], "reference")
     with ref_ctx():
         return _forward_last_logits(ref_model, input_ids, attention_mask, pos, cache)
+
+
+def _cache_slots(prompt_width: int, max_new_tokens: int, max_length: Optional[int],
+                 compiled: Optional[CompiledDecode]) -> int:
+    """Positions of each KV cache: the prompt width + ``max_new_tokens``; with ``compiled``
+    ``max_length`` (one cache length, hence one compiled graph, whatever the prompt width)."""
+    if compiled is None:
+        return prompt_width + max_new_tokens
+    return compiled.cache_length(prompt_width, max_new_tokens, max_length)
 
 
 def _prompt_tokens(params, input_ids, attention_mask, vocab) -> Optional[Tensor]:
@@ -282,7 +314,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
              max_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
              ref_context: Optional[Callable[[], ContextManager]] = None,
              cache_implementation: Optional[str] = None, synced_gpus: bool = False,
-             gather_context: Optional[Callable[[], ContextManager]] = None) -> GenerationOutput:
+             gather_context: Optional[Callable[[], ContextManager]] = None,
+             compiled_decode: Optional[CompiledDecode] = None) -> GenerationOutput:
     """Sample completions of left-padded prompts from the policy (``ref_model`` None or
     ``coef == 0``), from the geometric mixture of ``model`` and ``ref_model``, or from the
     reference alone (``coef == 1``: ``model`` is then not run at all).
@@ -290,6 +323,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
     ``ref_context``: a context-manager factory entered around every reference forward (e.g.
     ``model.disable_adapter`` when the reference is the PEFT base, then ``ref_model is model``).
     ``cache_implementation``: the KV cache of each model (see :func:`_new_cache`).
+    ``compiled_decode``: the compiled one-token forward (:mod:`nashkern.rl.compiled_decode`;
+    static caches of ``max_length`` positions; not with tensor parallelism or a sharded engine).
 
     Under a sharded engine (FSDP, ZeRO-3) every forward is a collective: ``synced_gpus`` keeps
     this rank stepping (on padding) until every rank has finished (an all-reduce of the finished
@@ -308,7 +343,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
             return generate(ref_model, input_ids, attention_mask, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, params=params, max_length=max_length,
                             generator=generator, cache_implementation=cache_implementation,
-                            synced_gpus=synced_gpus, gather_context=gather_context)
+                            synced_gpus=synced_gpus, gather_context=gather_context,
+                            compiled_decode=compiled_decode)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if max_length is not None:
@@ -322,16 +358,19 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
     # vocabulary-sharded heads (tensor parallelism): local logit columns, the sharded sampler
     tp = GenerationShards(model, ref_model if use_ref else None)
     synced_gpus = synced_gpus or tp.active  # every forward of a tensor-parallel model is a collective
+    check_usable(compiled_decode, cache_implementation, tp.active, synced_gpus)
     with _eval_mode(model, ref_model if use_ref else None), \
             (gather_context or contextlib.nullcontext)(), tp.context():
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        slots = input_ids.shape[1] + params.max_new_tokens
-        cache = _new_cache(model, cache_implementation, slots)
+        slots = _cache_slots(input_ids.shape[1], params.max_new_tokens, max_length,
+                             compiled_decode)
+        cache = _generation_cache(model, cache_implementation, slots, compiled_decode, B,
+                                  "policy")
         z, cache = _forward_last_logits(model, input_ids, attention_mask, pos, cache)
         r = ref_cache = None
         if use_ref:
             r, ref_cache = _prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos,
-                                              cache_implementation, slots)
+                                              cache_implementation, slots, compiled_decode)
             r = tp.reference(r)
         vocab = tp.vocab(z)
         seen = _prompt_tokens(params, input_ids, attention_mask, vocab)
@@ -357,11 +396,12 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
             next_pos = next_pos + 1
-            z, cache = _forward_last_logits(model, tok[:, None], attention_mask, next_pos, cache)
+            z, cache = _decode_forward(compiled_decode, model, tok, attention_mask, next_pos,
+                                       cache)
             if use_ref:
                 with ref_ctx():
-                    r, ref_cache = _forward_last_logits(ref_model, tok[:, None], attention_mask,
-                                                        next_pos, ref_cache)
+                    r, ref_cache = _decode_forward(compiled_decode, ref_model, tok,
+                                                   attention_mask, next_pos, ref_cache)
                 r = tp.reference(r)
     completion_ids = torch.stack(tokens, 1)
     completion_mask = torch.stack(masks, 1).long()
@@ -405,7 +445,8 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
                   second_generator: Optional[torch.Generator] = None,
                   ref_context: Optional[Callable[[], ContextManager]] = None,
                   cache_implementation: Optional[str] = None, synced_gpus: bool = False,
-                  gather_context: Optional[Callable[[], ContextManager]] = None
+                  gather_context: Optional[Callable[[], ContextManager]] = None,
+                  compiled_decode: Optional[CompiledDecode] = None
                   ) -> Tuple[GenerationOutput, GenerationOutput]:
     """Two samples per prompt in ONE decoding loop: ``y ~ π`` (the policy) and ``y′`` from the
     geometric mixture ``π^(1−c)·μ^c`` (``coef`` = c; ``c = 1``: the reference alone, XPO's ỹ;
@@ -439,7 +480,9 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
         attention_mask = torch.ones_like(input_ids)
     common = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, params=params,
                   max_length=max_length, cache_implementation=cache_implementation,
-                  synced_gpus=synced_gpus, gather_context=gather_context)
+                  synced_gpus=synced_gpus, gather_context=gather_context,
+                  compiled_decode=compiled_decode)
+    check_usable(compiled_decode, cache_implementation, False, synced_gpus)
     if cache_implementation == "offloaded":
         if joint:
             both = generate(model, input_ids.repeat(2, 1), attention_mask.repeat(2, 1),
@@ -464,9 +507,11 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
     with _eval_mode(model, ref_model if use_ref else None), \
             (gather_context or contextlib.nullcontext)(), tp.context():
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        slots = input_ids.shape[1] + params.max_new_tokens
-        cache = _new_cache(model, cache_implementation, slots)
-        if cache_implementation == "static" and P > B:
+        slots = _cache_slots(input_ids.shape[1], params.max_new_tokens, max_length,
+                             compiled_decode)
+        cache = _generation_cache(model, cache_implementation, slots, compiled_decode, P,
+                                  "policy")
+        if (cache_implementation == "static" or compiled_decode is not None) and P > B:
             # a static cache sizes its tensors at the first forward: give it the 2B rows there
             z, cache = _forward_last_logits(model, input_ids[twice], attention_mask[twice],
                                             pos[twice], cache)
@@ -476,7 +521,7 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
                 cache = _repeat_cache(cache, twice)
                 z = z[twice]
         r, ref_cache = (_prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos,
-                                           cache_implementation, slots)
+                                           cache_implementation, slots, compiled_decode)
                         if use_ref else (None, None))
         r = tp.reference(r)
         vocab = tp.vocab(z)
@@ -536,13 +581,12 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
             # unless the ranks step together (every forward of a sharded model is a collective)
             policy_needed = not (group_done[0] and (P == B or group_done[1]))
             if policy_needed or synced_gpus:
-                z, cache = _forward_last_logits(model, pol_tok[:, None],
-                                                attention_mask[pol_rows], next_pos[pol_rows],
-                                                cache)
+                z, cache = _decode_forward(compiled_decode, model, pol_tok,
+                                           attention_mask[pol_rows], next_pos[pol_rows], cache)
             if use_ref and (not group_done[1] or synced_gpus):
                 with ref_ctx():
-                    r, ref_cache = _forward_last_logits(ref_model, tok[B:, None], attention_mask,
-                                                        next_pos, ref_cache)
+                    r, ref_cache = _decode_forward(compiled_decode, ref_model, tok[B:],
+                                                   attention_mask, next_pos, ref_cache)
                 r = tp.reference(r)
     completion_ids = torch.stack(tokens, 1)
     completion_mask = torch.stack(masks, 1).long()

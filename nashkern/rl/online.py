@@ -175,6 +175,7 @@ class OnlinePreferenceTrainer(TrainerSetup, TensorParallelCheckpoints, Trainer):
                              f"fields and generation_kwargs={args.generation_kwargs!r})") from None
         self.stats: Dict[str, List[float]] = defaultdict(list)
         self.last_samples: List[Dict[str, Any]] = []
+        self._compiled_decode = self._make_compiled_decode(model, args)  # None: eager decode
         self._generator = None
         self._micro_step, self._micro = None, 0  # (optimizer step, micro-batch) of the last draw
         self._evaluating = False  # inside evaluate(): metrics go to _eval_stats
@@ -225,6 +226,7 @@ class OnlinePreferenceTrainer(TrainerSetup, TensorParallelCheckpoints, Trainer):
                     params=params, max_length=max_length, generator=generator,
                     cache_implementation=getattr(self.generation_config,
                                                  "cache_implementation", None),
+                    compiled_decode=self._compiled_decode,
                     **self._engine_generation_kwargs())
 
     def _engine_generation_kwargs(self) -> Dict[str, Any]:

@@ -297,6 +297,42 @@ class TrainerSetup:
                              f"{CACHE_IMPLEMENTATIONS}, got {kw['cache_implementation']!r}")
         return GenerationConfig(**{k: v for k, v in kw.items() if v is not None})
 
+    def _make_compiled_decode(self, model, args):
+        """(After ``Trainer.__init__``.) The compiled one-token decode forward of
+        ``args.compile_decode`` (None: eager), made once for the trainer's life; raises, naming
+        the field, where it cannot be used: a cache other than static, an architecture without
+        static-cache compile support (policy or reference), tensor parallelism, FSDP or
+        ZeRO-3."""
+        mode = args.compile_decode
+        if mode is None:
+            return None
+        from .compiled_decode import CompiledDecode, compile_problem
+        from .tensor_parallel import model_shard
+
+        def refuse(why):
+            raise ValueError(f"compile_decode={mode!r}: {why}; set compile_decode=None")
+
+        cache = getattr(self.generation_config, "cache_implementation", None)
+        if cache not in (None, "static"):
+            refuse(f"the compiled decode uses a static KV cache, and cache_implementation (or "
+                   f"generation_kwargs['cache_implementation']) is {cache!r} (None or 'static' "
+                   f"go with it)")
+        for name, m in (("model", model), ("ref_model", self.ref_model)):
+            problem = None if m is None else compile_problem(m)
+            if problem is not None:
+                refuse(f"{name}: {problem}")
+        dtensor = getattr(getattr(torch, "distributed", None), "tensor", None)
+        dtensor = getattr(dtensor, "DTensor", None)
+        if model_shard(model) is not None or (dtensor is not None and any(
+                isinstance(p, dtensor) for p in model.parameters())):
+            refuse("the model is tensor-parallel (sharded weights)")
+        zero3 = self.is_deepspeed_enabled and getattr(
+            getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0) == 3
+        if self.is_fsdp_enabled or zero3:
+            refuse("the training engine shards the weights (FSDP / DeepSpeed ZeRO-3: every "
+                   "forward gathers them)")
+        return CompiledDecode(mode)
+
     def _load_policy(self, model, args):
         """The policy (loaded when ``model`` is a path) -> (model, path or None)."""
         model_path = model if isinstance(model, str) else None
