@@ -273,6 +273,8 @@ def build_nashkern(args, method, model, reward, tok, dataset, out_dir, phases):
             raise SystemExit(f"nashkern {nashkern.__version__} has no XPOTrainer yet: {e}")
         cfg.update(alpha=args.alpha)
     cfg.update(top_k=None, top_p=None)  # no filters (TRL: top_k=0, top_p=1.0 -> off)
+    if args.compile_decode:  # compiled at the first (warm-up) step
+        cfg.update(compile_decode=args.compile_decode)
     trainer = Trainer(model=model, reward_model=reward, args=Config(**cfg), processing_class=tok,
                       train_dataset=dataset)
 
@@ -386,6 +388,7 @@ def run_worker(args) -> dict:
             t - sum(s.values()) for t, s in zip(timed, phases.steps[args.warmup:]))
     return {
         "impl": args.impl, "method": args.method, "versions": versions, "dtype": args.dtype,
+        "compile_decode": args.compile_decode,
         "device": torch.cuda.get_device_name() if on_gpu else device_name(),
         # GPU: torch.cuda.max_memory_allocated() over the training steps (models included)
         "gpu_after_setup_bytes": gpu_setup if on_gpu else None, "gpu_peak_bytes": gpu_peak,
@@ -485,6 +488,8 @@ def worker_argv(args, impl: str, prepare_dir: bool) -> List[str]:
         argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
     if args.intermediate:
         argv += ["--intermediate", str(args.intermediate)]
+    if args.compile_decode and impl == "nashkern":
+        argv += ["--compile-decode", args.compile_decode]
     if args.model_dir:
         argv += ["--model-dir", str(args.model_dir)]
     if prepare_dir:
@@ -644,7 +649,8 @@ def append_csv(path: str, results: Dict[str, dict], summary: dict, note: str) ->
                 "timestamp": now, "device": r.get("device") or dev, "threads": r["threads"], "torch": v["torch"],
                 "transformers": v["transformers"], "trl": v.get("trl", ""),
                 "nashkern": v.get("nashkern", ""), "git_commit": commit, "method": r["method"],
-                "impl": impl, **{k: r["shape"][k] for k in ("vocab", "hidden", "layers",
+                "impl": (f"{impl} compile_decode={r['compile_decode']}"
+                         if r.get("compile_decode") else impl), **{k: r["shape"][k] for k in ("vocab", "hidden", "layers",
                                                              "batch_size", "max_new_tokens")},
                 "warmup": r["warmup"], "steps": r["steps"],
                 "median_step_s": f"{r['median_step_s']:.4f}",
@@ -741,6 +747,10 @@ def parse_args(argv=None):
     p.add_argument("--check-args", action="store_true",
                    help="print the worker command lines and exit (scripts/device_check.py "
                         "--dry-run)")
+    p.add_argument("--compile-decode", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   help="nashkern only: the config field compile_decode (the decode forward "
+                        "compiled at the first warm-up step); its CSV rows' impl says so")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")

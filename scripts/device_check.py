@@ -29,7 +29,8 @@ sanitizer    (3) ``compute-sanitizer --tool memcheck`` over one small case of ev
              (``scripts/device_sanitizer_case.py``).
 trainer      (4) Nash-MD step time and peak GPU memory, nashkern vs TRL 1.13, on a
              Qwen2.5-0.5B-shaped model with random weights, bf16 then fp32 (warm-up + timed
-             steps), with what time is left.
+             steps), with what time is left; then, if any is left, nashkern bf16 with
+             ``compile_decode="reduce-overhead"`` (unmeasured so far).
 
 ``$OUT`` (default ``./out``) gets at most the ``OUT_FILES`` (the runner returns 8): a summary
 (Markdown with the headline tables, and JSON), the JUnit XML of the tests, the benchmark and
@@ -97,7 +98,8 @@ CPU_ONLY_TESTS = ("tests/ops/test_benchmarks_smoke.py", "tests/ops/test_compile.
                   "tests/ops/test_compile_gate.py", "tests/ops/test_cuda_build.py",
                   "tests/ops/test_memory.py", "tests/ops/test_registry.py",
                   "tests/ops/test_tuning.py", "tests/rl/test_callbacks.py",
-                  "tests/rl/test_generation.py", "tests/rl/test_losses.py",
+                  "tests/rl/test_compiled_decode.py", "tests/rl/test_generation.py",
+                  "tests/rl/test_losses.py",
                   "tests/rl/test_nash_ema.py", "tests/rl/test_nash_ema_sharded.py",
                   "tests/rl/test_nash_equilibrium_lm.py", "tests/rl/test_nash_md_trainer.py",
                   "tests/rl/test_online_dpo_trainer.py", "tests/rl/test_reliability.py",
@@ -662,6 +664,20 @@ class Check:
             left = self.left("trainer") - (0 if i + 1 == len(TRAINER_DTYPES) else 10)
             self.run(f"trainer-{dtype}", cmd + ["--timeout", str(max(int(left) - GRACE_S, 10))],
                      "trainer", limit=left if i == 0 else None)
+        # Last, with what time is left (never measured yet: compile time unknown): nashkern's
+        # opt-in compiled decode, CUDA graphs, bf16. The dry run checks its arguments only (the
+        # CPU compile is tests/rl/test_compiled_decode.py's, 20-70 s here).
+        cmd = [self.python, "benchmarks/bench_trainers.py", "--compare", "--method", "nash_md",
+               "--impls", "nashkern", *shape, "--device", device, "--dtype", "bf16",
+               "--compile-decode", "reduce-overhead", "--nashkern-python", self.python,
+               "--model-dir", str(models), "--csv", str(self.out / "trainers.csv"),
+               "--note", "device-check compile_decode (unmeasured before this run)"]
+        if self.dry_run:
+            self.run("trainer-compiled-args", cmd + ["--check-args"], "trainer", limit=60)
+        else:
+            self.run("trainer-bf16-compiled",
+                     cmd + ["--timeout", str(max(int(self.left("trainer")) - GRACE_S, 10))],
+                     "trainer")
 
     # -- $OUT ----------------------------------------------------------------------------------
     def write_summary(self) -> None:
