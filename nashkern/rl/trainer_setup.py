@@ -300,9 +300,9 @@ class TrainerSetup:
     def _make_compiled_decode(self, model, args):
         """(After ``Trainer.__init__``.) The compiled one-token decode forward of
         ``args.compile_decode`` (None: eager), made once for the trainer's life; raises, naming
-        the field, where it cannot be used: a cache other than static, an architecture without
-        static-cache compile support (policy or reference), tensor parallelism, FSDP or
-        ZeRO-3."""
+        the field, where it cannot be used: no ``max_length``, a cache other than static, an
+        architecture without static-cache compile support (policy or reference), tensor
+        parallelism, FSDP or ZeRO-3."""
         mode = args.compile_decode
         if mode is None:
             return None
@@ -310,8 +310,13 @@ class TrainerSetup:
         from .tensor_parallel import model_shard
 
         def refuse(why):
-            raise ValueError(f"compile_decode={mode!r}: {why}; set compile_decode=None")
+            raise ValueError(f"compile_decode={mode!r}: {why} (compile_decode=None: the eager "
+                             "decode)")
 
+        if args.max_length is None:
+            refuse("the static cache holds max_length positions (prompt + completion), and "
+                   "max_length is None (the model's whole position range would be allocated): "
+                   "set max_length")
         cache = getattr(self.generation_config, "cache_implementation", None)
         if cache not in (None, "static"):
             refuse(f"the compiled decode uses a static KV cache, and cache_implementation (or "

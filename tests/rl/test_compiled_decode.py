@@ -168,6 +168,9 @@ def test_config_rejects_an_unknown_mode(tmp_path):
 
 
 def test_trainer_refuses_what_the_compiled_decode_cannot_run(tmp_path):
+    with pytest.raises(ValueError, match=r"compile_decode='default'.*set max_length"):
+        trainer_for(NashMDTrainer, NashMDConfig, tmp_path,
+                    config=dict(compile_decode="default", max_length=None))
     with pytest.raises(ValueError, match=r"compile_decode='default'.*cache_implementation"):
         trainer_for(NashMDTrainer, NashMDConfig, tmp_path,
                     config=dict(compile_decode="default", cache_implementation="dynamic"))
