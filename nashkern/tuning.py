@@ -34,6 +34,14 @@ class TorchChunking:
     #: (13.7 s vs 13.1 / 14.1 s); the [512, 896] x [896, 2048] products still amortise overhead.
     linear_rows: int = 512
     linear_vocab_tile: int = 2048
+    #: Threads of the hidden-state path's work items (vocabulary ranges), each running its
+    #: torch ops single-threaded; None: ``torch.get_num_threads()``. Own threads instead of
+    #: torch's OpenMP team per op: with one competing busy process on 2 cores the team's
+    #: barrier spin-waits cost the fused loop 3.2 -> 11.2 s of process CPU (DESIGN.md).
+    linear_workers: Optional[int] = None
+    #: Work items per worker when several run: items are pulled in order, so a worker that a
+    #: competing process deschedules takes fewer; 8 keeps each item >= ~4 tiles at V=151936.
+    linear_items_per_worker: int = 8
     #: Vocabulary block of the torch sampler's two-level inverse CDF (block sums, then a prefix
     #: sum inside one block per row): ~sqrt(V) keeps both levels small.
     sample_block: int = 1024
