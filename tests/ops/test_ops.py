@@ -248,6 +248,49 @@ def test_linear_token_stats_matches_reference(backend, device, N, D, V, Dr, dtyp
             native=native_linear_token_stats)
 
 
+# The torch backend's fast tile paths (no softcap, no mixture: in-place forward; log-probs /
+# entropy-only backward) on one worker and on two (vocabulary-range items merged per row), with
+# a masked vocabulary (-inf bias columns: the row dots' NaN fallbacks and the backward's
+# non-finite tile fallback) and a NaN row.
+FAST_CASES = [
+    # N, V, dtype, ref, kwargs, grad_fields
+    (7, 301, torch.float32, True, dict(temperature=0.8), ["logprobs"]),
+    (6, 257, torch.bfloat16, False, dict(), ["logprobs", "entropy"]),
+    (5, 263, torch.float32, True, dict(), ["entropy"]),
+]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("N,V,dtype,ref,kw,grad_fields", FAST_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_linear_torch_fast_paths(monkeypatch, workers, N, V, dtype, ref, kw, grad_fields, masked):
+    monkeypatch.setattr(tuning, "TORCH", dataclasses.replace(
+        tuning.TORCH, linear_workers=workers, linear_items_per_worker=2))
+    inputs = _linear_inputs(N, 16, V, dtype, "cpu", ref=ref)
+    inputs.update(kw)
+    if masked:  # a masked vocabulary: -inf bias columns, no target among them
+        cols = torch.tensor([c for c in range(0, V, 7) if c not in inputs["targets"].tolist()])
+        inputs["bias"][cols] = float("-inf")
+    compare(partial(_run_linear, "torch"), naive_linear_token_stats, inputs,
+            ["hidden", "weight", "bias"], native=native_linear_token_stats,
+            grad_fields=grad_fields)
+
+
+def test_linear_torch_workers_nan_row(monkeypatch):
+    """Two workers: a NaN row stays NaN after the items' merge, the other rows exact."""
+    monkeypatch.setattr(tuning, "TORCH", dataclasses.replace(
+        tuning.TORCH, linear_workers=2, linear_items_per_worker=2))
+    inputs = _linear_inputs(4, 16, 300, torch.float32, "cpu")
+    inputs["hidden"][1, 3] = float("nan")
+    s = ops.linear_token_stats(backend="torch", **inputs)
+    clean = {k: (v[[0, 2, 3]] if k in ("hidden", "ref_hidden", "targets") else v)
+             for k, v in inputs.items()}
+    c = ops.linear_token_stats(backend="torch", **clean)
+    assert torch.isnan(s.entropy[1]) and torch.isnan(s.kl[1])
+    for f in ("logprobs", "entropy", "kl", "ref_logprobs"):
+        assert torch.allclose(getattr(s, f)[[0, 2, 3]], getattr(c, f), rtol=1e-5, atol=1e-5), f
+
+
 def test_linear_policy_only_with_leading_dims(backend, device):
     inputs = _linear_inputs(6, 16, 111, torch.bfloat16, device, ref=False)
     inputs["hidden"] = inputs["hidden"].view(2, 3, 16)

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ...kernels.layout import LOGPROBS, LSE_POLICY, NUM_LSE, NUM_STATS, Scalars
+from ...kernels.layout import ENTROPY, LOGPROBS, LSE_POLICY, NUM_LSE, NUM_STATS, Scalars
 from ... import tuning
 from .common import (
     Partials, _pick, _times_live, active_fields, needs_ref_tiles, tile_grads, upstream,
@@ -243,22 +243,40 @@ def linear_token_stats_forward(
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
-def _fast_logprob_grads(z: torch.Tensor, v0: int, targets: torch.Tensor, g: torch.Tensor,
-                        lse_policy: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The policy logit gradient when only the log-probs carry an upstream gradient ``g [rows]``
-    and there is no softcap, in place on the owned tile ``z``: ``(onehot(t) − p)·g / T``
-    (3 passes; :func:`tile_grads` with ``_guarded`` semantics: a row with ``g == 0`` is exactly
-    0, even a NaN row)."""
+def _fast_policy_grads(z: torch.Tensor, v0: int, targets: Optional[torch.Tensor],
+                       grad: torch.Tensor, stats: torch.Tensor, lse_policy: torch.Tensor,
+                       temperature: float, use_lp: bool, use_ent: bool,
+                       scratch: _Scratch) -> Optional[torch.Tensor]:
+    """The policy logit gradient when only the log-probs and / or the entropy carry an upstream
+    gradient (``grad [5, rows]``) and there is no softcap, in place on the owned tile ``z``:
+    ``(p·(α + β·log p) + onehot(t)·g_lp) / T`` with ``α = −g_lp − g_ent·H``, ``β = −g_ent``
+    (4-6 passes). None for a tile holding a non-finite logit (the caller uses
+    :func:`tile_grads`, whose guards give ``exp(−inf)·(−inf) := 0``). A row whose upstream
+    gradients are all 0 is exactly 0, even a NaN row (``_guarded``'s rule)."""
+    if use_ent:
+        lo, hi = torch.aminmax(z)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            return None
+    g_lp = grad[LOGPROBS] if use_lp else torch.zeros_like(lse_policy)
+    alpha = -g_lp
     if temperature != 1.0:
         z.div_(temperature)
-    dz = z.sub_(lse_policy[:, None]).exp_().mul_(-g[:, None])
-    idle = (g == 0).nonzero().squeeze(1)
+    logp = z.sub_(lse_policy[:, None])
+    dz = torch.exp(logp, out=scratch.tile(3, *z.shape))
+    if use_ent:
+        alpha = alpha - grad[ENTROPY] * stats[ENTROPY]
+        dz.mul_(logp.mul_(-grad[ENTROPY][:, None]).add_(alpha[:, None]))
+        idle = ((g_lp == 0) & (grad[ENTROPY] == 0)).nonzero().squeeze(1)
+    else:
+        dz.mul_(alpha[:, None])
+        idle = (g_lp == 0).nonzero().squeeze(1)
     if idle.numel():
         dz.index_fill_(0, idle, 0.0)
-    local = targets - v0
-    hit = (local >= 0) & (local < z.shape[1])
-    local = torch.where(hit, local, torch.zeros_like(local))[:, None]
-    dz.scatter_add_(1, local, torch.where(hit, g, torch.zeros_like(g))[:, None])
+    if use_lp:
+        local = targets - v0
+        hit = (local >= 0) & (local < z.shape[1])
+        local = torch.where(hit, local, torch.zeros_like(local))[:, None]
+        dz.scatter_add_(1, local, torch.where(hit, g_lp, torch.zeros_like(g_lp))[:, None])
     return dz.div_(temperature) if temperature != 1.0 else dz
 
 
@@ -277,9 +295,10 @@ def linear_token_stats_backward(
     grad = upstream(grad_stats, targets, scalars, ref_hidden is not None)
     active = active_fields(grad)
     has_ref = needs_ref_tiles(ref_hidden is not None, need_ref, active)
-    # only the log-probs carry a gradient, into the policy alone: the 3-pass tile gradient
-    fast = (scalars.softcap is None and not need_ref and targets is not None and active[LOGPROBS]
-            and not any(a for f, a in enumerate(active) if f != LOGPROBS))
+    # only the log-probs and / or the entropy carry a gradient, into the policy alone
+    use_lp, use_ent = active[LOGPROBS] and targets is not None, active[ENTROPY]
+    fast = (scalars.softcap is None and not need_ref and (use_lp or use_ent)
+            and not any(a for f, a in enumerate(active) if f not in (LOGPROBS, ENTROPY)))
     # float32 accumulators (a bf16 dW accumulation loses precision at large N); d_hidden and
     # d_ref_hidden per worker (every item adds to every row), the others by disjoint rows.
     workers = _workers(hidden.device)
@@ -298,11 +317,12 @@ def linear_token_stats_backward(
             for (n0, n1), h, rh in zip(blocks, h_blocks, rh_blocks):
                 t = targets[n0:n1] if targets is not None else None
                 z, w = _head_tile(h, weight, bias, v0, v1, scratch.tile(0, n1 - n0, v1 - v0))
+                dz = dr = rw = None
                 if fast:
-                    dz = _fast_logprob_grads(z, vocab_start + v0, t, grad[LOGPROBS, n0:n1],
-                                             lse[LSE_POLICY, n0:n1], scalars.temperature)
-                    dr = rw = None
-                else:
+                    dz = _fast_policy_grads(z, vocab_start + v0, t, grad[:, n0:n1],
+                                            stats[:, n0:n1], lse[LSE_POLICY, n0:n1],
+                                            scalars.temperature, use_lp, use_ent, scratch)
+                if dz is None:
                     r, rw = _head_tile(rh, ref_weight, ref_bias, v0, v1,
                                        scratch.tile(1, n1 - n0, v1 - v0)) if has_ref else (None, None)
                     dz, dr = tile_grads(
