@@ -53,7 +53,8 @@ SHAPE_SETS: Dict[str, ShapeSet] = {
     # figures that stay reproducible when other jobs share the machine (with 2 threads on 2 busy
     # cores the streaming backend's many small OpenMP regions were erratically 5-50x slower).
     "cpu": ShapeSet(("qwen2.5-0.5b",), tokens=(256, 1024), rows=(8, 64), dtype="fp32",
-                    providers=("nashkern-torch", "eager"),
+                    providers=("nashkern-torch", "nashkern-torch-chunked", "nashkern-torch-fused",
+                               "eager"),
                     workloads=("policy", "reference", "sample"),
                     modes=("forward", "forward+backward"), threads=1),
     # GPU: the three heads, N where memory allows (cases estimated not to fit are skipped).

@@ -52,6 +52,7 @@ class Provider:
     backend: Optional[str] = None         # nashkern backend
     workloads: Optional[Tuple[str, ...]] = None  # the workloads it computes (None: all)
     softcap: bool = True                  # supports a final-logit softcap
+    cpu_only: bool = False                # the torch backend's strategies side by side (CPU)
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,36 @@ def nashkern_providers(family: str, build: Callable[..., Callable]) -> Tuple[Pro
     order = ("torch", "triton", "cuda")
     plain = tuple(Provider(f"nashkern-{b}", build(b), backend=b)
                   for b in order if b in declared.backends)
-    return plain + tuple(Provider(f"nashkern-{b}-{s}", build(b, s), backend=b)
-                         for b in order[1:] for s, table in declared.strategies.items()
+    return plain + tuple(Provider(f"nashkern-{b}-{s}", build(b, s), backend=b,
+                                  cpu_only=b == "torch")
+                         for b in order for s, table in declared.strategies.items()
                          if b in table)
+
+
+def strategy_ratios(rows: List[dict]) -> List[str]:
+    """Per linear_token_stats CPU case timed with both torch strategies: the measured
+    chunked / fused time ratio beside the cost model's (``predicted_seconds``, the one
+    ``strategy="auto"`` decides by), and the strategy ``auto`` picks."""
+    from nashkern.ops.linear_token_stats import predicted_seconds, resolve_strategy
+
+    timed = {}
+    for r in rows:
+        if r["op"] == "linear_token_stats" and r["status"] == "ok":
+            key = (r["model"], r["workload"], r["mode"], r["N"], r["D"], r["V"])
+            timed.setdefault(key, {})[r["provider"]] = r["time_median_s"]
+    lines = []
+    for (model, workload, mode, N, D, V), t in sorted(timed.items()):
+        if "nashkern-torch-chunked" not in t or "nashkern-torch-fused" not in t:
+            continue
+        models = 2 if workload in cfg.REFERENCE_WORKLOADS else 1
+        kw = dict(models=models, backward=mode != "forward", threads=torch.get_num_threads())
+        predicted = (predicted_seconds("chunked", "cpu", N, D, V, **kw)
+                     / predicted_seconds("fused", "cpu", N, D, V, **kw))
+        auto = resolve_strategy("auto", "torch", torch.device("cpu"), N, D, V, models)
+        lines.append(f"{model} {workload} {mode} N={N}: chunked/fused measured "
+                     f"{t['nashkern-torch-chunked'] / t['nashkern-torch-fused']:.2f}, "
+                     f"cost model {predicted:.2f} (auto: {auto})")
+    return lines
 
 
 def skip_reason(case: Case, device: str) -> Optional[str]:
@@ -132,6 +160,8 @@ def skip_reason(case: Case, device: str) -> Optional[str]:
             return f"CUDA backend unavailable: {reason}"
     if p.needs_cuda and device != "cuda":
         return "needs CUDA"
+    if p.cpu_only and device == "cuda":
+        return "CPU only: the torch strategies' comparison for the CPU cost model"
     return None
 
 

@@ -122,6 +122,9 @@ def pytest_terminal_summary(terminalreporter, config):
     for row in bench.rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     tr.write_line("cases: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    from bench_harness import strategy_ratios
+    for line in strategy_ratios(bench.rows):
+        tr.write_line(line)
     written = config.stash.get(_WRITTEN, None)
     if written:
         tr.write_line(f"appended {written[1]} rows to {written[0]}")

@@ -121,6 +121,30 @@ class MixtureSampleTriton:
 
 
 @dataclass(frozen=True)
+class LinearStrategyCosts:
+    """The cost model of ``linear_token_stats``' strategies that ``strategy="auto"`` reads
+    (``ops.linear_token_stats.predicted_seconds``; DESIGN.md, "Cost model"): seconds = the
+    matmul FLOPs at the strategy's matmul efficiency + the logits elements (per model and
+    direction) times the strategy's per-element epilogue cost."""
+
+    #: CPU matmul rate per thread, float32 (AMD EPYC AVX2, torch 2.13 + MKL, 1 thread: the
+    #: [512, 128] x [128, 2048] head tiles and square 1024^3 reach 73-80 GFLOP/s).
+    cpu_matmul_flops: float = 75e9
+    #: CPU epilogue ns per logit and model, fused (the torch loop's in-place passes over a
+    #: cache-resident tile) and chunked (the logits-input torch backend over a [C, V] buffer
+    #: out of cache). Measured (process CPU time, 1 thread, N=1024, D=128, V=151936, fp32,
+    #: policy + reference forward, log-probs backward; load ~4.5): forward fused 2.39 s, chunked
+    #: 4.38 s; backward fused 2.39 s, chunked 3.30 s; minus the matmuls at the rate above.
+    cpu_fused_ns_per_logit: float = 4.5
+    cpu_chunked_ns_per_logit: float = 11.0
+    #: GPU fraction of the matmul roofline (DESIGN.md's estimates, never measured here):
+    #: chunked ~0.9 (cuBLAS GEMMs + memory-bound epilogues), fused ~0.2 (16-29 % per the
+    #: sm_90 SASS analysis of issue 11: the fp32 atomics of its backward).
+    gpu_chunked_fraction: float = 0.9
+    gpu_fused_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
 class ChunkedLinear:
     """The chunked strategy of ``linear_token_stats`` (nashkern/backends/linear_token_stats_chunked.py): rows per
     chunk from a memory budget. Estimated, not measured on a GPU."""
@@ -142,6 +166,7 @@ TOKEN_STATS = TokenStatsTriton(reason=_INTERPRETER)
 LINEAR_TOKEN_STATS = LinearTokenStatsTriton(reason=_INTERPRETER)
 MIXTURE_SAMPLE = MixtureSampleTriton(reason=_INTERPRETER)
 CHUNKED_LINEAR = ChunkedLinear()
+LINEAR_STRATEGY_COSTS = LinearStrategyCosts()
 
 
 # --------------------------------------------------------------------------------------------

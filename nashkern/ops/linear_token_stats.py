@@ -25,6 +25,7 @@ from ..backends import linear_token_stats_vocab_parallel as vocab_parallel
 from ..backends.linear_token_stats_chunked import ChunkedLinearTokenStats
 from ..backends.torch import linear_token_stats as torch_linear_token_stats
 from ..kernels.layout import NUM_LSE, NUM_STATS
+from .. import tuning
 from ..types import TokenStats
 from .token_stats import FAMILY as TOKEN_STATS_FAMILY
 from .checks import check_float, check_same_device, check_targets, unpack_stats
@@ -251,18 +252,39 @@ def _vocab_parallel_backend(backend: str, strategy: str, device: torch.device) -
     return backend
 
 
-def resolve_strategy(strategy: str, backend: str, device: torch.device) -> str:
+def predicted_seconds(strategy: str, device_type: str, N: int, D: int, V: int, *,
+                      models: int = 1, backward: bool = True, threads: int = 1) -> float:
+    """The cost model's time of one call (DESIGN.md, "Cost model"; constants
+    ``tuning.LINEAR_STRATEGY_COSTS``): ``models`` heads in the forward (2 with a reference),
+    the backward (when ``backward``) recomputing the policy's logits and forming dhidden and
+    dweight (6·N·D·V). CPU: matmul FLOPs at ``threads`` x the per-thread rate, plus the
+    epilogue's per-logit cost; GPU: the FLOPs at the strategy's fraction of the roofline, in
+    units of the device's matmul rate (only ratios are meaningful there)."""
+    costs = tuning.LINEAR_STRATEGY_COSTS
+    flops = 2 * models * N * D * V + (6 * N * D * V if backward else 0)
+    logits = N * V * (models + (1 if backward else 0))
+    if device_type == "cuda":
+        fraction = costs.gpu_chunked_fraction if strategy == "chunked" else costs.gpu_fused_fraction
+        return flops / fraction
+    per_logit = costs.cpu_chunked_ns_per_logit if strategy == "chunked" else costs.cpu_fused_ns_per_logit
+    return (flops / costs.cpu_matmul_flops + logits * per_logit * 1e-9) / max(1, threads)
+
+
+def resolve_strategy(strategy: str, backend: str, device: torch.device, N: int = 1, D: int = 1,
+                     V: int = 1, models: int = 1) -> str:
     """Map the user's ``strategy`` to "chunked" or "fused" for the resolved ``backend``.
 
-    "auto": chunked on CUDA devices (tensor-core GEMMs by cuBLAS; the CUDA backend has no fused
-    kernel), fused elsewhere: on the CPU the torch backend's own 512-row x 2048-column tiles
-    were faster than [C, V] chunks and hold less memory (measured, 1 thread CPU time, D=896,
-    V=151936, fp32 log-probs fwd+bwd, N=512: 7.7 s vs 9.4 s, eager 6.3 s; a shared machine,
-    DESIGN.md). A strategy the backend does not implement is a ValueError."""
+    "auto": the strategy with the lower :func:`predicted_seconds` for this shape (``models``: 2
+    with a reference) among those ``backend`` implements (the CUDA backend has chunked only).
+    With today's constants the CPU picks fused (its epilogue passes stay in cache: 4.5 vs 11 ns
+    per logit at equal matmuls) and a GPU chunked (~0.9 vs ~0.2 of the matmul roofline). A
+    strategy the backend does not implement is a ValueError."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
-        strategy = "chunked" if device.type == "cuda" or backend not in _FUSED else "fused"
+        offered = [s for s in ("fused", "chunked") if backend in FAMILY.strategies[s]]
+        strategy = min(offered, key=lambda s: predicted_seconds(
+            s, device.type, N, D, V, models=models, threads=torch.get_num_threads()))
     if backend not in FAMILY.strategies[strategy]:
         have = [s for s, table in FAMILY.strategies.items() if backend in table]
         other = [b for b in FAMILY.strategy_backends(strategy) if b != "torch"]
@@ -315,7 +337,8 @@ def linear_token_stats(
     ``tuning.CHUNKED_LINEAR.max_chunk_bytes``, then the backend's logits kernels; bf16/fp16
     logits are rounded once to the model dtype, as in eager PyTorch), ``"fused"`` (one streaming
     kernel, no ``[C, V]`` buffer: the memory floor, fp32 logits; not on ``backend="cuda"``) or
-    ``"auto"`` (chunked on CUDA devices, fused elsewhere). DESIGN.md has the cost model.
+    ``"auto"`` (the lower time of the cost model, :func:`predicted_seconds`: chunked on CUDA
+    devices, fused on the CPU). DESIGN.md has the cost model.
 
     hidden: ``[..., D]``; weight: ``[V, D]``; bias: ``[V]``; targets: ``[...]`` (or None);
     ref_hidden: ``[..., Dr]`` (the reference model's final hidden states); ref_weight
@@ -357,7 +380,8 @@ def linear_token_stats(
                                            tokens=math.prod(lead))
     else:
         backend = resolve_backend(FAMILY, backend, hidden.device)
-        strategy = resolve_strategy(strategy, backend, hidden.device)
+        strategy = resolve_strategy(strategy, backend, hidden.device, math.prod(lead),
+                                    weight.shape[1], vocab, 1 if ref_hidden is None else 2)
     flat_targets = None
     if targets is not None:
         flat_targets = check_targets(targets, lead, vocab, scalars.ignore_index, hidden.device,

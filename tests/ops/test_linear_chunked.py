@@ -316,3 +316,23 @@ def test_resolve_strategy():
     with pytest.raises(ValueError, match="backend='cuda' implements linear_token_stats with "
                                          "strategy='chunked' only"):
         resolve_strategy("fused", "cuda", gpu)
+
+
+def test_auto_follows_the_cost_model(monkeypatch):
+    """"auto" is the cheaper strategy of ``predicted_seconds`` for the shape: constants that make
+    the CPU's chunked epilogue cheaper flip the CPU's choice; on a GPU the roofline fractions
+    decide (the chunked GEMMs)."""
+    import dataclasses
+    from nashkern import tuning
+    from nashkern.ops.linear_token_stats import predicted_seconds
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    shape = (1024, 128, 151936)
+    assert predicted_seconds("fused", "cpu", *shape) < predicted_seconds("chunked", "cpu", *shape)
+    assert resolve_strategy("auto", "torch", cpu, *shape, 2) == "fused"
+    monkeypatch.setattr(tuning, "LINEAR_STRATEGY_COSTS", dataclasses.replace(
+        tuning.LINEAR_STRATEGY_COSTS, cpu_chunked_ns_per_logit=1.0))
+    assert resolve_strategy("auto", "torch", cpu, *shape, 2) == "chunked"
+    monkeypatch.setattr(tuning, "LINEAR_STRATEGY_COSTS", dataclasses.replace(
+        tuning.LINEAR_STRATEGY_COSTS, gpu_chunked_fraction=0.1))
+    assert resolve_strategy("auto", "triton", gpu, *shape) == "fused"
