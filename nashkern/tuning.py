@@ -43,8 +43,12 @@ class TorchChunking:
     #: competing process deschedules takes fewer; 8 keeps each item >= ~4 tiles at V=151936.
     linear_items_per_worker: int = 8
     #: Vocabulary block of the torch sampler's two-level inverse CDF (block sums, then a prefix
-    #: sum inside one block per row): ~sqrt(V) keeps both levels small.
-    sample_block: int = 1024
+    #: sum inside one block per row): both levels stay small (594 blocks of 256 at V = 151936).
+    #: 256, not ~sqrt(V) = 1024: ``linear_mixture_sample`` recomputes each row's chosen block
+    #: from its weight rows (gathered: block x D floats per row, 128 KiB at D = 128 vs 512 KiB);
+    #: the logits sampler measured the same at 128-1024 (7.4-8.4 ms per [8 + 8, 151936] pair of
+    #: calls, loaded machine, within noise).
+    sample_block: int = 256
     #: float32 elements of the sampler's one reused ``[rows, width]`` buffer (2**18 = 1 MiB:
     #: a row block's mixed logits stay in cache between its mix, max, exp and block sums, and
     #: no ``[B, V]`` temporary is allocated: on the CPU each fresh multi-MB tensor costs page
@@ -52,6 +56,18 @@ class TorchChunking:
     #: 2-core machine, load ~12): 2.3-2.9 ms at 2**18 vs 3.7-4.1 ms at 2**15 (op overhead) and
     #: 19.6-21 ms for the previous whole-row passes.
     sample_chunk_elements: int = 1 << 18
+    #: ``linear_mixture_sample`` (the sampler fed by ``hidden @ weight_tile.T``): rows per GEMM
+    #: block; its vocabulary tiles are ``sample_chunk_elements // rows`` columns (block-aligned),
+    #: one reused float32 ``[rows, tile]`` buffer per model (1 MiB). The lead measured (1 thread,
+    #: quiet, fp32, h [rows, 128] x W [151936, 128]^T) 2048-column tiles into one reused buffer
+    #: at 31 GFLOP/s for 16 rows vs 20 writing the whole fresh [16, V] output. Measured here on
+    #: the loaded machine (load 5-10, process CPU time, best of 5, Nash-MD's decode step: 16
+    #: policy rows in two groups + 8 reference rows, V = 151936, D = 128): the tile GEMMs alone
+    #: are within noise of the whole GEMM at 2048-65536 columns, and the whole op took 49 / 47 /
+    #: 45-52 / 49 / 50 / 46 ms at fixed tiles of 2048 / 4096 / 8192 / 16384 / 32768 / 65536
+    #: columns: the ~20 torch calls per tile cost more than cache misses, so tiles as wide as
+    #: the sampler's 1 MiB chunks (16384 columns at 16 rows).
+    linear_sample_rows: int = 256
 
 
 @dataclass(frozen=True)

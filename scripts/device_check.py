@@ -96,9 +96,11 @@ GPU_TESTS = ("tests/ops/test_kernels_linear_token_stats.py", "tests/ops/test_lin
 #: the library), the CPU benchmark shapes, fake-CUDA registry logic, this script's dry run.
 CPU_ONLY_TESTS = ("tests/ops/test_benchmarks_smoke.py", "tests/ops/test_compile.py",
                   "tests/ops/test_compile_gate.py", "tests/ops/test_cuda_build.py",
-                  "tests/ops/test_memory.py", "tests/ops/test_registry.py",
+                  "tests/ops/test_linear_mixture_sample.py", "tests/ops/test_memory.py",
+                  "tests/ops/test_registry.py",
                   "tests/ops/test_tuning.py", "tests/rl/test_callbacks.py",
                   "tests/rl/test_compiled_decode.py", "tests/rl/test_generation.py",
+                  "tests/rl/test_generation_fused_decode.py",
                   "tests/rl/test_losses.py",
                   "tests/rl/test_nash_ema.py", "tests/rl/test_nash_ema_sharded.py",
                   "tests/rl/test_nash_equilibrium_lm.py", "tests/rl/test_nash_md_trainer.py",

@@ -75,7 +75,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # own tests would repeat themselves there; the wheel smoke script checks every op at the lower
 # bounds). By file name, so that moving a file between test folders keeps it selected.
 MIN_VERSIONS_FILES = {
-    "test_generation.py", "test_compiled_decode.py", "test_callbacks.py", "test_losses.py",
+    "test_generation.py", "test_compiled_decode.py", "test_generation_fused_decode.py",
+    "test_callbacks.py", "test_losses.py",
     "test_nash_md_trainer.py", "test_xpo_trainer.py", "test_online_dpo_trainer.py",
     "test_trl_compat_nash_md.py", "test_trl_compat_xpo.py", "test_trl_compat_online_dpo.py",
 }

@@ -13,7 +13,7 @@ the CPU path), ``"triton"`` (GPU, or the CPU interpreter with ``TRITON_INTERPRET
 ``"cuda"`` (the optional nvcc-built kernels of ``csrc/``) and ``"auto"``.
 
 Layout: one file per op family, named after it (``token_stats.py``: token_stats / logprobs /
-entropy / kl / mixture_logprobs; ``linear_token_stats.py``; ``mixture_sample.py``), each
+entropy / kl / mixture_logprobs; ``linear_token_stats.py``; ``mixture_sample.py``; ``linear_mixture_sample.py``), each
 declaring its custom ops and its backend table; ``registry.py`` holds the shared scalar schema
 (:class:`Scalars`) and the backend choice; :data:`FAMILIES` lists them all. The public functions
 share their modules' names: ``nashkern.ops.token_stats`` is the function; the module is
@@ -22,6 +22,8 @@ share their modules' names: ``nashkern.ops.token_stats`` is the function; the mo
 from ..types import TokenStats
 from .linear_token_stats import FAMILY as _LINEAR_TOKEN_STATS
 from .linear_token_stats import linear_token_stats
+from .linear_mixture_sample import FAMILY as _LINEAR_MIXTURE_SAMPLE
+from .linear_mixture_sample import linear_mixture_sample
 from .mixture_sample import FAMILY as _MIXTURE_SAMPLE
 from .mixture_sample import mixture_sample
 from .registry import BACKENDS, Family, Implementation, Scalars, resolve_backend
@@ -29,9 +31,9 @@ from .token_stats import FAMILY as _TOKEN_STATS
 from .token_stats import entropy, kl, logprobs, mixture_logprobs, token_stats
 
 #: Every op family, in one tuple: the memory recorder and the benchmarks read it.
-FAMILIES = (_TOKEN_STATS, _LINEAR_TOKEN_STATS, _MIXTURE_SAMPLE)
+FAMILIES = (_TOKEN_STATS, _LINEAR_TOKEN_STATS, _MIXTURE_SAMPLE, _LINEAR_MIXTURE_SAMPLE)
 
 __all__ = [
     "TokenStats", "logprobs", "entropy", "kl", "mixture_logprobs", "mixture_sample",
-    "token_stats", "linear_token_stats", "FAMILIES", "Scalars", "BACKENDS",
+    "token_stats", "linear_token_stats", "linear_mixture_sample", "FAMILIES", "Scalars", "BACKENDS",
 ]

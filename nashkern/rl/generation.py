@@ -17,6 +17,11 @@ logit rows go straight to ``mixture_sample`` (the temperature is applied inside 
 ``[B, V]`` mixed tensor); with any of them one ``[B, V]`` row of mixed logits per step is built,
 processed, and sampled by ``mixture_sample`` with ``coef=0``.
 
+Without processors, greedy decoding or a device / head that needs them, the models run their
+bodies only and :func:`nashkern.ops.linear_mixture_sample` samples from their heads' weights
+streamed over vocabulary tiles (no ``[rows, V]`` logits; the same ids for the same generator):
+:mod:`nashkern.rl.fused_decode` says when, and logs once why not.
+
 ``do_sample=False`` takes the most likely token of the processed mixture logits (greedy).
 ``cache_implementation`` picks each model's KV cache: transformers' ``DynamicCache`` (default),
 ``StaticCache`` (``"static"``, prompt + ``max_new_tokens`` slots) or an offloaded dynamic cache.
@@ -42,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .. import naive, ops
-from . import engines
+from . import engines, fused_decode
 from .checks import check_fields
 from .compiled_decode import CompiledDecode, check_usable
 from .engines import all_ranks_done
@@ -243,22 +248,76 @@ def _generation_cache(model, implementation, slots, compiled: Optional[CompiledD
     return compiled.cache(model, role, rows, slots)
 
 
-def _decode_forward(compiled: Optional[CompiledDecode], model, tok, mask, pos, cache):
+def _decode_forward(compiled: Optional[CompiledDecode], model, tok, mask, pos, cache,
+                    head=None):
     """The decode loop's one-token forward: ``(logits [R, V] float32, cache)`` of ``tok [R]``
-    at ``pos [R, 1]``, eager or compiled."""
+    at ``pos [R, 1]``, eager or compiled; with a fused ``head`` (eager only) the head's input
+    ``[R, D]`` instead of the logits (:func:`_forward_last_logits`)."""
     if compiled is None:
-        return _forward_last_logits(model, tok[:, None], mask, pos, cache)
+        return _forward_last_logits(model, tok[:, None], mask, pos, cache, head)
     return compiled(model, tok[:, None], mask, pos, cache), cache
 
 
 def _prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos, cache_implementation,
-                       slots, compiled: Optional[CompiledDecode] = None):
-    """The reference's prefill: ``(last-position logits [B, V], its new KV cache)``, run inside
-    ``ref_ctx()`` (e.g. the PEFT base with the adapters disabled)."""
+                       slots, compiled: Optional[CompiledDecode] = None, head=None, check=False):
+    """The reference's prefill, run inside ``ref_ctx()`` (e.g. the PEFT base with the adapters
+    disabled): as :func:`_prefill`, with its new KV cache."""
     cache = _generation_cache(ref_model, cache_implementation, slots, compiled,
                               input_ids.shape[0], "reference")
     with ref_ctx():
-        return _forward_last_logits(ref_model, input_ids, attention_mask, pos, cache)
+        return _prefill(ref_model, input_ids, attention_mask, pos, cache, head, check)
+
+
+def _prefill(model, ids, mask, pos, cache, head, check):
+    """``(last-position output, cache, head input or None)``: the logits ``[B, V]`` (no fused
+    ``head``), the head's input ``[B, D]`` (a fused head known separable), or with ``check`` the
+    logits AND the head's whole input ``[B, T, D]`` (the first prefill of a model: its
+    separability is decided from both, :func:`fused_decode.checked`)."""
+    if head is None or not check:
+        out, cache = _forward_last_logits(model, ids, mask, pos, cache, head)
+        return out, cache, None
+    kept = []
+    handle = head.module.register_forward_hook(lambda m, args, out: kept.append(args[0]))
+    try:
+        out, cache = _forward_last_logits(model, ids, mask, pos, cache)
+    finally:
+        handle.remove()
+    return out, cache, kept[-1] if kept else None
+
+
+def _fused_heads(model, ref_model, ref_ctx, params, device, sharded: bool, compiled):
+    """``(policy head, reference head or None)`` for :mod:`fused_decode`'s sampler, or
+    ``(None, None)`` with the reason logged once."""
+    why = fused_decode.fused_decode_reason(params, device)
+    if why is None and sharded:
+        why = "vocabulary-sharded heads (tensor parallelism: the sharded sampler)"
+    if why is None and compiled is not None:
+        why = "compile_decode: the compiled forward computes the logits"
+    pol = ref = None
+    if why is None:
+        pol, why = fused_decode.fused_head(model)
+    if why is None and ref_model is not None:
+        with ref_ctx():
+            ref, why = fused_decode.fused_head(ref_model)
+        if why is None and ref.softcap != pol.softcap:
+            why = "the policy's and the reference's heads have different softcaps"
+    if why is not None:
+        fused_decode.log_fallback_once(why)
+        return None, None
+    return pol, ref
+
+
+def _use_checked(pol, ref, ref_ctx, z, zin, r, rin):
+    """After a checking prefill: ``(z, r, fused)``, the head inputs' last positions when both
+    heads are separable, else the logits (logged)."""
+    ok = zin is not None and fused_decode.checked(pol, zin, z)
+    if ok and ref is not None:
+        with ref_ctx():
+            ok = rin is not None and fused_decode.checked(ref, rin, r)
+    if not ok:
+        fused_decode.log_fallback_once("a head is not separable from its model's body")
+        return z, r, False
+    return zin[:, -1], None if ref is None else rin[:, -1], True
 
 
 def _cache_slots(prompt_width: int, max_new_tokens: int, max_length: Optional[int],
@@ -280,7 +339,15 @@ def _prompt_tokens(params, input_ids, attention_mask, vocab) -> Optional[Tensor]
         1, input_ids.clamp(0, vocab - 1), attention_mask) > 0
 
 
-def _forward_last_logits(model, ids, mask, pos, cache):
+def _forward_last_logits(model, ids, mask, pos, cache, head=None):
+    """``(last-position logits [B, V] float32, cache)``; with a fused ``head``
+    (:class:`fused_decode.FusedHead`) its forward is bypassed and the head's input ``[B, D]`` (the
+    final hidden state) comes back instead of the logits."""
+    if head is not None:
+        kept = []
+        with engines.patched_forward(head.module, fused_decode.keep_head_input(kept)):
+            _, cache = _forward_last_logits(model, ids, mask, pos, cache)
+        return kept[-1], cache
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     inner = engines.inner_module(model)
     if hasattr(inner, "get_base_model"):  # PEFT passes the cache on to the base model's forward
@@ -366,20 +433,35 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
                              compiled_decode)
         cache = _generation_cache(model, cache_implementation, slots, compiled_decode, B,
                                   "policy")
-        z, cache = _forward_last_logits(model, input_ids, attention_mask, pos, cache)
-        r = ref_cache = None
+        pol_head, ref_head = _fused_heads(model, ref_model if use_ref else None, ref_ctx, params,
+                                          device, tp.active, compiled_decode)
+        fused = pol_head is not None
+        check = fused and not all(fused_decode.separability_known(h)
+                                  for h in (pol_head, ref_head) if h is not None)
+        z, cache, zin = _prefill(model, input_ids, attention_mask, pos, cache, pol_head, check)
+        r = ref_cache = rin = None
         if use_ref:
-            r, ref_cache = _prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos,
-                                              cache_implementation, slots, compiled_decode)
+            r, ref_cache, rin = _prefill_reference(ref_model, ref_ctx, input_ids, attention_mask,
+                                                   pos, cache_implementation, slots,
+                                                   compiled_decode, ref_head, check)
             r = tp.reference(r)
-        vocab = tp.vocab(z)
+        if check:
+            z, r, fused = _use_checked(pol_head, ref_head, ref_ctx, z, zin, r, rin)
+        if not fused:
+            pol_head = ref_head = None
+        vocab = pol_head.vocab if fused else tp.vocab(z)
         seen = _prompt_tokens(params, input_ids, attention_mask, vocab)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         tokens, masks = [], []
         next_pos = pos[:, -1:]
         for step in range(params.max_new_tokens):
             c = coef if use_ref else 0.0
-            sampled = tp.sample(z, r, c, params, seen, generator, sample_next)
+            if fused:
+                sampled = fused_decode.sample(pol_head, z, ref_head, r, coefs=[c],
+                                              group_rows=[B], generators=[generator],
+                                              temperature=params.temperature)
+            else:
+                sampled = tp.sample(z, r, c, params, seen, generator, sample_next)
             bad = (sampled < 0) | (sampled >= vocab)
             tok = torch.where(finished, torch.full_like(sampled, pad_token_id), sampled)
             tokens.append(tok)
@@ -397,11 +479,11 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token_id: 
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
             next_pos = next_pos + 1
             z, cache = _decode_forward(compiled_decode, model, tok, attention_mask, next_pos,
-                                       cache)
+                                       cache, pol_head)
             if use_ref:
                 with ref_ctx():
                     r, ref_cache = _decode_forward(compiled_decode, ref_model, tok,
-                                                   attention_mask, next_pos, ref_cache)
+                                                   attention_mask, next_pos, ref_cache, ref_head)
                 r = tp.reference(r)
     completion_ids = torch.stack(tokens, 1)
     completion_mask = torch.stack(masks, 1).long()
@@ -511,20 +593,32 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
                              compiled_decode)
         cache = _generation_cache(model, cache_implementation, slots, compiled_decode, P,
                                   "policy")
+        pol_head, ref_head = _fused_heads(model, ref_model if use_ref else None, ref_ctx, params,
+                                          device, tp.active, compiled_decode)
+        fused = pol_head is not None
+        check = fused and not all(fused_decode.separability_known(h)
+                                  for h in (pol_head, ref_head) if h is not None)
         if (cache_implementation == "static" or compiled_decode is not None) and P > B:
             # a static cache sizes its tensors at the first forward: give it the 2B rows there
-            z, cache = _forward_last_logits(model, input_ids[twice], attention_mask[twice],
-                                            pos[twice], cache)
+            z, cache, zin = _prefill(model, input_ids[twice], attention_mask[twice], pos[twice],
+                                     cache, pol_head, check)
         else:
-            z, cache = _forward_last_logits(model, input_ids, attention_mask, pos, cache)
+            z, cache, zin = _prefill(model, input_ids, attention_mask, pos, cache, pol_head,
+                                     check)
             if P > B:
                 cache = _repeat_cache(cache, twice)
                 z = z[twice]
-        r, ref_cache = (_prefill_reference(ref_model, ref_ctx, input_ids, attention_mask, pos,
-                                           cache_implementation, slots, compiled_decode)
-                        if use_ref else (None, None))
+                zin = None if zin is None else zin[twice]
+        r, ref_cache, rin = (_prefill_reference(ref_model, ref_ctx, input_ids, attention_mask,
+                                                pos, cache_implementation, slots, compiled_decode,
+                                                ref_head, check)
+                             if use_ref else (None, None, None))
         r = tp.reference(r)
-        vocab = tp.vocab(z)
+        if check:
+            z, r, fused = _use_checked(pol_head, ref_head, ref_ctx, z, zin, r, rin)
+        if not fused:
+            pol_head = ref_head = None
+        vocab = pol_head.vocab if fused else tp.vocab(z)
         seen = _prompt_tokens(params, input_ids, attention_mask, vocab)
         if seen is not None:
             seen = seen[twice]  # [2B]: y rows, then y′ rows
@@ -535,7 +629,11 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
         next_pos = pos[:, -1:]
         rows = (slice(0, B), slice(B, 2 * B))
         for step in range(params.max_new_tokens):
-            if joint:
+            if fused:
+                sampled = _fused_pair_sample(pol_head, ref_head, z, r, B, coef, use_ref, joint,
+                                             group_done, (generator, second_generator),
+                                             params.temperature, pad_token_id)
+            elif joint:
                 sampled = tp.sample(z, None, 0.0, params, seen, generator, sample_next)
             else:
                 parts = []
@@ -582,11 +680,12 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
             policy_needed = not (group_done[0] and (P == B or group_done[1]))
             if policy_needed or synced_gpus:
                 z, cache = _decode_forward(compiled_decode, model, pol_tok,
-                                           attention_mask[pol_rows], next_pos[pol_rows], cache)
+                                           attention_mask[pol_rows], next_pos[pol_rows], cache,
+                                           pol_head)
             if use_ref and (not group_done[1] or synced_gpus):
                 with ref_ctx():
                     r, ref_cache = _decode_forward(compiled_decode, ref_model, tok[B:],
-                                                   attention_mask, next_pos, ref_cache)
+                                                   attention_mask, next_pos, ref_cache, ref_head)
                 r = tp.reference(r)
     completion_ids = torch.stack(tokens, 1)
     completion_mask = torch.stack(masks, 1).long()
@@ -598,6 +697,41 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
     return tuple(GenerationOutput(input_ids, prompt_mask, completion_ids[sl, :min(n, steps)],
                                   completion_mask[sl, :min(n, steps)])
                  for sl, n in zip(rows, lengths))
+
+
+def _fused_pair_sample(pol, ref, z, r, B, coef, use_ref, joint, group_done, generators,
+                       temperature, pad_token_id):
+    """:func:`generate_pair`'s draws from the head inputs ``z [2B or B, D]`` / ``r [B, Dr]``
+    (:func:`fused_decode.sample`): what its logits path draws, group by group (y: the policy
+    with ``generators[0]``; y′: the mixture with ``generators[1]``; a finished group draws
+    nothing and gets padding), the policy's weight streamed once for both groups."""
+    if joint:
+        return fused_decode.sample(pol, z, None, None, coefs=[0.0], group_rows=[2 * B],
+                                   generators=[generators[0]], temperature=temperature)
+    out = torch.full((2 * B,), pad_token_id, dtype=torch.long, device=z.device)
+    live = [not done for done in group_done]
+    if use_ref and coef == 1:  # y′ from the reference alone (as generate(ref_model, ...))
+        for g, (head, h) in enumerate(((pol, z[:B]), (ref, r))):
+            if live[g]:
+                out[g * B:(g + 1) * B] = fused_decode.sample(
+                    head, h, None, None, coefs=[0.0], group_rows=[B], generators=[generators[g]],
+                    temperature=temperature)
+        return out
+    groups = [g for g in (0, 1) if live[g]]
+    if not groups:  # every row finished, this rank stepping on for the others (synced_gpus)
+        return out
+    coefs = [coef if g == 1 and use_ref else 0.0 for g in groups]
+    h = z if groups == [0, 1] else z[groups[0] * B:(groups[0] + 1) * B]
+    hr = None
+    if any(coefs):  # the reference rows align with h's; the y rows' are never read
+        hr = r if groups == [1] else torch.cat([r.new_zeros(B, r.shape[1]), r])
+    got = fused_decode.sample(pol, h, ref if hr is not None else None, hr, coefs=coefs,
+                              group_rows=[B] * len(groups),
+                              generators=[generators[g] for g in groups], temperature=temperature)
+    if groups == [0, 1]:
+        return got
+    out[groups[0] * B:(groups[0] + 1) * B] = got
+    return out
 
 
 def _split_rows(out: GenerationOutput, B: int) -> Tuple[GenerationOutput, GenerationOutput]:

@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SUITES = sorted(str(p) for p in BENCH.glob("test_bench_*.py"))
-OPS = {"linear_token_stats", "token_stats", "mixture_sample"}
+OPS = {"linear_token_stats", "token_stats", "mixture_sample", "linear_mixture_sample"}
 # torch.compile costs seconds per case on a CPU: compile one case per op, run eager elsewhere.
 ONE_COMPILE_PER_OP = ("not torch-compile or logprobs-forward-torch-compile "
                       "or sample-forward-torch-compile")

@@ -35,9 +35,10 @@ def fake_cuda_library(monkeypatch):
 
 def test_every_family_is_declared_once():
     names = [f.name for f in ops.FAMILIES]
-    assert names == ["token_stats", "linear_token_stats", "mixture_sample"]
+    assert names == ["token_stats", "linear_token_stats", "mixture_sample",
+                     "linear_mixture_sample"]
     custom = [op for f in ops.FAMILIES for op in f.custom_ops]
-    assert len({op._qualname for op in custom}) == len(custom) == 5
+    assert len({op._qualname for op in custom}) == len(custom) == 6
     for family in ops.FAMILIES:
         assert "torch" in family.backends  # the CPU path and the oracle's peer, always there
         assert set(family.backends) <= set(registry.BACKENDS)
@@ -53,7 +54,9 @@ def test_auto_with_a_loaded_cuda_library_resolves_every_op_to_an_implementation(
         assert callable(impl.forward), family.name
         if len(family.custom_ops) > 1:  # differentiable: a backward op too
             assert callable(impl.backward), family.name
-    expected = {"token_stats": "cuda", "mixture_sample": "cuda", "linear_token_stats": "cuda"}
+    # linear_mixture_sample has no GPU kernel: "auto" runs its torch backend there
+    expected = {"token_stats": "cuda", "mixture_sample": "cuda", "linear_token_stats": "cuda",
+                "linear_mixture_sample": "torch"}
     assert {f.name: registry.resolve_backend(f, "auto", CUDA0) for f in ops.FAMILIES} == expected
 
 
@@ -120,7 +123,7 @@ def test_auto_without_cuda_library_prefers_triton_on_gpu(monkeypatch):
     monkeypatch.setattr(cuda_lib, "unavailable_reason", lambda: "not built")
     for family in ops.FAMILIES:
         assert registry.resolve_backend(family, "auto", CUDA0) == (
-            "triton" if HAS_TRITON else "torch")
+            "triton" if HAS_TRITON and "triton" in family.backends else "torch")
         assert registry.resolve_backend(family, "auto", torch.device("cpu")) == "torch"
 
 

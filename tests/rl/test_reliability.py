@@ -312,6 +312,9 @@ def test_generation_rejects_sampled_ids_outside_the_vocabulary(monkeypatch, bad)
     V = m.config.vocab_size
     monkeypatch.setattr(ops, "mixture_sample",
                         lambda z, *a, **k: torch.full((z.shape[0],), min(bad, V + 3)))
+    # the sampler of the fused decode (the models' final hidden states, rl/fused_decode.py)
+    monkeypatch.setattr(ops, "linear_mixture_sample",
+                        lambda h, *a, **k: torch.full((h.shape[0],), min(bad, V + 3)))
     ids = torch.randint(5, 40, (2, 4))
     with pytest.raises(RuntimeError, match=rf"sampled token id {min(bad, V + 3)} in row 0 is "
                                            rf"outside \[0, {V}\)"):
