@@ -564,8 +564,7 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
                   max_length=max_length, cache_implementation=cache_implementation,
                   synced_gpus=synced_gpus, gather_context=gather_context,
                   compiled_decode=compiled_decode)
-    check_usable(compiled_decode, cache_implementation, False, synced_gpus)
-    if cache_implementation == "offloaded":
+    if cache_implementation == "offloaded":  # generate() checks compiled_decode
         if joint:
             both = generate(model, input_ids.repeat(2, 1), attention_mask.repeat(2, 1),
                             generator=generator, **common)
@@ -586,6 +585,7 @@ def generate_pair(model, input_ids: Tensor, attention_mask: Tensor, *, eos_token
     # (every row of both samples; no [rows, V] all-gather per token)
     tp = GenerationShards(model, ref_model if use_ref else None)
     synced_gpus = synced_gpus or tp.active  # every forward of a tensor-parallel model is a collective
+    check_usable(compiled_decode, cache_implementation, tp.active, synced_gpus)
     with _eval_mode(model, ref_model if use_ref else None), \
             (gather_context or contextlib.nullcontext)(), tp.context():
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
