@@ -131,7 +131,7 @@ def strategy_ratios(rows: List[dict]) -> List[str]:
         kw = dict(models=models, backward=mode != "forward", threads=torch.get_num_threads())
         predicted = (predicted_seconds("chunked", "cpu", N, D, V, **kw)
                      / predicted_seconds("fused", "cpu", N, D, V, **kw))
-        auto = resolve_strategy("auto", "torch", torch.device("cpu"), N, D, V, models)
+        auto = resolve_strategy("auto", "torch", torch.device("cpu"), D, V, models)
         lines.append(f"{model} {workload} {mode} N={N}: chunked/fused measured "
                      f"{t['nashkern-torch-chunked'] / t['nashkern-torch-fused']:.2f}, "
                      f"cost model {predicted:.2f} (auto: {auto})")

@@ -270,11 +270,11 @@ def predicted_seconds(strategy: str, device_type: str, N: int, D: int, V: int, *
     return (flops / costs.cpu_matmul_flops + logits * per_logit * 1e-9) / max(1, threads)
 
 
-def resolve_strategy(strategy: str, backend: str, device: torch.device, N: int = 1, D: int = 1,
-                     V: int = 1, models: int = 1) -> str:
+def resolve_strategy(strategy: str, backend: str, device: torch.device, D: int = 1, V: int = 1,
+                     models: int = 1) -> str:
     """Map the user's ``strategy`` to "chunked" or "fused" for the resolved ``backend``.
 
-    "auto": the strategy with the lower :func:`predicted_seconds` for this shape (``models``: 2
+    "auto": the strategy with the lower :func:`predicted_seconds` for this head (``models``: 2
     with a reference) among those ``backend`` implements (the CUDA backend has chunked only).
     With today's constants the CPU picks fused (its epilogue passes stay in cache: 4.5 vs 11 ns
     per logit at equal matmuls) and a GPU chunked (~0.9 vs ~0.2 of the matmul roofline). A
@@ -282,9 +282,17 @@ def resolve_strategy(strategy: str, backend: str, device: torch.device, N: int =
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy == "auto":
-        offered = [s for s in ("fused", "chunked") if backend in FAMILY.strategies[s]]
-        strategy = min(offered, key=lambda s: predicted_seconds(
-            s, device.type, N, D, V, models=models, threads=torch.get_num_threads()))
+        # every term of the model is proportional to N and divided by the thread count, so the
+        # choice depends on neither: evaluated at N = 1 on one thread (under torch.compile N may
+        # be symbolic and torch.get_num_threads() cannot be traced). A plain loop, not
+        # min(key=...): dynamo cannot trace min with a key function.
+        best = None
+        for s in ("fused", "chunked"):
+            if backend in FAMILY.strategies[s]:
+                t = predicted_seconds(s, device.type, 1, D, V, models=models)
+                if best is None or t < best[0]:
+                    best = (t, s)
+        strategy = best[1]
     if backend not in FAMILY.strategies[strategy]:
         have = [s for s, table in FAMILY.strategies.items() if backend in table]
         other = [b for b in FAMILY.strategy_backends(strategy) if b != "torch"]
@@ -380,8 +388,8 @@ def linear_token_stats(
                                            tokens=math.prod(lead))
     else:
         backend = resolve_backend(FAMILY, backend, hidden.device)
-        strategy = resolve_strategy(strategy, backend, hidden.device, math.prod(lead),
-                                    weight.shape[1], vocab, 1 if ref_hidden is None else 2)
+        strategy = resolve_strategy(strategy, backend, hidden.device, weight.shape[1], vocab,
+                                    1 if ref_hidden is None else 2)
     flat_targets = None
     if targets is not None:
         flat_targets = check_targets(targets, lead, vocab, scalars.ignore_index, hidden.device,

@@ -52,8 +52,9 @@ class _Scratch:
     def tile(self, k: int, rows: int, cols: int) -> torch.Tensor:
         n = rows * cols
         if k not in self.flat or self.flat[k].numel() < n:
-            size = tuning.TORCH.linear_rows * tuning.TORCH.linear_vocab_tile
-            self.flat[k] = torch.empty(max(n, size), device=self.device)
+            # sized by the first request (the first tile of the first row block is the largest
+            # a call asks for): a call with few rows keeps [N, tile] buffers, not [512, tile]
+            self.flat[k] = torch.empty(n, device=self.device)
         return self.flat[k][:n].view(rows, cols)
 
 
