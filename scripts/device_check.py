@@ -348,6 +348,15 @@ def trainer_table(rows: List[Dict[str, str]]) -> List[str]:
 # ------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A shell without job control starts
+    background commands (`cmd &`, a runner's detached job) with SIGINT ignored, the children
+    inherit that, and Python then installs no KeyboardInterrupt handler: the graceful stop
+    ``GRACE_S`` before a deadline did nothing and every part ran into its SIGKILL (measured: the
+    deadline test took the full 12 s under `.ci/run &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Check:
     """Runs the parts under their deadlines, logs every step, and keeps $OUT's summary current."""
 
@@ -407,7 +416,8 @@ class Check:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(list(cmd), cwd=REPO, env=self.env, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_default_sigint)
         return step, proc, time.perf_counter()
 
     def reap(self, spawned: Tuple[str, subprocess.Popen, float], limit: float,

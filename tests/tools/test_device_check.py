@@ -110,10 +110,7 @@ def test_deadline_stops_a_command_and_keeps_what_it_wrote(tmp_path):
         code = ("import time\ntry:\n    print('started', flush=True); time.sleep(60)\n"
                 "except KeyboardInterrupt:\n    print('wrote partial rows', flush=True)")
         start = time.monotonic()
-        # -S: no site import. Under CI's load the venv's .pth files took > 6 s once, the SIGINT
-        # landed inside site's .pth processing (which reports and swallows the exception) and
-        # the child slept on until the SIGKILL: the test measured Python's start-up, not run()
-        rc = check.run("slow", [sys.executable, "-S", "-c", code], "bench")
+        rc = check.run("slow", [sys.executable, "-c", code], "bench")
         assert rc == 124 and time.monotonic() - start < 12
         assert check.steps[-1]["status"].startswith("deadline")
         assert "wrote partial rows" in (tmp_path / "out" / "logs.txt").read_text()
